@@ -1,0 +1,5 @@
+"""Data: corpora, tokenizers, synthetic and reasoning tasks. Batches are dicts of tensors (`tokens`, `loss_mask`,
+and where the data has structure `segments`)."""
+from datamodules.text import TextDataModule
+
+__all__ = ["TextDataModule"]

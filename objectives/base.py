@@ -1,0 +1,255 @@
+"""The base every objective subclasses: embedding and tied unembedding around an injected trunk, optimizer and
+schedule, the shared metrics, KV-cached generation, answer scoring on reasoning data, and the `summaries` hook.
+
+A family implements `loss(batch) -> dict` (at least "loss"; causal families also "ntp_nll" and "ntp_tokens", the
+summed next-token NLL and its token count) and, where it generates differently, `generate`.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from objectives import metrics as M
+from objectives.optim import WarmupCosine, decay_groups
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None) -> torch.Tensor:
+    """Greedy (temperature 0) or temperature / top-k sampling from logits [..., V] -> token ids [...]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(token_probs(logits, temperature, top_k).flatten(0, -2), 1).view(logits.shape[:-1])
+
+
+def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
+    """The sampling distribution that `sample_token` draws from (temperature > 0)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.softmax(-1)
+
+
+class Objective(L.LightningModule):
+    """Base LightningModule of every family.
+
+    Args:
+        trunk: the sequence mixer (a `models` class, given by class_path).
+        vocab_size: tokens in the vocabulary (linked from the datamodule by train.py).
+        bytes_per_token: UTF-8 bytes per token of the val split (linked from the datamodule), for val/bpb.
+        eos_id: the end-of-sequence token (linked from the datamodule): generation of a row stops there.
+        optimizer: optimizer factory, given decay and no-decay parameter groups.
+        lr_scheduler: schedule factory (stepped every optimizer step).
+        summaries: auxiliary losses on the trunk's hidden states (future-summary mixins), causal families only.
+        compile: compile the trunk with `torch.compile`.
+        ce_chunk_size: positions per chunk of the chunked cross-entropy.
+        eval_examples: val examples per validation whose generated answer is scored (reasoning data).
+        sample_tokens: tokens of a greedy sample written to TensorBoard each validation (text data).
+        check_finite: stop at the first non-finite training loss, naming the step.
+    """
+
+    required_masks: tuple[str, ...] = ("causal",)
+    accepts_summaries = True
+
+    def __init__(self, trunk: nn.Module, vocab_size: int = 0, bytes_per_token: float = 0.0, eos_id: int | None = None,
+                 optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable = WarmupCosine,
+                 summaries: list[nn.Module] | None = None, compile: bool = False, ce_chunk_size: int = 4096,
+                 eval_examples: int = 64, sample_tokens: int = 48, check_finite: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab_size <= 0:
+            raise ValueError("model.vocab_size is not set: train.py links it from data.vocab_size; "
+                             "pass vocab_size= when building an objective by hand")
+        missing = [m for m in self.required_masks if m not in getattr(trunk, "supported_masks", ())]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} needs the {'/'.join(missing)} attention mask, which the "
+                f"{type(trunk).__name__} trunk cannot serve (it supports {tuple(trunk.supported_masks)}): "
+                f"use a transformer trunk, e.g. --model.trunk configs/models/transformer-tiny.yaml")
+        if summaries and not self.accepts_summaries:
+            raise ValueError(f"{type(self).__name__} is not a causal objective: future summaries cannot attach to it")
+        self.trunk = trunk
+        self.vocab_size, self.bytes_per_token, self.eos_id = vocab_size, bytes_per_token, eos_id
+        self.embed = nn.Embedding(vocab_size, trunk.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.summaries = nn.ModuleList(summaries or [])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.generated_examples: list[tuple[list[int], list[int], list[int] | None]] = []
+        self._scored = 0
+
+    # --- the pieces families compose -------------------------------------------------------------------------
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """The output projection [V, D], tied to the input embedding."""
+        return self.embed.weight
+
+    def hidden(self, tokens: torch.Tensor, *, mask="causal", cache=None) -> torch.Tensor:
+        return self.trunk(self.embed(tokens), mask=mask, cache=cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.unembedding)
+
+    def summary_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Sum of the attached auxiliary losses (each module weights its own), each also logged under train/."""
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for summary in self.summaries:
+            value = summary(hidden, batch, self)
+            self.log(f"train/{summary.name}_loss", value)
+            total = total + value
+        return total
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- training and validation --------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)["loss"]
+        if self.hparams.check_finite and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {self.global_step}: training stopped; checkpoints "
+                f"written before this step are kept. Lower the learning rate or check the data.")
+        self.log(M.TRAIN_LOSS, loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._scored = 0
+        self.generated_examples = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.loss(batch)
+        n = int(batch["tokens"].shape[0])
+        self.log(M.VAL_LOSS, out["loss"], batch_size=n, sync_dist=True)
+        if "ntp_nll" in out:
+            count = max(int(out["ntp_tokens"]), 1)
+            nats = out["ntp_nll"] / count
+            self.log_likelihood(M.VAL_NTP_LOSS, nats, count)
+        for name, (value, weight) in out.get("metrics", {}).items():
+            self.log(name, value, batch_size=max(int(weight), 1), sync_dist=True)
+        if "answer" in batch and "prompt_len" in batch:
+            self.score_answers(batch)
+        elif batch_idx == 0 and self.hparams.sample_tokens > 0:
+            self.sample_continuation(batch)
+
+    def log_likelihood(self, name: str, nats_per_token: torch.Tensor, count: int) -> None:
+        """Log a comparable likelihood figure (nats/token) with its bits per byte and the HParams metric."""
+        self.log(name, nats_per_token, batch_size=count, sync_dist=True)
+        self.log(M.HP_METRIC, nats_per_token, batch_size=count, sync_dist=True)
+        if self.bytes_per_token > 0:
+            self.log(M.VAL_BPB, nats_per_token / math.log(2) / self.bytes_per_token, batch_size=count, sync_dist=True)
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    def check_generation_length(self, total: int) -> None:
+        limit = self.trunk.max_seq_len
+        if total > limit:
+            raise ValueError(f"prompt plus max_new_tokens is {total} positions, more than the trunk's max_seq_len "
+                             f"{limit}: shorten the prompt or lower max_new_tokens")
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        """Left-to-right decoding with the trunk's cache: prompt [B, P] -> [B, P + max_new_tokens].
+
+        Rows that reach `eos_id` keep emitting it; decoding stops early when every row has.
+        """
+        B, P = prompt_ids.shape
+        self.check_generation_length(P + max_new_tokens)
+        cache = self.trunk.make_cache(B, device=prompt_ids.device, dtype=self.embed.weight.dtype)
+        logits = self.logits(self.hidden(prompt_ids, cache=cache)[:, -1])
+        out, done = [prompt_ids], torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        for _ in range(max_new_tokens):
+            token = sample_token(logits, temperature, top_k)
+            token = self.after_eos(token, done)
+            out.append(token[:, None])
+            if done.all():
+                break
+            logits = self.logits(self.hidden(token[:, None], cache=cache)[:, -1])
+        result = torch.cat(out, dim=1)
+        return self.pad_to(result, P + max_new_tokens)
+
+    def after_eos(self, token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Rows already finished emit eos again; marks rows that just emitted eos as finished (in place)."""
+        if self.eos_id is None:
+            return token
+        token = torch.where(done, torch.full_like(token, self.eos_id), token)
+        done |= token == self.eos_id
+        return token
+
+    def pad_to(self, ids: torch.Tensor, length: int) -> torch.Tensor:
+        if ids.shape[1] >= length:
+            return ids[:, :length]
+        fill = self.eos_id if self.eos_id is not None else 0
+        return F.pad(ids, (0, length - ids.shape[1]), value=fill)
+
+    # --- scoring generated answers (reasoning data) ---------------------------------------------------------------
+    def score_answers(self, batch: dict) -> None:
+        """val/accuracy: exact match of the generated answer; val/answer_tokens: tokens generated per question.
+
+        The generation after the prompt, cut after the first eos, must end with the gold `answer` row (the
+        answer marker and the answer's tokens), so reasoning written before the answer is free.
+        """
+        budget = self.hparams.eval_examples - self._scored
+        if budget <= 0:
+            return
+        tokens, prompt_len, answers = batch["tokens"][:budget], batch["prompt_len"][:budget], batch["answer"][:budget]
+        correct, lengths = [], []
+        for plen in prompt_len.unique().tolist():
+            rows = (prompt_len == plen).nonzero().flatten()
+            max_new = min(tokens.shape[1] - plen + 8, self.trunk.max_seq_len - plen)
+            generated = self.generate(tokens[rows, :plen], max_new)[:, plen:].tolist()
+            for row, gen in zip(rows.tolist(), generated):
+                if self.eos_id is not None and self.eos_id in gen:
+                    gen = gen[: gen.index(self.eos_id) + 1]
+                gold = [t for t in answers[row].tolist() if t >= 0]
+                body = gen[:-1] if gen and gen[-1] == self.eos_id else gen
+                correct.append(float(len(body) >= len(gold) and body[len(body) - len(gold):] == gold))
+                lengths.append(float(len(gen)))
+                if len(self.generated_examples) < 4:
+                    self.generated_examples.append((tokens[row, :plen].tolist(), gen, gold))
+        self._scored += len(correct)
+        n = len(correct)
+        self.log(M.VAL_ACCURACY, sum(correct) / n, batch_size=n, sync_dist=True)
+        self.log(M.VAL_ANSWER_TOKENS, sum(lengths) / n, batch_size=n, sync_dist=True)
+
+    def sample_continuation(self, batch: dict) -> None:
+        """A greedy continuation of the first val window's opening, for the TensorBoard text tab."""
+        prompt = batch["tokens"][:1, :32]
+        n = min(self.hparams.sample_tokens, self.trunk.max_seq_len - prompt.shape[1])
+        generated = self.generate(prompt, n)[0, prompt.shape[1]:].tolist()
+        self.generated_examples = [(prompt[0].tolist(), generated, None)]
+
+    # --- optimisation, checkpoints, scaling -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(decay_groups(self))
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        # Under FSDP each trunk block becomes its own shard unit; elsewhere `wrap` returns the block unchanged.
+        from torch.distributed.fsdp.wrap import wrap
+        for i, block in enumerate(self.trunk.blocks):
+            self.trunk.blocks[i] = wrap(block)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.trunk.compile()
+            self._compiled = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("state_dict", {}).get("embed.weight")
+        if saved is not None and saved.shape[0] != self.vocab_size:
+            raise ValueError(
+                f"the checkpoint's vocabulary has {saved.shape[0]} tokens but this model's has {self.vocab_size}: "
+                f"use the data and tokenizer the checkpoint was trained with, or start without --ckpt_path")
+
+    def on_fit_start(self) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                params = dict(self.hparams)
+                if self.trainer.datamodule is not None:
+                    params.update({f"data.{k}": v for k, v in self.trainer.datamodule.hparams.items()})
+                logger.log_hyperparams(params, {M.HP_METRIC: float("nan")})

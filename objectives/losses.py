@@ -1,0 +1,35 @@
+"""Cross-entropy over a tied unembedding, computed in chunks of positions so that no full [B, T, V] fp32 logits
+tensor is ever alive: each chunk's logits are recomputed in the backward pass instead of being stored."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    logits = F.linear(hidden, weight).float()
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    correct = (logits.argmax(-1) == targets).float()
+    return (nll * mask).sum(), (correct * mask).sum()
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          mask: torch.Tensor | None = None, chunk_size: int = 4096) -> tuple[torch.Tensor, ...]:
+    """Sum of masked token NLLs, count of masked tokens, and count of correct argmax predictions.
+
+    hidden [..., D], weight [V, D] (the unembedding), targets [...], mask [...] (weights, 1 = count).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    mask = torch.ones_like(targets, dtype=torch.float32) if mask is None else mask.reshape(-1).float()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    correct = hidden.new_zeros((), dtype=torch.float32)
+    chunks = range(0, hidden.shape[0], chunk_size)
+    recompute = len(chunks) > 1 and torch.is_grad_enabled()
+    for start in chunks:
+        piece = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size],
+                 mask[start : start + chunk_size])
+        nll, right = checkpoint(_chunk_loss, *piece, use_reentrant=False) if recompute else _chunk_loss(*piece)
+        total, correct = total + nll, correct + right
+    return total, mask.sum(), correct

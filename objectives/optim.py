@@ -1,0 +1,39 @@
+"""Optimizer parameter groups and the default learning-rate schedule (both swappable from the CLI)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def decay_groups(module: nn.Module) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights) only; norms' gains and biases are not decayed."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`.
+
+    `total_steps` left unset is filled in from the trainer (`estimated_stepping_batches`) by the objective.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 100, total_steps: int | None = None,
+                 min_lr_ratio: float = 0.1, last_epoch: int = -1):
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if not self.total_steps or self.total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
