@@ -3,13 +3,35 @@ from __future__ import annotations
 
 import os
 
-from lightning.pytorch.cli import LightningCLI
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch import nn
 
-from datamodules.text import TextDataModule  # noqa: F401  (importable class paths for the configs)
+import datamodules
+import models
+import objectives
+
 from objectives.base import Objective
 from objectives.runtime import auto_precision
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "base.yaml")
+
+
+def known_classes() -> str:
+    """The class paths a config can name, for error messages."""
+    def exported(package, base):
+        return [f"{package.__name__}.{n}" for n in package.__all__
+                if isinstance(getattr(package, n), type) and issubclass(getattr(package, n), base)]
+    return (f"objectives (--model): {', '.join(exported(objectives, Objective))}; "
+            f"trunks (--model.trunk): {', '.join(exported(models, nn.Module))}; "
+            f"data (--data): {', '.join(exported(datamodules, L.LightningDataModule))}")
+
+
+class ArgumentParser(LightningArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        if "class_path" in message or "import path" in message:
+            message += f"\nKnown classes: {known_classes()}"
+        super().error(message, ex)
 
 
 class BeyondNTPCLI(LightningCLI):
@@ -34,7 +56,7 @@ class BeyondNTPCLI(LightningCLI):
 
 def main(args=None) -> BeyondNTPCLI:
     return BeyondNTPCLI(
-        Objective, None, subclass_mode_model=True, subclass_mode_data=True,
+        Objective, None, subclass_mode_model=True, subclass_mode_data=True, parser_class=ArgumentParser,
         parser_kwargs={"parser_mode": "omegaconf",
                        **{sub: {"default_config_files": [BASE_CONFIG]} for sub in ("fit", "validate", "test", "predict")}},
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args,

@@ -7,6 +7,7 @@ summed next-token NLL and its token count) and, where it generates differently, 
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -60,7 +61,13 @@ class Objective(L.LightningModule):
                  summaries: list[nn.Module] | None = None, compile: bool = False, ce_chunk_size: int = 4096,
                  eval_examples: int = 64, sample_tokens: int = 48, check_finite: bool = True):
         super().__init__()
-        self.save_hyperparameters()
+        with warnings.catch_warnings():  # modules passed by hand are saved in the state dict, not as hparams
+            warnings.simplefilter("ignore")
+            self.save_hyperparameters()
+        for name in ("trunk", "summaries"):
+            if isinstance(self.hparams.get(name), (nn.Module, list)) and not isinstance(self.hparams[name], dict):
+                if isinstance(self.hparams[name], nn.Module) or any(isinstance(s, nn.Module) for s in self.hparams[name]):
+                    del self.hparams[name]
         if vocab_size <= 0:
             raise ValueError("model.vocab_size is not set: train.py links it from data.vocab_size; "
                              "pass vocab_size= when building an objective by hand")

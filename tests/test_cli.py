@@ -1,0 +1,100 @@
+"""The Lightning CLI end to end: configs, logging, checkpoints, resume and the errors bad input gets."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_MODEL, quickstart, run_cli, scalars, tiny_data
+from objectives import metrics as M
+
+
+def test_quickstart_fit_logs_shared_metrics_to_tensorboard(tmp_path, corpus_files):
+    cli = run_cli(tmp_path, *quickstart(corpus_files), steps=12)
+    tags = scalars(tmp_path)
+    for tag in (M.TRAIN_LOSS, M.VAL_LOSS, M.VAL_NTP_LOSS, M.VAL_BPB, M.TOKENS_PER_SEC, M.HP_METRIC):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    # bits per byte is the nats/token figure converted with the datamodule's bytes per token
+    bpt = cli.datamodule.bytes_per_token
+    assert tags[M.VAL_BPB][-1] == pytest.approx(tags[M.VAL_NTP_LOSS][-1] / math.log(2) / bpt, rel=1e-4)
+    assert cli.model.vocab_size == cli.datamodule.vocab_size  # linked by the CLI
+    assert (Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt").exists()
+
+
+def test_print_config_round_trips(tmp_path, corpus_files, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, *quickstart(corpus_files), "--print_config")
+    printed = capsys.readouterr().out
+    config = tmp_path / "printed.yaml"
+    config.write_text(printed)
+    assert yaml.safe_load(printed)["model"]["class_path"] == "objectives.NextTokenPrediction"
+    cli = run_cli(tmp_path / "again", "--config", str(config), steps=1)
+    assert cli.trainer.global_step == 1
+
+
+def test_unknown_class_name_lists_the_choices(tmp_path, corpus_files, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, *quickstart(corpus_files), "--model", "objectives.NoSuchObjective")
+    err = capsys.readouterr().err
+    assert "NoSuchObjective" in err and "NextTokenPrediction" in err
+
+
+def test_sequence_longer_than_the_trunk_is_refused(tmp_path, corpus_files):
+    with pytest.raises(ValueError, match=r"64 positions.*maximum of 32"):
+        run_cli(tmp_path, *quickstart(corpus_files), "--model.init_args.trunk.init_args.max_seq_len", "32",
+                "--data.init_args.seq_len", "64")
+
+
+def test_resume_continues_at_the_same_step_with_the_optimizer_state(tmp_path, corpus_files):
+    first = run_cli(tmp_path, *quickstart(corpus_files), steps=3)
+    last = Path(first.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 3 and saved["optimizer_states"][0]["state"]
+    resumed = run_cli(tmp_path / "resumed", *quickstart(corpus_files), "--ckpt_path", str(last), steps=5)
+    assert resumed.trainer.global_step == 5
+    # the optimizer's step counter carried on from the checkpoint instead of restarting at zero
+    state = next(iter(resumed.trainer.optimizers[0].state.values()))
+    assert int(state["step"]) == 5
+
+
+def test_checkpoint_of_another_vocabulary_names_both_sizes(tmp_path, corpus_files):
+    first = run_cli(tmp_path, *quickstart(corpus_files), steps=1)
+    last = Path(first.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    with pytest.raises(ValueError, match=r"512 tokens.*300"):
+        run_cli(tmp_path / "other", *quickstart(corpus_files), "--data.init_args.bpe_vocab_size", "300",
+                "--ckpt_path", str(last), steps=2)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus_files, monkeypatch):
+    from objectives.ntp import NextTokenPrediction
+    real_loss = NextTokenPrediction.loss
+
+    def loss_that_breaks_at_step_3(self, batch):
+        out = real_loss(self, batch)
+        if self.training and self.global_step == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(NextTokenPrediction, "loss", loss_that_breaks_at_step_3)
+    every_step = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                  "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true"]
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        run_cli(tmp_path, *quickstart(corpus_files), *every_step, steps=6)
+    kept = sorted(tmp_path.rglob("last*.ckpt"))
+    assert kept, "no checkpoint kept"
+    good = torch.load(kept[-1], weights_only=False)
+    assert good["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values())
+
+
+def test_missing_and_empty_data_paths_are_named(tmp_path, corpus_files):
+    missing = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, *tiny_data([missing]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl.*empty"):
+        run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, *tiny_data([str(empty)]))
