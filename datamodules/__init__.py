@@ -1,5 +1,6 @@
 """Data: corpora, tokenizers, synthetic and reasoning tasks. Batches are dicts of tensors (`tokens`, `loss_mask`,
 and where the data has structure `segments`)."""
+from datamodules.reasoning import ReasoningDataModule
 from datamodules.text import TextDataModule
 
-__all__ = ["TextDataModule"]
+__all__ = ["TextDataModule", "ReasoningDataModule"]

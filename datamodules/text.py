@@ -132,6 +132,7 @@ class TextDataModule(L.LightningDataModule):
     def tokenizer(self):
         if self._tokenizer is None:
             from tokenizers import Tokenizer
+            self.prepare_data()
             self._tokenizer = Tokenizer.from_file(str(self.cache_path / "tokenizer.json"))
         return self._tokenizer
 

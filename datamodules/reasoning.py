@@ -1,0 +1,782 @@
+"""Reasoning and planning tasks as a Lightning datamodule: path-star graphs, ProsQA-style DAG questions,
+k-digit multiplication with partial products, and JSON/JSONL files of ``{"question", "steps", "answer"}``.
+
+Every example is a question, a list of reasoning steps and an answer, each a list of tokens from a small
+fixed word-level vocabulary (no BPE for the generated tasks). A training sequence is::
+
+    question tokens | step 0 tokens <step> | step 1 tokens <step> | ... | <ans> answer tokens <eos>
+
+Tasks
+-----
+* **path-star** G(d, l, N): Bachmann & Nagarajan 2024, "The Pitfalls of Next-Token Prediction" (ICML 2024,
+  arXiv:2403.06963). A source node with ``d`` arms of ``l`` nodes each (the source plus ``l - 1`` fresh nodes
+  per arm), labels drawn without replacement from ``{0..N-1}``, the edge list shuffled. Prompt =
+  ``u v | u v | ... / source goal``; answer = the path source -> goal (``l`` nodes). No reasoning steps.
+* **ProsQA**: the DAG questions of Coconut (Hao et al. 2024, "Training Large Language Models to Reason in a
+  Continuous Latent Space", arXiv:2412.06769, Appendix, Algorithm 1): concept nodes added one at a time, each
+  with Poisson(1.5) parents chosen by depth-weighted sampling, the two candidate concepts being the first two
+  nodes; "Every X is a Y ." facts for the edges, "Tom is a X ." facts for the entity; the question asks
+  whether the entity is concept A or concept B; the steps are the facts along a shortest path from the
+  entity to the right concept; the answer names it ("Tom is a A .").
+* **multiplication**: k-digit by k-digit multiplication with the k partial products ``a * b_i * 10**i`` as the
+  reasoning steps, as in the implicit chain-of-thought work (Deng et al. 2023, "Implicit Chain of Thought
+  Reasoning via Knowledge Distillation", arXiv:2311.01460; Deng et al. 2024, "From Explicit CoT to Implicit
+  CoT", arXiv:2405.14838), digits written least-significant first by default as they do.
+* **file**: JSON (a list) or JSONL files of ``{"question", "steps", "answer"}`` records, the shape of the public
+  ProsQA, ProntoQA and GSM8k-Aug releases; word-level vocabulary built from the files, or a given
+  ``tokenizer.json`` (tokenizers library).
+
+Batch contract (dict of tensors, right-padded)
+----------------------------------------------
+``tokens`` [B, L] long; ``loss_mask`` [B, L] float, 1 where tokens[t] is a training target (an objective
+predicts tokens[:, 1:] from tokens[:, :-1] weighted by loss_mask[:, 1:]); ``segments`` [B, L] long: -1 padding,
+0 prompt, 1 answer (``<ans>``, answer tokens, ``<eos>``), 2 + k reasoning step k (its tokens and its ``<step>``);
+``prompt_len`` [B] long; ``answer`` [B, A] long = ``<ans>`` + answer tokens (no ``<eos>``), padded with -1;
+with ``teacherless`` also ``inputs`` [B, L] long = tokens with the answer tokens replaced by ``<dummy>``.
+Exact match: the generation after the prompt, cut at the first ``<eos>``, ends with the unpadded answer row.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+PAD, EOS, UNK, STEP, ANS, DUMMY = "<pad>", "<eos>", "<unk>", "<step>", "<ans>", "<dummy>"
+SPECIALS = (PAD, EOS, UNK, STEP, ANS, DUMMY)  # ids 0..5 in every word-level vocabulary
+
+RECORD_HINT = (
+    'a JSON list or a JSONL file of {"question": str, "steps": [str, ...], "answer": str} records'
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Examples and tasks
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One problem: token lists for the question, each reasoning step and the answer.
+
+    `key` identifies the problem up to presentation (e.g. the edge order of a path-star graph); held-out sets
+    are kept disjoint from training by a hash of it.
+    """
+
+    question: list[str]
+    steps: list[list[str]]
+    answer: list[str]
+    key: str = ""
+
+    def __post_init__(self):
+        if not self.key:
+            self.key = " ".join(self.question)
+
+    def to_record(self) -> dict:
+        """The ``{"question", "steps", "answer"}`` record, tokens joined by spaces."""
+        return {
+            "question": " ".join(self.question),
+            "steps": [" ".join(s) for s in self.steps],
+            "answer": " ".join(self.answer),
+        }
+
+
+def key_hash(key: str) -> bytes:
+    return hashlib.sha1(key.encode("utf-8")).digest()[:12]
+
+
+def _rng(seed: int, split: str, index: int, attempt: int) -> random.Random:
+    # str seeds go through SHA-512 in random.Random: stable across runs and PYTHONHASHSEED
+    return random.Random(f"{seed}/{split}/{index}/{attempt}")
+
+
+def full_length(ex_lens: tuple[int, Sequence[int], int]) -> int:
+    """Length of the cot sequence (question, steps with separators, <ans>, answer, <eos>)."""
+    q, steps, a = ex_lens
+    return q + sum(s + 1 for s in steps) + a + 2
+
+
+class PathStarTask:
+    """Path-star graphs G(d, l, N) of Bachmann & Nagarajan 2024, "The Pitfalls of Next-Token Prediction".
+
+    A source with `degree` arms of `path_length` nodes each (source included: `path_length - 1` fresh nodes per
+    arm), node labels drawn without replacement from `num_nodes` labels, edges ``u v`` shuffled and separated
+    by ``|``, then ``/ source goal``. The answer is the path source -> goal; there are no steps.
+    """
+
+    name = "path_star"
+
+    def __init__(self, degree: int = 2, path_length: int = 5, num_nodes: int = 50):
+        if degree < 1 or path_length < 2:
+            raise ValueError(f"path-star needs degree >= 1 and path_length >= 2, got {degree}, {path_length}")
+        needed = 1 + degree * (path_length - 1)
+        if num_nodes < needed:
+            raise ValueError(
+                f"path-star G({degree}, {path_length}, {num_nodes}) needs num_nodes >= {needed} distinct labels"
+            )
+        self.d, self.l, self.n = degree, path_length, num_nodes
+
+    def vocab(self) -> list[str]:
+        return [str(i) for i in range(self.n)] + ["|", "/"]
+
+    def max_len(self) -> int:
+        n_edges = self.d * (self.l - 1)
+        return full_length((3 * n_edges - 1 + 3, [], self.l))
+
+    def sample(self, rng: random.Random) -> Example:
+        d, l = self.d, self.l
+        labels = rng.sample(range(self.n), 1 + d * (l - 1))
+        source = labels[0]
+        arms = [labels[1 + a * (l - 1) : 1 + (a + 1) * (l - 1)] for a in range(d)]
+        edges = []
+        for arm in arms:
+            prev = source
+            for v in arm:
+                edges.append((prev, v))
+                prev = v
+        rng.shuffle(edges)
+        goal_arm = rng.randrange(d)
+        goal = arms[goal_arm][-1]
+        question: list[str] = []
+        for j, (u, v) in enumerate(edges):
+            if j:
+                question.append("|")
+            question += [str(u), str(v)]
+        question += ["/", str(source), str(goal)]
+        path = [source] + arms[goal_arm]
+        key = "ps:" + ",".join(sorted(f"{u}>{v}" for u, v in edges)) + f"/{source}/{goal}"
+        return Example(question, [], [str(v) for v in path], key)
+
+
+def _concept_names() -> list[str]:
+    onsets = ["b", "br", "d", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "st", "t", "v",
+              "w", "y", "z"]
+    return [o + v + c for c in ("mpus", "rpus") for o in onsets for v in "aeiou"]
+
+
+CONCEPTS = _concept_names()  # 220 made-up concept names (wumpus, yumpus, ... as in ProntoQA / ProsQA)
+ENTITIES = ["Alex", "Bob", "Fae", "Gary", "Max", "Polly", "Rex", "Sally", "Sam", "Stella", "Tom", "Wren"]
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def _weighted_sample(rng: random.Random, items: list[int], weights: list[float], n: int) -> list[int]:
+    items, weights, out = list(items), list(weights), []
+    for _ in range(min(n, len(items))):
+        r, acc = rng.random() * sum(weights), 0.0
+        for j, w in enumerate(weights):
+            acc += w
+            if r < acc:
+                break
+        out.append(items.pop(j))
+        weights.pop(j)
+    return out
+
+
+class ProsQATask:
+    """ProsQA-style questions after Coconut (Hao et al. 2024, arXiv:2412.06769), Appendix, Algorithm 1.
+
+    Nodes 0 and 1 are the two candidate concepts (labels 1 and 2: "reaches concept 0" / "reaches concept 1",
+    as bits). Each further node gets Poisson(1.5) parents, chosen among (with probability 0.35) the nodes
+    reaching concept 0 or neither, (0.35) those reaching concept 1 or neither, (0.3) all nodes, by sampling
+    without replacement with weight ``1 + 1.5 * depth`` (depth = longest distance to a parentless node), and
+    its label is the OR of its parents' labels. An edge child -> parent is the fact "Every child is a parent .".
+    The entity ("Tom") then gets max(1, Poisson(1.5)) parents among the non-concept nodes reaching only the
+    target concept or neither (at least one reaching the target), so it reaches the target and not the other.
+    Steps = the facts along a shortest path entity -> target; answer = "Tom is a target .".
+
+    Deviations (Algorithm 1 is followed in spirit, not transcribed): the graph has a fixed `num_nodes` concept
+    nodes, the entity is a separate final node, and graphs whose full sequence exceeds `max_len` tokens are
+    redrawn.
+    """
+
+    name = "prosqa"
+
+    def __init__(self, num_nodes: int = 23, max_len: int = 384):
+        if not 3 <= num_nodes <= len(CONCEPTS):
+            raise ValueError(f"prosqa num_nodes must be in [3, {len(CONCEPTS)}], got {num_nodes}")
+        self.num_nodes, self.limit = num_nodes, max_len
+
+    def vocab(self) -> list[str]:
+        return CONCEPTS + ENTITIES + ["Every", "is", "a", "Is", "or", ".", "?"]
+
+    def max_len(self) -> int:
+        return self.limit
+
+    def _graph(self, rng: random.Random):
+        parents: list[list[int]] = [[], []]
+        labels, depth = [1, 2], [0, 0]
+        groups: dict[int, list[int]] = {0: [], 1: [0], 2: [1], 3: []}
+        for idx in range(2, self.num_nodes):
+            n = _poisson(rng, 1.5)
+            r = rng.random()
+            if r <= 0.35:
+                cand = groups[0] + groups[1]
+            elif r <= 0.7:
+                cand = groups[0] + groups[2]
+            else:
+                cand = list(range(idx))
+            ps = _weighted_sample(rng, cand, [1 + 1.5 * depth[c] for c in cand], n)
+            label = 0
+            for p in ps:
+                label |= labels[p]
+            parents.append(sorted(ps))
+            labels.append(label)
+            depth.append(1 + max(depth[p] for p in ps) if ps else 0)
+            groups[label].append(idx)
+        return parents, labels, depth, groups
+
+    def sample(self, rng: random.Random) -> Example:
+        for _ in range(1000):
+            parents, labels, depth, groups = self._graph(rng)
+            target = rng.randrange(2)  # concept node 0 or 1 is the answer
+            good = [v for v in groups[1 << target] if v > 1]
+            if not good:
+                continue
+            first = _weighted_sample(rng, good, [1 + 1.5 * depth[c] for c in good], 1)
+            rest = [v for v in groups[0] + good if v > 1 and v not in first]
+            more = _weighted_sample(rng, rest, [1 + 1.5 * depth[c] for c in rest], max(1, _poisson(rng, 1.5)) - 1)
+            entity_parents = sorted(first + more)
+            break
+        else:  # pragma: no cover - needs ~1000 consecutive degenerate graphs
+            raise RuntimeError("prosqa: could not draw a graph with a reachable concept")
+        names = rng.sample(CONCEPTS, self.num_nodes)
+        entity = rng.choice(ENTITIES)
+        facts = [["Every", names[c], "is", "a", names[p], "."] for c in range(self.num_nodes) for p in parents[c]]
+        facts += [[entity, "is", "a", names[p], "."] for p in entity_parents]
+        rng.shuffle(facts)
+        options = [names[0], names[1]]
+        rng.shuffle(options)
+        ask = ["Is", entity, "a", options[0], "or", options[1], "?"]
+        # shortest path by BFS (parents visited in index order), entity = node -1
+        prev: dict[int, int] = {p: -1 for p in entity_parents}
+        frontier = list(entity_parents)
+        while target not in prev:
+            nxt = []
+            for v in frontier:
+                for p in parents[v]:
+                    if p not in prev:
+                        prev[p] = v
+                        nxt.append(p)
+            frontier = nxt
+        path = [target]
+        while prev[path[-1]] != -1:
+            path.append(prev[path[-1]])
+        path.reverse()
+        steps = [[entity, "is", "a", names[path[0]], "."]]
+        steps += [["Every", names[u], "is", "a", names[v], "."] for u, v in zip(path, path[1:])]
+        question = [t for f in facts for t in f] + ask
+        key = "pq:" + "|".join(sorted(" ".join(f) for f in facts)) + "|" + " ".join(ask)
+        return Example(question, steps, [entity, "is", "a", names[target], "."], key)
+
+
+class MultiplicationTask:
+    """k-digit by k-digit multiplication; the steps are the partial products a * b_i * 10**i (each written with
+    k + 1 + i digits, zero padded), the answer the 2k-digit product, as in the implicit chain-of-thought work
+    (Deng et al. 2023, arXiv:2311.01460; 2024, arXiv:2405.14838). With `reverse_digits` (their format) every
+    number is written least-significant digit first. Operands are uniform over k-digit numbers."""
+
+    name = "multiplication"
+
+    def __init__(self, digits: int = 4, reverse_digits: bool = True):
+        if digits < 1:
+            raise ValueError(f"multiplication needs digits >= 1, got {digits}")
+        self.k, self.reverse = digits, reverse_digits
+
+    def vocab(self) -> list[str]:
+        return [str(i) for i in range(10)] + ["*"]
+
+    def max_len(self) -> int:
+        k = self.k
+        return full_length((2 * k + 1, [k + 1 + i for i in range(k)], 2 * k))
+
+    def _digits(self, n: int, width: int) -> list[str]:
+        s = list(str(n).zfill(width))
+        return s[::-1] if self.reverse else s
+
+    def sample(self, rng: random.Random) -> Example:
+        k = self.k
+        lo = 10 ** (k - 1) if k > 1 else 0
+        a, b = rng.randint(lo, 10**k - 1), rng.randint(lo, 10**k - 1)
+        steps = [self._digits(a * ((b // 10**i) % 10) * 10**i, k + 1 + i) for i in range(k)]
+        question = self._digits(a, k) + ["*"] + self._digits(b, k)
+        return Example(question, steps, self._digits(a * b, 2 * k), f"mul:{a}*{b}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files and vocabularies
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_records(path: str) -> list[dict]:
+    """Read a JSON list or JSONL file of ``{"question", "steps", "answer"}`` records (steps optional)."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"reasoning data file {path!r} does not exist: pass train_file= (and optionally val_file=, "
+            f"test_file=) pointing to {RECORD_HINT}"
+        )
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError(f"reasoning data file {path!r} is empty: it must hold {RECORD_HINT}")
+    if stripped[0] == "[":
+        raw = json.loads(stripped)
+    else:
+        raw = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON record ({e}); expected {RECORD_HINT}") from e
+    if not raw:
+        raise ValueError(f"reasoning data file {path!r} holds no records: it must hold {RECORD_HINT}")
+    out = []
+    for n, r in enumerate(raw):
+        if not isinstance(r, dict) or "question" not in r or "answer" not in r:
+            raise ValueError(f"{path}: record {n} lacks 'question' or 'answer'; expected {RECORD_HINT}")
+        steps = r.get("steps") or []
+        if isinstance(steps, str):
+            steps = [steps]
+        out.append({"question": str(r["question"]), "steps": [str(s) for s in steps], "answer": str(r["answer"])})
+    return out
+
+
+def word_level_tokenizer(words: Sequence[str]):
+    """A `tokenizers` WordLevel tokenizer (Whitespace pre-tokenizer) with SPECIALS as ids 0..5, then `words`."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {w: i for i, w in enumerate(SPECIALS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIALS))
+    return tok
+
+
+def _records_vocab(records: Sequence[dict]) -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.Whitespace()
+    counts: dict[str, int] = {}
+    for r in records:
+        for text in [r["question"], r["answer"], *r["steps"]]:
+            for w, _ in pre.pre_tokenize_str(text):
+                counts[w] = counts.get(w, 0) + 1
+    return sorted((w for w in counts if w not in SPECIALS), key=lambda w: (-counts[w], w))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sequences and batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    eos: int
+    step: int
+    ans: int
+    dummy: int
+
+
+@dataclass(frozen=True)
+class SequenceOptions:
+    train_on: str = "steps+answer"  # or "answer"
+    include_steps: bool = True
+    reverse_answer: bool = False
+    teacherless: bool = False
+
+
+def build_sequence(question: Sequence[int], steps: Sequence[Sequence[int]], answer: Sequence[int],
+                   ids: SpecialIds, opts: SequenceOptions) -> dict[str, list[int]]:
+    """One example's lists: tokens, segments, loss_mask, prompt_len, answer (and inputs if teacherless)."""
+    answer = list(answer)[::-1] if opts.reverse_answer else list(answer)
+    tokens, segments = list(question), [0] * len(question)
+    if opts.include_steps:
+        for k, s in enumerate(steps):
+            tokens += list(s) + [ids.step]
+            segments += [2 + k] * (len(s) + 1)
+    start = len(tokens) + 1  # first answer token
+    tokens += [ids.ans] + answer + [ids.eos]
+    segments += [1] * (len(answer) + 2)
+    trained = (lambda g: g == 1) if opts.train_on == "answer" else (lambda g: g >= 1)  # noqa: E731
+    out = {
+        "tokens": tokens,
+        "segments": segments,
+        "loss_mask": [1.0 if trained(g) else 0.0 for g in segments],
+        "prompt_len": len(question),
+        "answer": [ids.ans] + answer,
+    }
+    if opts.teacherless:
+        out["inputs"] = tokens[:start] + [ids.dummy] * len(answer) + tokens[start + len(answer):]
+    return out
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `build_sequence` outputs into the batch contract."""
+    B, T = len(items), max(len(it["tokens"]) for it in items)
+    A = max(len(it["answer"]) for it in items)
+    batch = {
+        "tokens": torch.full((B, T), pad_id, dtype=torch.long),
+        "loss_mask": torch.zeros(B, T),
+        "segments": torch.full((B, T), -1, dtype=torch.long),
+        "prompt_len": torch.tensor([it["prompt_len"] for it in items], dtype=torch.long),
+        "answer": torch.full((B, A), -1, dtype=torch.long),
+    }
+    if "inputs" in items[0]:
+        batch["inputs"] = torch.full((B, T), pad_id, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["tokens"])
+        batch["tokens"][b, :n] = torch.tensor(it["tokens"])
+        batch["loss_mask"][b, :n] = torch.tensor(it["loss_mask"])
+        batch["segments"][b, :n] = torch.tensor(it["segments"])
+        batch["answer"][b, : len(it["answer"])] = torch.tensor(it["answer"])
+        if "inputs" in batch:
+            batch["inputs"][b, :n] = torch.tensor(it["inputs"])
+    return batch
+
+
+class _Collate:  # picklable for worker processes
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        return collate(items, self.pad_id)
+
+
+Encoded = tuple[list[int], list[list[int]], list[int]]
+
+
+class EncodedDataset(Dataset):
+    """A fixed list of encoded examples."""
+
+    def __init__(self, examples: list[Encoded], ids: SpecialIds, opts: SequenceOptions):
+        self.examples, self.ids, self.opts = examples, ids, opts
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return build_sequence(*self.examples[i], self.ids, self.opts)
+
+
+class GeneratedDataset(Dataset):
+    """Training examples of a generator: item i is a deterministic function of (seed, i), redrawn while its
+    key hash is among the held-out (val/test) hashes or it is longer than the task allows."""
+
+    def __init__(self, task, size: int, seed: int, exclude: set[bytes], encode, ids: SpecialIds,
+                 opts: SequenceOptions, split: str = "train"):
+        self.task, self.size, self.seed, self.exclude = task, size, seed, exclude
+        self.encode, self.ids, self.opts, self.split = encode, ids, opts, split
+
+    def __len__(self):
+        return self.size
+
+    def example(self, i: int) -> Example:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        return draw(self.task, self.seed, self.split, i, self.exclude, self.encode)[0]
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        return build_sequence(*draw(self.task, self.seed, self.split, i, self.exclude, self.encode)[1],
+                              self.ids, self.opts)
+
+
+def draw(task, seed: int, split: str, index: int, exclude: set[bytes], encode,
+         max_attempts: int = 1000) -> tuple[Example, Encoded]:
+    for attempt in range(max_attempts):
+        ex = task.sample(_rng(seed, split, index, attempt))
+        if key_hash(ex.key) in exclude:
+            continue
+        enc = encode(ex)
+        if full_length((len(enc[0]), [len(s) for s in enc[1]], len(enc[2]))) > task.max_len():
+            continue
+        return ex, enc
+    raise RuntimeError(
+        f"{task.name}: no new example for {split}[{index}] after {max_attempts} draws; the task has too few "
+        f"distinct problems for the requested val_size/test_size (or max_seq_len is too small)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The datamodule
+# ----------------------------------------------------------------------------------------------------------
+
+Task = Literal["path_star", "prosqa", "multiplication", "file"]
+
+
+class ReasoningDataModule(L.LightningDataModule):
+    """Reasoning / planning tasks with fixed val and test sets and a generated (or fixed-size) train set.
+
+    Args:
+        task: "path_star", "prosqa", "multiplication" or "file".
+        degree: path-star arms d.
+        path_length: path-star nodes per arm l, source included.
+        num_nodes: path-star number of node labels N (default 50); ProsQA number of concept nodes in the DAG
+            (default 23, the mean graph size reported for ProsQA).
+        reverse_answer: write the answer tokens in reverse order (path-star: the path goal-first).
+        teacherless: add `inputs` = tokens with the answer tokens replaced by <dummy> (Bachmann & Nagarajan's
+            teacherless training: every answer token is predicted from the prompt alone).
+        digits: multiplication operand digits k.
+        reverse_digits: multiplication numbers written least-significant digit first.
+        max_seq_len: ProsQA: graphs whose full sequence is longer are redrawn (default 384); files: records
+            longer are dropped with a warning (default: no limit).
+        train_file, val_file, test_file: task "file": JSON or JSONL records; without val_file/test_file,
+            val_size/test_size records are split off the shuffled train file.
+        tokenizer_path: task "file": a `tokenizers` tokenizer.json to use instead of a word-level vocabulary
+            built from the files (missing special tokens are added to it).
+        train_size: number of train examples, or None for a fresh generated stream of `stream_size` items
+            (file task: None = all records).
+        val_size, test_size: sizes of the fixed held-out sets (disjoint from train and from each other).
+        stream_size: nominal length of the generated train stream (an epoch).
+        batch_size, num_workers: loader settings.
+        seed: seeds everything the data depends on.
+        train_on: "steps+answer" or "answer" (<ans>, answer tokens and <eos>).
+        format: "cot" (steps then answer) or "no_cot" (answer only).
+        include_steps: if given, overrides `format` (False = drop the steps).
+    """
+
+    def __init__(
+        self,
+        task: Task = "path_star",
+        degree: int = 2,
+        path_length: int = 5,
+        num_nodes: int | None = None,
+        reverse_answer: bool = False,
+        teacherless: bool = False,
+        digits: int = 4,
+        reverse_digits: bool = True,
+        max_seq_len: int | None = None,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        tokenizer_path: str | None = None,
+        train_size: int | None = None,
+        val_size: int = 500,
+        test_size: int = 1000,
+        stream_size: int = 1_000_000,
+        batch_size: int = 64,
+        seed: int = 0,
+        train_on: Literal["answer", "steps+answer"] = "steps+answer",
+        format: Literal["cot", "no_cot"] = "cot",
+        include_steps: bool | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if train_on not in ("answer", "steps+answer"):
+            raise ValueError(f"train_on must be 'answer' or 'steps+answer', got {train_on!r}")
+        if format not in ("cot", "no_cot"):
+            raise ValueError(f"format must be 'cot' or 'no_cot', got {format!r}")
+        self.task_name, self.seed = task, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.opts = SequenceOptions(
+            train_on=train_on,
+            include_steps=(format == "cot") if include_steps is None else include_steps,
+            reverse_answer=reverse_answer,
+            teacherless=teacherless,
+        )
+        if task == "file":
+            self._init_file(train_file, val_file, test_file, tokenizer_path, train_size, val_size, test_size,
+                            max_seq_len)
+        elif task in ("path_star", "prosqa", "multiplication"):
+            if task == "path_star":
+                gen = PathStarTask(degree, path_length, 50 if num_nodes is None else num_nodes)
+            elif task == "prosqa":
+                gen = ProsQATask(23 if num_nodes is None else num_nodes, 384 if max_seq_len is None else max_seq_len)
+            else:
+                gen = MultiplicationTask(digits, reverse_digits)
+            self._init_generated(gen, train_size, val_size, test_size, stream_size)
+        else:
+            raise ValueError(f"task must be one of path_star, prosqa, multiplication, file; got {task!r}")
+        self.bytes_per_token = self._bytes_per_token()
+
+    # -- construction ---------------------------------------------------------------------------------------
+
+    def _set_tokenizer(self, tok, word_level: bool):
+        self.tokenizer, self.word_level = tok, word_level
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        tid = tok.token_to_id
+        self.pad_id, self.eos_id, self.unk_id = tid(PAD), tid(EOS), tid(UNK)
+        self.step_id, self.answer_id, self.dummy_id = tid(STEP), tid(ANS), tid(DUMMY)
+        self.ids = SpecialIds(self.pad_id, self.eos_id, self.step_id, self.answer_id, self.dummy_id)
+        self._itos = [tok.id_to_token(i) for i in range(self.vocab_size)]
+
+    def _init_generated(self, gen, train_size, val_size, test_size, stream_size):
+        self.generator = gen
+        self._set_tokenizer(word_level_tokenizer(gen.vocab()), word_level=True)
+        self._encode = _StoiEncoder({t: i for i, t in enumerate(self._itos)})
+        exclude: set[bytes] = set()
+        held = {}
+        for split, n in (("test", test_size), ("val", val_size)):
+            exs, encs = [], []
+            for i in range(n):
+                ex, enc = draw(gen, self.seed, split, i, exclude, self._encode)
+                exclude.add(key_hash(ex.key))  # no duplicates within or across held-out sets
+                exs.append(ex)
+                encs.append(enc)
+            held[split] = (exs, encs)
+        self.heldout_hashes = frozenset(exclude)
+        self.test_examples, self.val_examples = held["test"][0], held["val"][0]
+        self.test_set = EncodedDataset(held["test"][1], self.ids, self.opts)
+        self.val_set = EncodedDataset(held["val"][1], self.ids, self.opts)
+        self.stream = train_size is None
+        self.train_set = GeneratedDataset(gen, stream_size if train_size is None else train_size, self.seed,
+                                          set(exclude), self._encode, self.ids, self.opts)
+        self.seq_len = gen.max_len()
+
+    def _init_file(self, train_file, val_file, test_file, tokenizer_path, train_size, val_size, test_size,
+                   max_seq_len):
+        if not train_file:
+            raise ValueError(f"task='file' needs train_file= (and optionally val_file=, test_file=): {RECORD_HINT}")
+        train = load_records(train_file)
+        val = load_records(val_file) if val_file else None
+        test = load_records(test_file) if test_file else None
+        if val is None or test is None:
+            order = list(range(len(train)))
+            random.Random(f"{self.seed}/file-split").shuffle(order)
+            take_test = 0 if test is not None else test_size
+            take_val = 0 if val is not None else val_size
+            if take_test + take_val >= len(train):
+                raise ValueError(
+                    f"{train_file}: {len(train)} records cannot give test_size={take_test} and val_size={take_val} "
+                    f"and leave any for training; pass val_file=/test_file= or smaller sizes"
+                )
+            if test is None:
+                test = [train[i] for i in order[:take_test]]
+            if val is None:
+                val = [train[i] for i in order[take_test : take_test + take_val]]
+            train = [train[i] for i in order[take_test + take_val :]]
+        heldout = {key_hash(r["question"]) for r in val + test}
+        kept = [r for r in train if key_hash(r["question"]) not in heldout]
+        if len(kept) < len(train):
+            warnings.warn(f"{train_file}: dropped {len(train) - len(kept)} train records whose question is in val/test")
+        train = kept
+        if train_size is not None:
+            train = train[:train_size]
+        if not train:
+            raise ValueError(f"{train_file}: no train records left; it must hold {RECORD_HINT}")
+        if tokenizer_path:
+            if not os.path.isfile(tokenizer_path):
+                raise FileNotFoundError(
+                    f"tokenizer file {tokenizer_path!r} does not exist: pass tokenizer_path= a tokenizers "
+                    f"tokenizer.json, or leave it out for a word-level vocabulary built from the data files"
+                )
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(tokenizer_path)
+            missing = [s for s in SPECIALS if tok.token_to_id(s) is None]
+            if missing:
+                tok.add_special_tokens(missing)
+            self._set_tokenizer(tok, word_level=False)
+        else:
+            self._set_tokenizer(word_level_tokenizer(_records_vocab(train + val + test)), word_level=True)
+        self.heldout_hashes = frozenset(heldout)
+        self.stream = False
+        self.generator = None
+        sets = {}
+        longest = 0
+        for split, recs in (("train", train), ("val", val), ("test", test)):
+            encs = self._encode_records(recs)
+            if max_seq_len is not None:
+                ok = [e for e in encs if full_length((len(e[0]), [len(s) for s in e[1]], len(e[2]))) <= max_seq_len]
+                if len(ok) < len(encs):
+                    warnings.warn(
+                        f"{split}: dropped {len(encs) - len(ok)} records longer than max_seq_len={max_seq_len}"
+                    )
+                encs = ok
+            for e in encs:
+                longest = max(longest, full_length((len(e[0]), [len(s) for s in e[1]], len(e[2]))))
+            sets[split] = encs
+        self.train_set = EncodedDataset(sets["train"], self.ids, self.opts)
+        self.val_set = EncodedDataset(sets["val"], self.ids, self.opts)
+        self.test_set = EncodedDataset(sets["test"], self.ids, self.opts)
+        self.seq_len = longest
+
+    def _encode_records(self, recs: list[dict]) -> list[Encoded]:
+        if not recs:
+            return []
+        enc = lambda texts: [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+        qs = enc([r["question"] for r in recs])
+        ans = enc([r["answer"] for r in recs])
+        flat = enc([s for r in recs for s in r["steps"]]) if any(r["steps"] for r in recs) else []
+        out, j = [], 0
+        for q, a, r in zip(qs, ans, recs):
+            out.append((q, flat[j : j + len(r["steps"])], a))
+            j += len(r["steps"])
+        return out
+
+    def _bytes_per_token(self) -> float:
+        n_bytes = n_tok = 0
+        for i in range(min(len(self.val_set), 256)):
+            ids = self.val_set[i]["tokens"]
+            n_bytes += len(self.decode(ids).encode("utf-8"))
+            n_tok += len(ids)
+        return n_bytes / max(n_tok, 1)
+
+    # -- public API -----------------------------------------------------------------------------------------
+
+    def decode(self, ids) -> str:
+        """Token ids (list or tensor) -> text; padding (and -1 fill) dropped, specials kept."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = [i for i in ids if i >= 0 and i != self.pad_id]
+        if self.word_level:
+            return " ".join(self._itos[i] for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_str()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("tokenizer")
+        if saved is not None and saved != self.tokenizer.to_str():
+            warnings.warn(
+                "the checkpoint's tokenizer differs from this datamodule's vocabulary; token ids may not match "
+                "the model's embeddings (same task options and data files give the same vocabulary)"
+            )
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=not self.stream,
+                          num_workers=self.num_workers, collate_fn=_Collate(self.pad_id),
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, ds):
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=_Collate(self.pad_id), persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self):
+        return self._eval_loader(self.test_set)
+
+
+class _StoiEncoder:  # picklable (a closure is not, for worker processes)
+    def __init__(self, stoi: dict[str, int]):
+        self.stoi = stoi
+
+    def __call__(self, ex: Example) -> Encoded:
+        s = self.stoi
+        return [s[t] for t in ex.question], [[s[t] for t in st] for st in ex.steps], [s[t] for t in ex.answer]
