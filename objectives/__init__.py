@@ -1,5 +1,6 @@
 """Objectives: one LightningModule per family, all subclasses of `objectives.base.Objective`."""
 from objectives.base import Objective
+from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
 
-__all__ = ["Objective", "NextTokenPrediction"]
+__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP"]

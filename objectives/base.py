@@ -16,23 +16,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from objectives import metrics as M
+from objectives.decoding import lookup_drafts, sample_token, speculative_generate
 from objectives.optim import WarmupCosine, decay_groups
-
-
-def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None) -> torch.Tensor:
-    """Greedy (temperature 0) or temperature / top-k sampling from logits [..., V] -> token ids [...]."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    return torch.multinomial(token_probs(logits, temperature, top_k).flatten(0, -2), 1).view(logits.shape[:-1])
-
-
-def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
-    """The sampling distribution that `sample_token` draws from (temperature > 0)."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits.softmax(-1)
 
 
 class Objective(L.LightningModule):
@@ -155,13 +140,25 @@ class Objective(L.LightningModule):
             raise ValueError(f"prompt plus max_new_tokens is {total} positions, more than the trunk's max_seq_len "
                              f"{limit}: shorten the prompt or lower max_new_tokens")
 
+    default_drafter = "lookup"
+
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None) -> torch.Tensor:
+                 top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
+                 num_drafts: int = 4) -> torch.Tensor:
         """Left-to-right decoding with the trunk's cache: prompt [B, P] -> [B, P + max_new_tokens].
 
-        Rows that reach `eos_id` keep emitting it; decoding stops early when every row has.
+        Rows that reach `eos_id` keep emitting it; decoding stops early when every row has. With `speculative`,
+        a drafter (`drafters`; prompt lookup for every objective) proposes up to `num_drafts` tokens per step and
+        one forward verifies them: the same output as plain decoding (greedy) or the same distribution
+        (sampling), in fewer forwards. `self.decode_stats` then holds the forwards and tokens of the last call.
         """
+        if speculative:
+            propose = self.drafters(num_drafts).get(drafter or self.default_drafter)
+            if propose is None:
+                raise ValueError(f"unknown drafter {drafter!r}: {type(self).__name__} offers {sorted(self.drafters(1))}")
+            ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens, propose, temperature, top_k)
+            return ids
         B, P = prompt_ids.shape
         self.check_generation_length(P + max_new_tokens)
         cache = self.trunk.make_cache(B, device=prompt_ids.device, dtype=self.embed.weight.dtype)
@@ -176,6 +173,23 @@ class Objective(L.LightningModule):
             logits = self.logits(self.hidden(token[:, None], cache=cache)[:, -1])
         result = torch.cat(out, dim=1)
         return self.pad_to(result, P + max_new_tokens)
+
+    # --- the decoding interface of speculative decoding ------------------------------------------------------------
+    def start_decoding(self, batch_size: int, device) -> object:
+        """A decoding state with `length` and `crop(n)`: here the trunk's cache."""
+        return self.trunk.make_cache(batch_size, device=device, dtype=self.embed.weight.dtype)
+
+    def decode_forward(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance the state by tokens [B, m]: next-token logits [B, m, V] and drafting features [B, m, ...]."""
+        hidden = self.hidden(tokens, cache=state)
+        return self.logits(hidden), hidden
+
+    def drafters(self, num_drafts: int) -> dict:
+        """Drafting strategies by name: each maps (tokens, state, features, temperature, top_k, max_drafts) to
+        (drafts [B, k], draft distributions [B, k, V] or None when drafts are deterministic)."""
+        def lookup(tokens, state, features, temperature, top_k, max_drafts):
+            return lookup_drafts(tokens, min(num_drafts, max_drafts)), None
+        return {"lookup": lookup}
 
     def after_eos(self, token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Rows already finished emit eos again; marks rows that just emitted eos as finished (in place)."""

@@ -10,16 +10,19 @@ from torch.utils.checkpoint import checkpoint
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
     logits = F.linear(hidden, weight).float()
     nll = F.cross_entropy(logits, targets, reduction="none")
-    correct = (logits.argmax(-1) == targets).float()
-    return (nll * mask).sum(), (correct * mask).sum()
+    predictions = logits.argmax(-1)
+    return (nll * mask).sum(), ((predictions == targets).float() * mask).sum(), predictions
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          mask: torch.Tensor | None = None, chunk_size: int = 4096) -> tuple[torch.Tensor, ...]:
-    """Sum of masked token NLLs, count of masked tokens, and count of correct argmax predictions.
+                          mask: torch.Tensor | None = None, chunk_size: int = 4096,
+                          return_predictions: bool = False) -> tuple[torch.Tensor, ...]:
+    """Sum of masked token NLLs, count of masked tokens, count of correct argmax predictions, and with
+    `return_predictions` the argmax predictions themselves (shaped like targets).
 
     hidden [..., D], weight [V, D] (the unembedding), targets [...], mask [...] (weights, 1 = count).
     """
+    shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     mask = torch.ones_like(targets, dtype=torch.float32) if mask is None else mask.reshape(-1).float()
@@ -27,9 +30,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     correct = hidden.new_zeros((), dtype=torch.float32)
     chunks = range(0, hidden.shape[0], chunk_size)
     recompute = len(chunks) > 1 and torch.is_grad_enabled()
+    predictions = []
     for start in chunks:
         piece = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size],
                  mask[start : start + chunk_size])
-        nll, right = checkpoint(_chunk_loss, *piece, use_reentrant=False) if recompute else _chunk_loss(*piece)
+        nll, right, argmax = checkpoint(_chunk_loss, *piece, use_reentrant=False) if recompute else _chunk_loss(*piece)
         total, correct = total + nll, correct + right
+        predictions.append(argmax)
+    if return_predictions:
+        return total, mask.sum(), correct, torch.cat(predictions).view(shape)
     return total, mask.sum(), correct

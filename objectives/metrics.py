@@ -24,3 +24,6 @@ def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
     """nats/token -> bits/byte: divide by ln 2 and by the bytes each token covers."""
     import math
     return nats_per_token / math.log(2) / bytes_per_token
+
+
+ACCEPT_LEN = "val/accept_len"        # expected tokens per step of self-speculative greedy decoding

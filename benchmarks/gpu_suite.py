@@ -1,0 +1,101 @@
+"""The one script to run when a GPU is lent: at most a few minutes, no downloads, a table at the end and JSON
+under --out. On a CPU, `--tiny` runs the same cases on a tiny shape (the test suite does this).
+
+    python -m benchmarks.gpu_suite --out results/ [--tiny] [--steps 20]
+
+Cases: a GPT-2-124M-shaped transformer (configs/models/gpt2-124m.yaml, T=1024, batch 16, bf16) trained with
+and without torch.compile, through the Lightning Trainer and through a bare PyTorch loop in the same run:
+tokens/s and MFU against the card's datasheet bf16 rate. Families add their GPU cases to CASES.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from torch.utils.data import DataLoader
+
+from benchmarks.common import (RandomTokens, attach_trainer_for_optimizers, bare_seconds_per_step,
+                               lightning_seconds_per_step, table)
+from models import Transformer
+from objectives import NextTokenPrediction
+from objectives.runtime import auto_precision, compute_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64
+
+
+def gpt2_shape(tiny: bool) -> tuple[dict, int, int, int]:
+    """(trunk arguments, vocabulary, sequence length, batch size)."""
+    if tiny:
+        return dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=64), 512, 64, 4
+    spec = yaml.safe_load(open(ROOT / "configs" / "models" / "gpt2-124m.yaml"))["init_args"]
+    return spec, GPT2_VOCAB, 1024, 16
+
+
+def flops_per_step(model, batch_size: int, seq_len: int) -> int:
+    with torch.device("meta"):
+        meta = copy.deepcopy(model).to("meta")
+        batch = {"tokens": torch.zeros(batch_size, seq_len + 1, dtype=torch.long), "loss_mask": torch.ones(batch_size, seq_len + 1)}
+        return int(measure_flops(meta, lambda: meta.loss(batch)["loss"], lambda loss: loss))
+
+
+def ntp_training_cases(args, device: torch.device, precision: str) -> list[dict]:
+    trunk_args, vocab, seq_len, batch_size = gpt2_shape(args.tiny)
+    rows = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = NextTokenPrediction(Transformer(**trunk_args), vocab_size=vocab).to(device)
+        attach_trainer_for_optimizers(model, total_steps=10_000)
+        flops = flops_per_step(model, batch_size, seq_len)
+        peak = get_available_flops(device, compute_dtype(precision)) if device.type == "cuda" else None
+        if compiled:
+            model.trunk.compile()
+        loader = DataLoader(RandomTokens(vocab, seq_len + 1), batch_size=batch_size, num_workers=2 if device.type == "cuda" else 0,
+                            pin_memory=device.type == "cuda")
+        seconds = {"bare": bare_seconds_per_step(model, loader, args.steps, precision, warmup=args.warmup),
+                   "Trainer": lightning_seconds_per_step(model, loader, args.steps, precision, warmup=args.warmup)}
+        for loop, s in seconds.items():
+            rows.append({"case": f"NTP gpt2-124m{' tiny' if args.tiny else ''}", "compile": compiled, "loop": loop,
+                         "tokens/s": batch_size * seq_len / s, "MFU": flops / s / peak if peak else None})
+        rows.append({"case": "Trainer/bare", "compile": compiled, "loop": "ratio",
+                     "tokens/s": seconds["bare"] / seconds["Trainer"], "MFU": None})
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+CASES = [ntp_training_cases]
+
+
+def main() -> None:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="gpu_suite_results")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke run")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = auto_precision()
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    started = time.time()
+    rows = []
+    for case in CASES:
+        rows += case(args, device, precision)
+    text = table(rows, f"GPU suite on {card} ({precision}, {time.time() - started:.0f}s)")
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(Path(args.out) / "gpu_suite.json", "w") as f:
+        json.dump({"device": card, "precision": precision, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    (Path(args.out) / "gpu_suite.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

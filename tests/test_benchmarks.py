@@ -1,0 +1,19 @@
+"""The benchmark scripts run end to end on a tiny shape (their figures are recorded in BENCHMARKS.md, not here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_suite_runs_on_cpu_with_a_tiny_shape(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--tiny", "--steps", "2", "--warmup", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    loops = {(r["loop"], r["compile"]) for r in result["rows"]}
+    assert {("bare", False), ("Trainer", False), ("bare", True), ("Trainer", True)} <= loops
+    assert all(r["tokens/s"] > 0 for r in result["rows"])
+    assert "GPU suite on CPU" in done.stdout

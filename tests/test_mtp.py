@@ -1,0 +1,150 @@
+"""Multi-token prediction: exact reduction to NTP, per-head backward gradients, lossless speculative decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import Transformer
+from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
+from objectives.decoding import lookup_drafts
+from objectives.mtp import shifted
+
+
+def trunk(layers: int = 2, max_len: int = 96) -> Transformer:
+    return Transformer(d_model=32, n_layers=layers, n_heads=2, max_seq_len=max_len)
+
+
+def batch(vocab: int = 50, rows: int = 3, length: int = 21, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"tokens": torch.randint(0, vocab, (rows, length), generator=g),
+            "loss_mask": (torch.rand(rows, length, generator=g) > 0.2).float()}
+
+
+def test_one_head_is_exactly_next_token_prediction():
+    torch.manual_seed(0)
+    ntp = NextTokenPrediction(trunk(), vocab_size=50)
+    torch.manual_seed(0)
+    mtp = MultiTokenPrediction(trunk(), vocab_size=50, n_future=1)
+    b = batch()
+    assert torch.equal(ntp.loss(b)["loss"], mtp.loss(b)["loss"])
+
+
+@pytest.mark.parametrize("topology", ["parallel", "causal"])
+def test_per_head_backward_gives_the_naive_gradients_with_accumulation(topology):
+    torch.manual_seed(0)
+    model = MultiTokenPrediction(trunk(), vocab_size=50, n_future=4, topology=topology, head_layers=2,
+                                 loss_weights=[1, 0.5, 0.25, 0.25], ce_chunk_size=16)
+    micro = [batch(seed=1), batch(seed=2)]
+
+    def accumulated(per_head: bool) -> dict[str, torch.Tensor]:
+        model.per_head_backward = per_head
+        model.zero_grad()
+        for b in micro:  # gradient accumulation over two micro-batches
+            (model.loss(b)["loss"] / 2).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    efficient, naive = accumulated(True), accumulated(False)
+    assert efficient.keys() == naive.keys()
+    for name in naive:
+        error = (efficient[name] - naive[name]).norm() / naive[name].norm().clamp(min=1e-12)
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+    assert naive["heads.0.0.attn.qkv.weight"].abs().sum() > 0 and naive["trunk.blocks.0.mlp.out.weight"].abs().sum() > 0
+
+
+def test_match_params_moves_trunk_layers_into_the_heads():
+    ntp = NextTokenPrediction(trunk(layers=6), vocab_size=50)
+    mtp = MultiTokenPrediction(trunk(layers=6), vocab_size=50, n_future=4, match_params=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert len(mtp.trunk.blocks) == 3
+    assert count(mtp) - count(ntp) == 32  # only the heads' shared final norm is extra
+    with pytest.raises(ValueError, match="match_params"):
+        MultiTokenPrediction(trunk(layers=3), vocab_size=50, n_future=4, match_params=True)
+
+
+def models():
+    torch.manual_seed(0)
+    return {"mtp-parallel": MultiTokenPrediction(trunk(), vocab_size=50, n_future=4).eval(),
+            "mtp-causal": MultiTokenPrediction(trunk(), vocab_size=50, n_future=3, topology="causal").eval(),
+            "deepseek": DeepSeekMTP(trunk(), vocab_size=50, depth=2).eval(),
+            "ntp-lookup": NextTokenPrediction(trunk(), vocab_size=50).eval()}
+
+
+@pytest.mark.parametrize("name", ["mtp-parallel", "mtp-causal", "deepseek", "ntp-lookup"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(name, rows):
+    model = models()[name]
+    prompt = torch.randint(0, 50, (rows, 7), generator=torch.Generator().manual_seed(rows))
+    plain = model.generate(prompt, max_new_tokens=40)
+    fast = model.generate(prompt, max_new_tokens=40, speculative=True)
+    assert torch.equal(plain, fast)
+    assert model.decode_stats["tokens"] == 40 and model.decode_stats["steps"] <= 40
+    if name.startswith("mtp"):
+        assert model.decode_stats["steps"] < 40  # some drafts were accepted
+    model.eos_id = int(plain[0, 12])
+    assert torch.equal(model.generate(prompt, 40), model.generate(prompt, 40, speculative=True))
+
+
+def test_cache_rollback_equals_a_fresh_prefill():
+    model = models()["mtp-parallel"]
+    tokens = torch.randint(0, 50, (2, 30))
+    state = model.start_decoding(2, "cpu")
+    model.decode_forward(tokens[:, :20], state)
+    model.decode_forward(torch.randint(0, 50, (2, 6)), state)  # drafts that get rejected
+    state.crop(20)
+    rolled_logits, rolled_heads = model.decode_forward(tokens[:, 20:], state)
+    fresh = model.start_decoding(2, "cpu")
+    fresh_logits, fresh_heads = model.decode_forward(tokens, fresh)
+    torch.testing.assert_close(rolled_logits, fresh_logits[:, 20:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rolled_heads, fresh_heads[:, 20:], atol=1e-5, rtol=1e-5)
+    for rolled, new in zip(state.caches, fresh.caches):
+        for a, b in zip(rolled.layers, new.layers):
+            torch.testing.assert_close(a.k[:, :, :30], b.k[:, :, :30], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(a.v[:, :, :30], b.v[:, :, :30], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,drafter", [("mtp-parallel", "heads"), ("deepseek", "modules"), ("ntp-lookup", "lookup")])
+def test_speculative_sampling_keeps_the_distribution(name, drafter):
+    """Chi-square test of two sampled tokens against the model's exact joint distribution (V=5)."""
+    torch.manual_seed(0)
+    model = {"mtp-parallel": MultiTokenPrediction, "deepseek": DeepSeekMTP, "ntp-lookup": NextTokenPrediction}[name]
+    model = model(trunk(), vocab_size=5).eval()
+    with torch.no_grad():  # sharpen the untrained model so drafts are sometimes right and sometimes wrong
+        model.embed.weight.mul_(40)
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    with torch.no_grad():
+        first = model.logits(model.hidden(prompt))[0, -1].softmax(-1)
+        pairs = torch.cat([prompt.repeat(5, 1), torch.arange(5)[:, None]], 1)
+        second = model.logits(model.hidden(pairs))[:, -1].softmax(-1)
+    expected = (first[:, None] * second).flatten()
+    n = 1500
+    torch.manual_seed(1)
+    counts = torch.zeros(25)
+    steps = 0
+    for _ in range(n):
+        out = model.generate(prompt, 2, temperature=1.0, speculative=True, drafter=drafter, num_drafts=2)
+        counts[out[0, 5] * 5 + out[0, 6]] += 1
+        steps += model.decode_stats["steps"]
+    assert steps < 2 * n or drafter != "heads"  # the heads' drafts were accepted some of the time
+    keep = expected * n >= 5
+    chi2 = ((counts[keep] - n * expected[keep]) ** 2 / (n * expected[keep])).sum()
+    # 0.001 critical values of chi-square for up to 24 degrees of freedom stay below 52
+    assert chi2 < 52, f"chi2 {chi2:.1f} over {int(keep.sum())} cells"
+
+
+def test_deepseek_labels_shift_per_depth():
+    tokens = torch.arange(10).view(1, 10)
+    mask = torch.ones(1, 10)
+    targets, valid = shifted(tokens, mask, 3, 9)
+    assert targets[0, :7].tolist() == list(range(3, 10)) and valid[0].tolist() == [1] * 7 + [0] * 2
+    model = DeepSeekMTP(trunk(), vocab_size=50, depth=2)
+    metrics = model.loss(batch(rows=2, length=21))["metrics"]
+    full = batch(rows=2, length=21)["loss_mask"]
+    # depth k predicts token t+k+1: its targets are the mask from position k+1 on
+    assert metrics["val/head2_loss"][1] == int(full[:, 2:].sum())
+    assert metrics["val/head3_loss"][1] == int(full[:, 3:].sum())
+
+
+def test_lookup_drafts_continue_the_latest_match():
+    tokens = torch.tensor([[5, 6, 7, 8, 1, 5, 6, 7, 9, 5, 6, 7]])
+    assert lookup_drafts(tokens, 3).tolist() == [[9, 5, 6]]
+    assert lookup_drafts(torch.tensor([[1, 2, 3]]), 3).shape == (1, 0)
