@@ -5,14 +5,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL, tiny_data
 
 
-def test_ddp_on_two_cpu_processes_ends_with_identical_weights(tmp_path, corpus_files):
+@pytest.mark.parametrize("objective", ["ntp", "mtp", "mtp_causal", "deepseek_mtp"])
+def test_ddp_on_two_cpu_processes_ends_with_identical_weights(objective, tmp_path, corpus_files):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", *TINY_MODEL, *tiny_data(corpus_files),
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", *tiny_data(corpus_files),
+           "--model", f"configs/objectives/{objective}.yaml", *TINY_MODEL,
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "configs/strategies/ddp.yaml",
            "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
            "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
