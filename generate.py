@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 
 import torch
@@ -20,7 +21,13 @@ def load(ckpt_path: str) -> tuple[Objective, Tokenizer]:
                       if isinstance(state, dict) and "tokenizer" in state), None)
     if tokenizer is None:
         raise ValueError(f"{ckpt_path} carries no tokenizer: it was not written by train.py's datamodules")
-    model = Objective.load_from_checkpoint(ckpt_path, map_location="cpu")
+    # the objective's class from the checkpoint (train.py records it), so its own hyperparameters apply
+    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "objectives.base.Objective")
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise ValueError(f"{ckpt_path} names {class_path}, which is not an objective of this project")
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
     return model.eval(), Tokenizer.from_str(tokenizer)
 
 

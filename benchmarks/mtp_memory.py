@@ -55,7 +55,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--d_model", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--case", help="internal: run one case in this process and print its peak")
