@@ -42,13 +42,15 @@ class _PerHeadBackward(torch.autograd.Function):
             states = objective.head_states(h)
             leaves = [z.detach().requires_grad_() for z in states]
             output_params = [objective.embed.weight, *objective.head_norm.parameters()]
-            output_grads = [torch.zeros_like(p) for p in output_params]
+            output_grads: list = [None] * len(output_params)
             state_grads, total = [], hidden.new_zeros((), dtype=torch.float32)
             for k, leaf in enumerate(leaves):
                 loss_k = objective.head_loss(k, leaf, targets[k], masks[k], stats)
                 grads = torch.autograd.grad(loss_k, [leaf, *output_params], allow_unused=True)
                 state_grads.append(grads[0])
-                output_grads = [g if new is None else g + new for g, new in zip(output_grads, grads[1:])]
+                # accumulate in place: one embedding-sized buffer, not one per head
+                output_grads = [new if old is None else old if new is None else old.add_(new)
+                                for old, new in zip(output_grads, grads[1:])]
                 total = total + loss_k.detach()
             block_params = list(objective.heads.parameters())
             through_blocks = torch.autograd.grad(states, [h, *block_params], grad_outputs=state_grads,
@@ -62,7 +64,8 @@ class _PerHeadBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, *grads = ctx.saved_tensors
-        return (grad_hidden * grad_output, None, None, None, None, *(g * grad_output for g in grads))
+        # scaled in place: the saved gradients are used once, and a copy would double their memory
+        return (grad_hidden.mul_(grad_output), None, None, None, None, *(g.mul_(grad_output) for g in grads))
 
 
 class MultiTokenPrediction(Objective):
