@@ -21,7 +21,7 @@ from lightning.fabric.utilities.throughput import get_available_flops, measure_f
 from torch.utils.data import DataLoader
 
 from benchmarks.common import (RandomTokens, attach_trainer_for_optimizers, bare_seconds_per_step,
-                               lightning_seconds_per_step, table)
+                               lightning_seconds_per_step, synchronize, table)
 from models import Transformer
 from objectives import NextTokenPrediction
 from objectives.runtime import auto_precision, compute_dtype
@@ -71,7 +71,44 @@ def ntp_training_cases(args, device: torch.device, precision: str) -> list[dict]
     return rows
 
 
-CASES = [ntp_training_cases]
+def mtp_memory_cases(args, device: torch.device, precision: str) -> list[dict]:
+    """Peak memory of one MTP n=4 training step at V=131072 (benchmarks/mtp_memory.py's cases)."""
+    from benchmarks.mtp_memory import CASES as MEMORY_CASES, one_step
+    vocab, shape = (131072, (8, 1024, 768, 12)) if not args.tiny else (4096, (2, 64, 64, 4))
+    if device.type != "cuda":
+        return [{"case": "MTP memory", "loop": "skipped on CPU (see benchmarks/mtp_memory.py)"}]
+    peaks = {}
+    for case in MEMORY_CASES:
+        peaks[case] = one_step(case, vocab, *shape, "cuda")
+        torch.cuda.empty_cache()
+    return [{"case": f"memory V={vocab}: {case}", "GiB": peak / 2**30, "x NTP": peak / peaks["NTP"]}
+            for case, peak in peaks.items()]
+
+
+def speculative_cases(args, device: torch.device, precision: str) -> list[dict]:
+    """Greedy decoding at batch 1 on the GPT-2 shape with four heads: plain against head drafts (random weights,
+    so acceptance here says nothing about a trained model; the figure is the cost of a step)."""
+    from objectives import MultiTokenPrediction
+    trunk_args, vocab, _, _ = gpt2_shape(args.tiny)
+    torch.manual_seed(0)
+    model = MultiTokenPrediction(Transformer(**trunk_args), vocab_size=vocab, n_future=4).to(device).eval()
+    prompt = torch.randint(0, vocab, (1, 32), device=device)
+    new = 16 if args.tiny else 128
+    rows = []
+    for speculative in (False, True):
+        model.generate(prompt, 4, speculative=speculative)
+        synchronize(device)
+        start = time.perf_counter()
+        model.generate(prompt, new, speculative=speculative)
+        synchronize(device)
+        rate = new / (time.perf_counter() - start)
+        rows.append({"case": f"greedy decode batch 1, {'speculative heads' if speculative else 'plain'}",
+                     "tokens/s": rate, "loop": f"{model.decode_stats['tokens'] / model.decode_stats['steps']:.2f} "
+                     "tokens/step" if speculative else "1 token/step"})
+    return rows
+
+
+CASES = [ntp_training_cases, mtp_memory_cases, speculative_cases]
 
 
 def main() -> None:

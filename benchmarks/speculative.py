@@ -52,8 +52,11 @@ def main() -> None:
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--num_drafts", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (batch-1 decoding is latency bound: a second thread mostly adds synchronisation)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
     model, tokenizer = load(args.ckpt_path)
     model.eos_id = None  # measure full-length continuations
     drafters = list(model.drafters(args.num_drafts))

@@ -11,7 +11,9 @@ Parts (b) training tokens/s and peak memory vs the transformer, (c) decode laten
 (d) induction-heads length generalisation are to be added as further `part_*` functions in PARTS.
 
 Timings are the best of `--repeats` runs after a warm-up, the compared implementations alternating, so that
-other load on the machine disturbs both alike.
+other load on the machine disturbs both alike. On a machine whose cores other processes also use, pass
+`--threads 1`: OpenMP threads competing for the same cores stall every small op (both the scan's and the
+loop's), by up to 100x.
 """
 from __future__ import annotations
 

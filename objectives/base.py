@@ -46,13 +46,13 @@ class Objective(L.LightningModule):
                  summaries: list[nn.Module] | None = None, compile: bool = False, ce_chunk_size: int = 4096,
                  eval_examples: int = 64, sample_tokens: int = 48, check_finite: bool = True):
         super().__init__()
-        with warnings.catch_warnings():  # modules passed by hand are saved in the state dict, not as hparams
+        with warnings.catch_warnings():  # modules passed by hand live in the state dict, not in the hparams
             warnings.simplefilter("ignore")
             self.save_hyperparameters()
-        for name in ("trunk", "summaries"):
-            if isinstance(self.hparams.get(name), (nn.Module, list)) and not isinstance(self.hparams[name], dict):
-                if isinstance(self.hparams[name], nn.Module) or any(isinstance(s, nn.Module) for s in self.hparams[name]):
-                    del self.hparams[name]
+        for name in ("trunk", "summaries"):  # through the CLI these are config dicts and stay
+            value = self.hparams.get(name)
+            if isinstance(value, nn.Module) or (isinstance(value, list) and any(isinstance(v, nn.Module) for v in value)):
+                del self.hparams[name]
         if vocab_size <= 0:
             raise ValueError("model.vocab_size is not set: train.py links it from data.vocab_size; "
                              "pass vocab_size= when building an objective by hand")
