@@ -65,7 +65,8 @@ def test_strategy_config_instantiates(config):
 
 @pytest.mark.parametrize("config", names("experiments"))
 def test_experiment_config_fits_a_step(config, tmp_path):
-    cli = run_cli(tmp_path, "--config", config, *TINY_MODEL, steps=1)
+    cli = run_cli(tmp_path, "--config", config, *TINY_MODEL, "--model.init_args.trunk.init_args.max_seq_len", "512",
+                  steps=1)
     assert cli.trainer.global_step == 1
 
 
