@@ -157,7 +157,7 @@ def test_scan_returns_the_input_dtype_and_accepts_time_major_views():
     assert selective_scan(**half).dtype == torch.bfloat16
     views = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if isinstance(v, torch.Tensor) and v.dim() == 3 else v)
              for k, v in args.items()}
-    assert torch.equal(selective_scan(**views), ref)
+    assert rel_err(selective_scan(**views), ref) < 1e-6  # (vectorised and strided kernels may round apart)
 
 
 # --- the trunk ------------------------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""The synthetic tasks of the Mamba paper, section 4.1 (Gu & Dao 2023, arXiv:2312.00752), as Lightning datamodules.
+
+* **Selective copying** (sec. 4.1.1, appendix E.1): `num_tokens` data tokens scattered at random positions of a
+  stretch of noise tokens; after a delimiter the model writes the data tokens in order. Unlike plain copying
+  the spacing varies, so a time-invariant (convolutional) model cannot solve it: the model has to select by
+  content.
+* **Induction heads** (sec. 4.1.2; Olsson et al. 2022): random tokens, a special key token at a random place
+  followed by a value token; the sequence ends with the key again and the model must recall the value. Trained
+  at length 256 with a vocabulary of 16, and evaluated at other lengths (length generalisation: `test_seq_len`).
+
+Vocabulary (`vocab` task tokens, 16 by default, plus the end-of-sequence token):
+    induction heads:   data 0 .. vocab-2, key vocab-1;      selective copying: noise 0, data 1 .. vocab-2,
+                                                                               delimiter vocab-1;
+    eos = vocab (so `vocab_size` = vocab + 1).
+
+An example is ``prompt (seq_len tokens) | answer | <eos>``:
+    induction heads:   prompt = x_0 .. x_{seq_len-2} with x_p = key, x_{p+1} = value, and x_{seq_len-1} = key;
+                       answer = [value] (1 token).
+    selective copying: prompt = seq_len - 1 noise/data tokens, then the delimiter; answer = the num_tokens data
+                       tokens in order.
+so the prompt is the paper's input sequence of length seq_len and the answer follows it.
+
+Batch contract (dict of tensors, all rows of a split the same length, no padding)
+    ``tokens`` [B, seq_len + A + 1] long; ``loss_mask`` [B, same] float, 1 on the answer tokens and the eos (the
+    objective predicts tokens[:, 1:] from tokens[:, :-1] weighted by loss_mask[:, 1:]); ``prompt_len`` [B] long
+    (= seq_len of the split); ``answer`` [B, A] long (the answer tokens, for `val/accuracy`: the objective
+    generates after the prompt and scores an exact match).
+
+Item i of every split is a function of (seed, split, i) only: the train split is a stream of fresh random
+examples read in order (distributed samplers split it by index), val and test are fixed sets.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Task = Literal["induction_heads", "selective_copying"]
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def induction_heads_example(rng: np.random.Generator, seq_len: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt [seq_len], answer [1]): random data tokens 0..vocab-2, the key (vocab-1) at a random position p
+    in 0..seq_len-3 followed by the value, and the key again at the end; the answer is the value."""
+    if seq_len < 4:
+        raise ValueError(f"induction heads needs seq_len >= 4, got {seq_len}")
+    key = vocab - 1
+    prompt = rng.integers(0, vocab - 1, size=seq_len)
+    p = int(rng.integers(0, seq_len - 2))
+    prompt[p] = key
+    prompt[-1] = key
+    return prompt, prompt[p + 1 : p + 2].copy()
+
+
+def selective_copying_example(rng: np.random.Generator, seq_len: int, vocab: int,
+                              num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt [seq_len], answer [num_tokens]): num_tokens data tokens (1..vocab-2) at random sorted positions
+    among seq_len-1 noise tokens (0), then the delimiter (vocab-1); the answer is the data tokens in order."""
+    if num_tokens > seq_len - 1:
+        raise ValueError(f"selective copying of {num_tokens} tokens needs seq_len > {num_tokens}, got {seq_len}")
+    data = rng.integers(1, vocab - 1, size=num_tokens)
+    positions = np.sort(rng.choice(seq_len - 1, size=num_tokens, replace=False))
+    prompt = np.zeros(seq_len, dtype=np.int64)
+    prompt[positions] = data
+    prompt[-1] = vocab - 1
+    return prompt, data
+
+
+class SyntheticTaskDataset(Dataset):
+    """`num_examples` examples of one task at one length; item i is a function of (seed, split, i)."""
+
+    def __init__(self, task: Task, seq_len: int, num_examples: int, vocab: int = 16, num_tokens: int = 16,
+                 seed: int = 0, split: str = "train"):
+        self.task, self.seq_len, self.num_examples = task, seq_len, num_examples
+        self.vocab, self.num_tokens, self.seed, self.split_id = vocab, num_tokens, seed, SPLIT_IDS[split]
+        self.answer_len = 1 if task == "induction_heads" else num_tokens
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.num_examples:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, self.split_id, self.seq_len, i])
+        if self.task == "induction_heads":
+            prompt, answer = induction_heads_example(rng, self.seq_len, self.vocab)
+        else:
+            prompt, answer = selective_copying_example(rng, self.seq_len, self.vocab, self.num_tokens)
+        eos = self.vocab
+        tokens = np.concatenate([prompt, answer, [eos]]).astype(np.int64)
+        loss_mask = torch.zeros(len(tokens))
+        loss_mask[self.seq_len:] = 1.0
+        return {"tokens": torch.from_numpy(tokens), "loss_mask": loss_mask,
+                "prompt_len": torch.tensor(self.seq_len), "answer": torch.from_numpy(answer.astype(np.int64))}
+
+
+class SyntheticDataModule(L.LightningDataModule):
+    """The Mamba paper's synthetic tasks (section 4.1) for every causal objective.
+
+    Args:
+        task: "induction_heads" or "selective_copying".
+        vocab: task tokens (16 as in the paper); the vocabulary adds the eos token.
+        seq_len: prompt length of the training examples (256 as in the paper's induction-heads runs).
+        test_seq_len: prompt length of the val and test examples (length generalisation); default seq_len.
+        num_tokens: data tokens to copy (selective copying; 16 as in the paper).
+        batch_size: examples per batch (per device).
+        train_examples: examples per training epoch (fresh random ones, read in order).
+        val_examples, test_examples: sizes of the fixed val and test sets.
+        num_workers: dataloader worker processes.
+        seed: seed of every split.
+    """
+
+    def __init__(self, task: Task = "induction_heads", vocab: int = 16, seq_len: int = 256,
+                 test_seq_len: int | None = None, num_tokens: int = 16, batch_size: int = 32,
+                 train_examples: int = 1_000_000, val_examples: int = 512, test_examples: int = 1024,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if task not in ("induction_heads", "selective_copying"):
+            raise ValueError(f"data.init_args.task {task!r} is unknown: use 'induction_heads' or 'selective_copying'")
+        if vocab < 3:
+            raise ValueError(f"vocab must be at least 3 (data tokens and the special token), got {vocab}")
+        self.save_hyperparameters()
+        self.task, self.vocab, self.seq_len = task, vocab, seq_len
+        self.test_seq_len = test_seq_len or seq_len
+        # check the settings now rather than in a dataloader worker
+        for length in {seq_len, self.test_seq_len}:
+            self._dataset("train", length, 1)[0]
+
+    # --- what the model is linked to ------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab + 1
+
+    @property
+    def eos_id(self) -> int:
+        return self.vocab
+
+    @property
+    def bytes_per_token(self) -> float:
+        return 1.0
+
+    @property
+    def answer_len(self) -> int:
+        return 1 if self.task == "induction_heads" else self.hparams.num_tokens
+
+    def example_len(self, seq_len: int | None = None) -> int:
+        """Tokens per example (prompt, answer, eos) at a prompt length (default: the training one)."""
+        return (seq_len or self.seq_len) + self.answer_len + 1
+
+    @property
+    def max_positions(self) -> int:
+        """Positions a trunk must accept: the longest example plus the objective's answer-scoring slack (8)."""
+        return self.example_len(max(self.seq_len, self.test_seq_len)) + 8
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def _dataset(self, split: str, seq_len: int, n: int) -> SyntheticTaskDataset:
+        h = self.hparams
+        return SyntheticTaskDataset(self.task, seq_len, n, self.vocab, h.num_tokens, h.seed, split)
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        h = self.hparams
+        return DataLoader(dataset, batch_size=h.batch_size, shuffle=False, num_workers=h.num_workers,
+                          persistent_workers=h.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("train", self.seq_len, self.hparams.train_examples))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val", self.test_seq_len, self.hparams.val_examples))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test", self.test_seq_len, self.hparams.test_examples))
+
+
+class InductionHeadsDataModule(SyntheticDataModule):
+    """Induction heads (Mamba paper sec. 4.1.2): vocabulary 16, training length 256; see SyntheticDataModule."""
+
+    def __init__(self, vocab: int = 16, seq_len: int = 256, test_seq_len: int | None = None, batch_size: int = 32,
+                 train_examples: int = 1_000_000, val_examples: int = 512, test_examples: int = 1024,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__("induction_heads", vocab, seq_len, test_seq_len, 16, batch_size, train_examples,
+                         val_examples, test_examples, num_workers, seed)
+
+
+class SelectiveCopyingDataModule(SyntheticDataModule):
+    """Selective copying (Mamba paper sec. 4.1.1): vocabulary 16, 16 tokens to copy; see SyntheticDataModule."""
+
+    def __init__(self, vocab: int = 16, seq_len: int = 256, test_seq_len: int | None = None, num_tokens: int = 16,
+                 batch_size: int = 32, train_examples: int = 1_000_000, val_examples: int = 512,
+                 test_examples: int = 1024, num_workers: int = 0, seed: int = 0):
+        super().__init__("selective_copying", vocab, seq_len, test_seq_len, num_tokens, batch_size,
+                         train_examples, val_examples, test_examples, num_workers, seed)

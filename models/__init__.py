@@ -1,0 +1,5 @@
+"""Trunks: sequence mixers that map embeddings [B, T, D] to hidden states [B, T, D]."""
+from models.mamba import Mamba
+from models.transformer import Transformer
+
+__all__ = ["Mamba", "Transformer"]

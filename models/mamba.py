@@ -1,0 +1,702 @@
+"""A Mamba trunk: the selective state-space model of Gu & Dao 2023 ("Mamba: Linear-Time Sequence Modeling with
+Selective State Spaces", arXiv:2312.00752).
+
+Embeddings in, hidden states out, like every trunk (see models/transformer.py for the contract).
+
+The selective scan (Gu & Dao 2023, section 3.2 and Algorithm 2), per channel d and state index n:
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        (zero-order-hold A, simplified Euler B)
+    y_t = C_t . h_t + D * u_t
+    y_t = y_t * silu(z_t)                                          (the gate of the Mamba block)
+
+`selective_scan` has the signature and semantics of `mamba_ssm.ops.selective_scan_interface.selective_scan_fn`
+and hands over to it where `mamba_ssm` is installed and the tensors live on a GPU. Otherwise it runs a pure-PyTorch
+chunked scan (fp32, or fp64 for fp64 inputs) with a hand-written backward:
+
+* time is cut into chunks of K steps (K = 8); within a chunk the recurrence runs for the K positions *for every
+  chunk at once* (one vectorised op per position over all chunks), starting from a zero state, while the
+  cumulative decay of each position since its chunk start, exp(delta_1 A + ... + delta_k A), is kept alongside
+  as a running product;
+* a short loop over the chunks carries the state across chunk boundaries (h_start of chunk c+1 = cumulative
+  decay of chunk c times h_start of chunk c plus its zero-start end state);
+* every position then adds its cumulative decay times the state its chunk started from.
+
+Every decay in the scan is a product of per-step factors exp(delta_t A) <= 1 (for delta >= 0, A <= 0): nothing
+is ever divided by a decay and no exponential of a large positive number is formed, so the scan is as stable
+as the sequential recurrence for any delta, however long the sequence (and as accurate: the same products
+of the same per-step factors). Each exp(delta_t A) is formed once; no (K x K x N) segment sums, no division
+by a cumulative decay (whose exp(-cumsum) overflows fp32 after ~88 nats of decay).
+
+The chunks are processed in segments of M >= 4 chunks, the (K, batch, M, N, dim) working set sized to stay in
+cache on CPU (fresh large buffers page-fault and spill); a segment hands its last state to the next. That is
+about L (1/M + 1/K) Python-level steps instead of L, each op covering M positions x batch x N x dim elements.
+
+Decoding keeps, per block, the last d_conv inputs of the convolution and the SSM state: O(1) time and memory
+per token. The block cache also keeps those two states for the last `history` positions so that it can be
+cropped back (speculative decoding rolls rejected drafts back), and can be snapshotted and restored.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import DecodingCache, RMSNorm, check_length
+
+try:  # the CUDA kernel of the reference implementation, used as a drop-in where it is installed
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_selective_scan_fn
+except Exception:  # ImportError, or a broken CUDA extension
+    _mamba_ssm_selective_scan_fn = None
+
+Mask = str | torch.Tensor
+
+LOG2E = 1.4426950408889634
+CHUNK = 8  # positions per chunk of the pure-PyTorch scan
+SEGMENT_ELEMENTS = 1 << 19  # target size of one segment's (K, batch, chunks, N, dim) buffers on CPU (in cache)
+SEGMENT_ELEMENTS_CUDA = 1 << 25  # a GPU wants fewer, larger kernels
+MIN_CHUNKS = 4  # chunks per segment at least: each op of the in-chunk loop covers >= 4 positions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the selective scan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False):
+    """The selective scan of Gu & Dao 2023 as a plain sequential loop over time (for tests and benchmarks).
+
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ;  y_t = C_t h_t + D u_t ;  y_t *= silu(z_t).
+
+    Shapes as `mamba_ssm`'s `selective_scan_ref`: u, delta, z (batch, dim, L); A (dim, N); B, C (dim, N) constant
+    or (batch, N, L) time-varying; D, delta_bias (dim,). Computed in fp32 (fp64 for fp64 inputs); returns
+    (batch, dim, L) in u's dtype, and the final state (batch, dim, N) when `return_last_state`.
+    """
+    dtype_in = u.dtype
+    cd = _compute_dtype(u, delta, A, B, C)
+    u, delta, A = u.to(cd), delta.to(cd), A.to(cd)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, L = u.shape
+    B, C = B.to(cd), C.to(cd)
+    deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (batch, dim, L, N)
+    if B.dim() == 2:
+        deltaB_u = (delta * u).unsqueeze(-1) * B[:, None, :]
+    else:
+        deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(L):
+        h = deltaA[:, :, t] * h + deltaB_u[:, :, t]
+        if C.dim() == 2:
+            ys.append((h * C).sum(-1))
+        else:
+            ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    y = torch.stack(ys, dim=2)
+    out = y if D is None else y + u * D.to(cd)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(cd))
+    out = out.to(dtype_in)
+    return (out, h) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """The selective scan of Gu & Dao 2023, a drop-in for `mamba_ssm`'s `selective_scan_fn`.
+
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ;  y_t = C_t h_t + D u_t ;  y_t *= silu(z_t)
+    with delta <- softplus(delta + delta_bias) when `delta_softplus` (else delta + delta_bias).
+
+    Args:
+        u, delta: (batch, dim, L).
+        A: (dim, N), real (S4D-real: negative).
+        B, C: (dim, N) constant over time, or (batch, N, L) time-varying (selective).
+        D: (dim,) skip connection, optional.
+        z: (batch, dim, L) gate, optional: the output is multiplied by silu(z).
+        delta_bias: (dim,), optional.
+        delta_softplus: apply softplus to delta (after adding delta_bias).
+        return_last_state: also return the state after the last step, (batch, dim, N).
+
+    Returns (batch, dim, L) in u's dtype (and the last state, fp32). On CUDA with `mamba_ssm` installed its
+    kernel runs; otherwise the chunked pure-PyTorch scan of this module (fp32; fp64 for fp64 inputs).
+    """
+    if _mamba_ssm_selective_scan_fn is not None and u.is_cuda:
+        return _mamba_ssm_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                            return_last_state)
+    if A.is_complex():
+        raise NotImplementedError("the pure-PyTorch selective scan supports real A only")
+    if B.dim() not in (2, 3) or C.dim() not in (2, 3):
+        raise NotImplementedError("the pure-PyTorch selective scan takes B and C as (dim, N) or (batch, N, L)")
+    dtype_in = u.dtype
+    cd = _compute_dtype(u, delta, A, B, C)
+    u, delta = u.to(cd), _step_sizes(delta.to(cd), delta_bias, delta_softplus, cd, channel_dim=1)
+    tm = _time_major  # (batch, c, L) -> (batch, L, c): only delta, delta*u, B, C go over and y comes back
+    y, last, _ = _ChunkedScan.apply(tm(delta), tm(delta * u), A.to(cd), tm(B.to(cd)) if B.dim() == 3 else B.to(cd),
+                                    tm(C.to(cd)) if C.dim() == 3 else C.to(cd), None, 0)
+    out = _gate(_channel_major(y), u, D, z, cd, channel_dim=1).to(dtype_in)
+    return (out, last.transpose(1, 2)) if return_last_state else out
+
+
+def selective_scan_time_major(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                              initial_state=None, keep_states: int = 0):
+    """`selective_scan` on time-major tensors, the layout the Mamba block works in (no transposes).
+
+    u, delta, z: (batch, L, dim); B, C: (batch, L, N) or (dim, N); A: (dim, N); D, delta_bias: (dim,);
+    initial_state: (batch, dim, N) or None (zeros). Returns (y (batch, L, dim) in u's dtype, last state
+    (batch, dim, N) in the compute dtype, states of the last `keep_states` positions (keep, batch, dim, N) or
+    None). Differentiable in every tensor argument (the kept states are not).
+    """
+    dtype_in = u.dtype
+    cd = _compute_dtype(u, delta, A, B, C)
+    u, delta = u.to(cd), _step_sizes(delta.to(cd), delta_bias, delta_softplus, cd, channel_dim=2)
+    h0 = None if initial_state is None else initial_state.to(cd).transpose(1, 2)
+    y, last, kept = _ChunkedScan.apply(delta, delta * u, A.to(cd), B.to(cd), C.to(cd), h0, keep_states)
+    y = _gate(y, u, D, z, cd, channel_dim=2)
+    kept = None if keep_states <= 0 else kept.transpose(2, 3)
+    return y.to(dtype_in), last.transpose(1, 2), kept
+
+
+def _step_sizes(delta, delta_bias, softplus, cd, channel_dim):
+    """delta + delta_bias, through softplus when asked (delta_bias broadcast along `channel_dim`)."""
+    if delta_bias is not None:
+        delta = delta + (delta_bias.to(cd)[:, None] if channel_dim == 1 else delta_bias.to(cd))
+    return F.softplus(delta) if softplus else delta
+
+
+def _gate(y, u, D, z, cd, channel_dim):
+    """(y + D u) * silu(z), D broadcast along `channel_dim`."""
+    if D is not None:
+        y = torch.addcmul(y, u, D.to(cd)[:, None] if channel_dim == 1 else D.to(cd))
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class _Transpose12(torch.autograd.Function):
+    """(b, x, y) -> (b, y, x) contiguous. PyTorch copies a 3-D transpose element by element but has a fast
+    2-D transpose, so go batch by batch (about 10x faster on CPU for (2, 512, 1024))."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _transpose12(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _transpose12(g)
+
+
+def _transpose12(x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
+    for i in range(x.shape[0]):
+        out[i].copy_(x[i].t())
+    return out
+
+
+def _time_major(x: torch.Tensor) -> torch.Tensor:
+    """(batch, c, L) -> (batch, L, c); free when x is already a transposed view of time-major data."""
+    t = x.transpose(1, 2)
+    return t if t.is_contiguous() else _Transpose12.apply(x)
+
+
+def _channel_major(x: torch.Tensor) -> torch.Tensor:
+    """(batch, L, c) -> contiguous (batch, c, L)."""
+    return _Transpose12.apply(x)
+
+
+def _segments(b: int, L: int, n: int, d: int, cuda: bool = False) -> tuple[int, int, int, int]:
+    """(chunk length K, chunks per segment M, number of segments, padded length) for a scan of this shape.
+
+    Python-level steps: K - 1 + M per segment, i.e. about L (1/M + 1/K) in all."""
+    K = min(CHUNK, 1 << max(L - 1, 0).bit_length())
+    chunks = -(-L // K)
+    M = (SEGMENT_ELEMENTS_CUDA if cuda else SEGMENT_ELEMENTS) // (b * n * d * K)
+    M = max(1, min(chunks, max(M, MIN_CHUNKS)))
+    nseg = -(-chunks // M)
+    return K, M, nseg, nseg * M * K
+
+
+def _to_segments(x: torch.Tensor, Lp: int, nseg: int, K: int, M: int) -> torch.Tensor:
+    """Time-major (b, L, c) -> (nseg, K, b, M, c): segment s, step k of chunk m is time s*M*K + m*K + k."""
+    b, L, c = x.shape
+    if Lp > L:
+        x = F.pad(x, (0, 0, 0, Lp - L))
+    return x.reshape(b, nseg, M, K, c).permute(1, 3, 0, 2, 4).contiguous()
+
+
+def _from_segments(x: torch.Tensor, L: int) -> torch.Tensor:
+    """(nseg, K, b, M, c) -> time-major (b, L, c)."""
+    nseg, K, b, M, c = x.shape
+    return x.permute(2, 0, 3, 1, 4).reshape(b, nseg * M * K, c)[:, :L]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The core scan h_t = exp(delta_t A) h_{t-1} + (delta u)_t B_t, y_t = C_t . h_t on time-major tensors.
+
+    delta, du = delta * u: (b, L, d); A: (d, N); B, C: (b, L, N) or (d, N); h0: (b, N, d) or None.
+    Returns y (b, L, d), the last state (b, N, d), and the states of the last `keep` positions (keep, b, N, d).
+    Internally states are laid out (..., N, d) so that the contractions over N are fast matrix products, and
+    a segment's states and cumulative decays share one (2, K, b, M, N, d) buffer so that one op advances both.
+    """
+
+    @staticmethod
+    def forward(ctx, delta, du, A, B, C, h0, keep):
+        with torch.autocast(du.device.type, enabled=False):  # fp32 (or fp64) throughout, whatever the autocast
+            return _ChunkedScan._forward(ctx, delta, du, A, B, C, h0, keep)
+
+    @staticmethod
+    def backward(ctx, gy, glast, gkept):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _ChunkedScan._backward(ctx, gy, glast, gkept)
+
+    @staticmethod
+    def _forward(ctx, delta, du, A, B, C, h0, keep):
+        ctx.device_type = du.device.type
+        b, L, d = du.shape
+        N = A.shape[1]
+        K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
+        A2 = (A * LOG2E).t().contiguous()  # (N, d): exp(delta A) = exp2(delta A log2 e), and exp2 is faster
+        ds = _to_segments(delta, Lp, nseg, K, M)
+        dus = _to_segments(du, Lp, nseg, K, M)
+        Bs = _to_segments(B, Lp, nseg, K, M) if B.dim() == 3 else B.t().contiguous()
+        Cs = _to_segments(C, Lp, nseg, K, M) if C.dim() == 3 else None
+        Ct = None if Cs is not None else C.t().contiguous()
+        h = du.new_zeros(b, N, d) if h0 is None else h0.contiguous()
+        ys = du.new_empty(nseg, K, b, M, d)
+        if L == 0:
+            ctx.save_for_backward(delta, du, A, B, C, h.new_empty(0))
+            ctx.has_h0 = h0 is not None
+            kept = du.new_empty(0, b, N, d)
+            ctx.mark_non_differentiable(kept)
+            return du.new_zeros(b, 0, d), h.clone(), kept
+        starts_all = []  # the state each segment starts from, for the backward pass
+        keep = min(keep, L)
+        kept = du.new_empty(max(keep, 0), b, N, d)
+        # working buffers reused by every segment: fresh large allocations are slow (page faults)
+        dA, tmp = du.new_empty(K, b, M, N, d), du.new_empty(K, b, M, N, d)
+        HG, starts = du.new_empty(2, K, b, M, N, d), du.new_empty(b, M + 1, N, d)
+        for s in range(nseg):
+            starts_all.append(h)
+            h = _segment_states(ds[s], dus[s], A2, Bs[s] if B.dim() == 3 else Bs, dA, HG, starts, h)
+            H = HG[0]
+            if Cs is not None:
+                torch.matmul(Cs[s].unsqueeze(-2), H, out=ys[s].unsqueeze(-2))
+            else:
+                torch.sum(torch.mul(H, Ct, out=tmp), dim=-2, out=ys[s])
+            if keep > 0:
+                _collect(kept, H, s, K, M, L, keep)
+        ctx.save_for_backward(delta, du, A, B, C, torch.stack(starts_all))
+        ctx.has_h0 = h0 is not None
+        ctx.mark_non_differentiable(kept)
+        return _from_segments(ys, L), h, kept
+
+    @staticmethod
+    def _backward(ctx, gy, glast, _gkept):
+        delta, du, A, B, C, seg_starts = ctx.saved_tensors
+        b, L, d = du.shape
+        N = A.shape[1]
+        if L == 0:
+            zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+            g_h0 = (glast if glast is not None else du.new_zeros(b, N, d)) if ctx.has_h0 else None
+            return zeros(delta), zeros(du), zeros(A), zeros(B), zeros(C), g_h0, None
+        K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
+        variable_B, variable_C = B.dim() == 3, C.dim() == 3
+        A2 = (A * LOG2E).t().contiguous()
+        At = A.t().contiguous()
+        gy = gy if gy is not None else du.new_zeros(b, L, d)
+        ds = _to_segments(delta, Lp, nseg, K, M)
+        dus = _to_segments(du, Lp, nseg, K, M)
+        gs = _to_segments(gy.to(du.dtype), Lp, nseg, K, M)
+        Bs = _to_segments(B, Lp, nseg, K, M) if variable_B else B.t().contiguous()
+        Cs = _to_segments(C, Lp, nseg, K, M) if variable_C else C.t().contiguous()
+
+        g_delta = du.new_empty(nseg, K, b, M, d)
+        g_du = du.new_empty(nseg, K, b, M, d)
+        g_At = torch.zeros_like(At)
+        g_B = du.new_empty(nseg, K, b, M, N) if variable_B else torch.zeros_like(Bs)
+        g_C = du.new_empty(nseg, K, b, M, N) if variable_C else torch.zeros_like(Cs)
+        mu = du.new_zeros(b, N, d) if glast is None else glast.to(du.dtype).contiguous()
+        dA, tmp = du.new_empty(K, b, M, N, d), du.new_empty(K, b, M, N, d)
+        HG, LR = du.new_empty(2, K, b, M, N, d), du.new_empty(2, K, b, M, N, d)
+        starts, mus = du.new_empty(b, M + 1, N, d), du.new_empty(b, M + 1, N, d)
+        for s in reversed(range(nseg)):
+            Bseg = Bs[s] if variable_B else Bs
+            # recompute the states of this segment from the state it started from
+            _segment_states(ds[s], dus[s], A2, Bseg, dA, HG, starts, seg_starts[s])
+            H = HG[0]
+            # adjoint lam_t = dL/dh_t = C_t g_t + exp(delta_{t+1} A) lam_{t+1}: the same chunked scan, reversed,
+            # with R_t = exp((delta_{t+1} + ... + delta_{end of chunk}) A) carried alongside
+            g = gs[s].unsqueeze(-2)  # (K, b, M, 1, d)
+            Lam, R = LR[0], LR[1]
+            torch.mul(g, Cs[s].unsqueeze(-1) if variable_C else Cs, out=Lam)
+            R[K - 1].fill_(1.0)
+            R[:K - 1].zero_()
+            for k in range(K - 2, -1, -1):
+                LR[:, k].addcmul_(dA[k + 1], LR[:, k + 1])
+            # carry across chunks: mus[:, m] = exp(delta A) lam at the first step of chunk m
+            mus[:, M] = mu
+            for m in range(M - 1, -1, -1):
+                lam0 = torch.addcmul(Lam[0][:, m], R[0][:, m], mus[:, m + 1])
+                torch.mul(dA[0][:, m], lam0, out=mus[:, m])
+            Lam.addcmul_(R, mus[:, 1:])
+            mu = mus[:, 0].clone()
+            # X = lam_t * exp(delta_t A) * h_{t-1} = dL/d(delta_t A)
+            X = R
+            torch.mul(H[:-1], dA[1:], out=X[1:])
+            torch.mul(starts[:, :M], dA[0], out=X[0])
+            X.mul_(Lam)
+            g_At.add_(torch.mul(X, ds[s].unsqueeze(-2), out=tmp).sum(dim=(0, 1, 2)))
+            torch.sum(torch.mul(X, At, out=tmp), dim=-2, out=g_delta[s])
+            # through (delta u)_t B_t: dL/d(delta u)_t = lam_t . B_t
+            if variable_B:
+                torch.matmul(Bseg.unsqueeze(-2), Lam, out=g_du[s].unsqueeze(-2))
+                torch.matmul(dus[s].unsqueeze(-2), Lam.transpose(-1, -2), out=g_B[s].unsqueeze(-2))
+            else:
+                torch.sum(torch.mul(Lam, Bseg, out=tmp), dim=-2, out=g_du[s])
+                g_B.add_(torch.mul(Lam, dus[s].unsqueeze(-2), out=tmp).sum(dim=(0, 1, 2)))
+            # through y_t = C_t . h_t
+            if variable_C:
+                torch.matmul(g, H.transpose(-1, -2), out=g_C[s].unsqueeze(-2))
+            else:
+                g_C.add_(torch.mul(H, g, out=tmp).sum(dim=(0, 1, 2)))
+        g_h0 = mu if ctx.has_h0 else None
+        g_B = _from_segments(g_B, L) if variable_B else g_B.t()
+        g_C = _from_segments(g_C, L) if variable_C else g_C.t()
+        return (_from_segments(g_delta, L), _from_segments(g_du, L), g_At.t(), g_B, g_C, g_h0, None)
+
+
+def _segment_states(ds, dus, A2, Bseg, dA, HG, starts, h):
+    """The states of one segment, starting from state h (b, N, d).
+
+    ds, dus: (K, b, M, d) delta and delta*u; A2: (N, d) = A log2(e); Bseg: (K, b, M, N) or (N, d) constant.
+    Fills dA (K, b, M, N, d) with the per-step decays exp(delta_t A), HG[0] with the states and HG[1] with the
+    cumulative decays since the chunk start, starts (b, M+1, N, d) with the state each chunk starts from.
+    Returns the state after the segment.
+    """
+    K = ds.shape[0]
+    M = ds.shape[2]
+    torch.mul(ds.unsqueeze(-2), A2, out=dA)
+    dA.exp2_()  # per-step decays exp(delta_t A), each <= 1 for delta >= 0 and A <= 0
+    H, G = HG[0], HG[1]
+    torch.mul(dus.unsqueeze(-2), Bseg.unsqueeze(-1) if Bseg.dim() == 4 else Bseg, out=H)
+    G[0].copy_(dA[0])
+    G[1:].zero_()
+    # zero-start states and cumulative decays within every chunk at once: one op per position of the chunk,
+    # (h, g)_k = exp(delta_k A) * (h, g)_{k-1} + (delta_k u_k B_k, 0)
+    for k in range(1, K):
+        HG[:, k].addcmul_(dA[k], HG[:, k - 1])
+    # carry the state across the chunks of the segment
+    starts[:, 0] = h
+    for m in range(M):
+        torch.addcmul(H[K - 1][:, m], G[K - 1][:, m], starts[:, m], out=starts[:, m + 1])
+    # add the decayed start state of each chunk
+    H.addcmul_(G, starts[:, :M])
+    return starts[:, M].clone()
+
+
+def _collect(kept, H, s, K, M, L, keep):
+    """Copy the states of positions L-keep .. L-1 that fall in segment s into kept (keep, b, N, d)."""
+    S = K * M
+    for p in range(max(L - keep, s * S), min(L, (s + 1) * S)):
+        q = p - s * S
+        kept[p - (L - keep)].copy_(H[q % K][:, q // K])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the block
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MambaCache:
+    """Decoding state of one Mamba block: the last d_conv conv inputs and the SSM state, O(1) in the length.
+
+    `conv_state` (batch, d_inner, d_conv) holds the raw conv inputs of the last d_conv positions (oldest
+    first); `ssm_state` (batch, d_inner, d_state) is fp32. A ring buffer also keeps both for the last `history`
+    positions, so `crop(n)` can go back to any length n >= length - history (a recurrent state cannot be
+    rewound further; that raises a ValueError). `snapshot()` / `restore(snap)` save and bring back the state
+    (O(1): the ring is not copied; after a restore, crops reach back as far as the ring still holds states of
+    the snapshot's continuation).
+    """
+
+    def __init__(self, batch_size: int, d_inner: int, d_state: int, d_conv: int, device=None, dtype=None,
+                 history: int = 64):
+        if history < 1:
+            raise ValueError(f"history must be at least 1, got {history}")
+        dtype = dtype or torch.float32
+        self.history = history
+        self.conv_state = torch.zeros(batch_size, d_inner, d_conv, device=device, dtype=dtype)
+        self.ssm_state = torch.zeros(batch_size, d_inner, d_state, device=device, dtype=torch.float32)
+        self._conv_ring = self.conv_state.new_zeros(history + 1, *self.conv_state.shape)
+        self._ssm_ring = self.ssm_state.new_zeros(history + 1, *self.ssm_state.shape)
+        self._slot_ids = [-1] * (history + 1)  # which write filled each ring slot
+        self._writes = 0
+        self.length = 0
+        self._oldest = 0  # the oldest length whose state the ring still holds
+        self._record(0, self.conv_state, self.ssm_state)
+
+    def _slot(self, length: int) -> int:
+        return length % (self.history + 1)
+
+    def _record(self, length: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        slot = self._slot(length)
+        self._conv_ring[slot].copy_(conv)
+        self._ssm_ring[slot].copy_(ssm)
+        self._slot_ids[slot] = self._writes
+        self._writes += 1
+
+    def _advance(self, T: int, conv_tail: torch.Tensor, ssm_tail: torch.Tensor) -> None:
+        """Advance by T positions; conv_tail / ssm_tail (T', batch, d_inner, .) hold the states after the last
+        T' <= history + 1 of them, oldest first."""
+        tail = conv_tail.shape[0]
+        for i in range(tail):
+            self._record(self.length + T - tail + 1 + i, conv_tail[i], ssm_tail[i])
+        self.conv_state.copy_(conv_tail[-1])
+        self.ssm_state.copy_(ssm_tail[-1])
+        self.length += T
+        self._oldest = max(self._oldest, self.length - self.history)
+        if T > tail:  # the lengths before the recorded tail were never kept
+            self._oldest = max(self._oldest, self.length - tail + 1)
+
+    def crop(self, length: int) -> None:
+        if length == self.length:
+            return
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a Mamba cache of {self.length} positions to {length}")
+        if length < self._oldest:
+            raise ValueError(
+                f"cannot crop the Mamba cache back to {length} positions: a recurrent state cannot be rewound "
+                f"and this cache holds the states of lengths {self._oldest}..{self.length} only (the last "
+                f"{self.history} positions at most); make the cache with a larger history, or snapshot() "
+                f"before advancing and restore() to go back")
+        self.conv_state.copy_(self._conv_ring[self._slot(length)])
+        self.ssm_state.copy_(self._ssm_ring[self._slot(length)])
+        self.length = length
+
+    def snapshot(self) -> dict:
+        return {"length": self.length, "oldest": self._oldest, "ids": tuple(self._slot_ids),
+                "conv_state": self.conv_state.clone(), "ssm_state": self.ssm_state.clone()}
+
+    def restore(self, snapshot: dict) -> None:
+        n = self.length = snapshot["length"]
+        self.conv_state.copy_(snapshot["conv_state"])
+        self.ssm_state.copy_(snapshot["ssm_state"])
+        ids = snapshot["ids"]
+        if self._slot_ids[self._slot(n)] != ids[self._slot(n)]:
+            self._record(n, self.conv_state, self.ssm_state)
+        oldest = n  # keep the ring slots that nothing has overwritten since the snapshot
+        while oldest > snapshot["oldest"] and self._slot_ids[self._slot(oldest - 1)] == ids[self._slot(oldest - 1)]:
+            oldest -= 1
+        self._oldest = oldest
+
+
+class MambaBlock(nn.Module):
+    """The Mamba mixer of Gu & Dao 2023 (their Figure 3; `mamba_ssm.modules.mamba_simple.Mamba`).
+
+    in_proj to (x, z); x: depthwise causal conv1d and SiLU; x_proj to (dt, B, C); dt_proj; the selective scan
+    with the D skip and the SiLU(z) gate; out_proj. Parameter names and shapes are those of mamba_ssm's module
+    (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so state dicts move between the two.
+
+    Init as the reference: A = -exp(A_log) with A_log = log(1..N) (S4D-real), D = 1, dt_proj.bias the inverse
+    softplus of dt ~ log-uniform in [dt_min, dt_max], dt_proj.weight ~ U(+-dt_rank^-1/2 * dt_scale).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 dt_scale: float = 1.0, conv_bias: bool = True, bias: bool = False):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self._dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        dt_min, dt_max, floor, dt_scale = self._dt_init
+        std = self.dt_rank ** -0.5 * dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj.bias._no_reinit = True
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D.fill_(1.0)
+
+    def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> MambaCache:
+        p = self.in_proj.weight
+        return MambaCache(batch_size, self.d_inner, self.d_state, self.d_conv, device or p.device,
+                          dtype or p.dtype, history)
+
+    def _conv(self, x_padded: torch.Tensor, T: int) -> torch.Tensor:
+        """Depthwise causal conv in time-major layout: x_padded (b, d_conv-1+T, d) -> (b, T, d)."""
+        w = self.conv1d.weight[:, 0, :].to(x_padded.dtype)  # (d, d_conv)
+        out = x_padded[:, 0:T] * w[:, 0]
+        for j in range(1, self.d_conv):
+            out = torch.addcmul(out, x_padded[:, j:j + T], w[:, j])
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(out.dtype)
+        return out
+
+    def _ssm_inputs(self, xc: torch.Tensor):
+        x_dbl = self.x_proj(xc)
+        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, as in mamba_ssm
+        return dt, Bm, Cm
+
+    def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        """x (b, T, d_model) -> (b, T, d_model); with a cache, x holds the T positions after cache.length."""
+        b, T, _ = x.shape
+        if T == 0:
+            return self.out_proj(x.new_zeros(b, 0, self.d_inner))
+        if cache is not None and T == 1:
+            return self.step(x, cache)
+        xz = self.in_proj(x)
+        xi, z = xz.chunk(2, dim=-1)  # (b, T, d_inner) each
+        if cache is None:
+            xpad = F.pad(xi, (0, 0, self.d_conv - 1, 0))
+        else:
+            xpad = torch.cat([cache.conv_state[:, :, 1:].transpose(1, 2).to(xi.dtype), xi], dim=1)
+        xc = F.silu(self._conv(xpad, T))
+        dt, Bm, Cm = self._ssm_inputs(xc)
+        A = -torch.exp(self.A_log.float())
+        if cache is None and _mamba_ssm_selective_scan_fn is not None and x.is_cuda:
+            y = _mamba_ssm_selective_scan_fn(xc.transpose(1, 2), dt.transpose(1, 2), A, Bm.transpose(1, 2),
+                                             Cm.transpose(1, 2), self.D.float(), z.transpose(1, 2),
+                                             self.dt_proj.bias.float(), True).transpose(1, 2)
+            return self.out_proj(y)
+        keep = 0 if cache is None else min(T, cache.history + 1)
+        y, last, kept = selective_scan_time_major(
+            xc, dt, A, Bm, Cm, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            initial_state=None if cache is None else cache.ssm_state, keep_states=keep)
+        if cache is not None:
+            with torch.no_grad():
+                raw = torch.cat([cache.conv_state, xi.detach().transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
+                conv_tail = raw.unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)  # (keep, b, d, d_conv)
+                cache._advance(T, conv_tail, kept.float())
+        return self.out_proj(y)
+
+    def step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One decoding step, x (b, 1, d_model): O(1) time and memory in the length (Gu & Dao 2023, sec. 3.3)."""
+        xz = self.in_proj(x[:, 0])
+        xi, z = xz.chunk(2, dim=-1)  # (b, d_inner)
+        conv = torch.cat([cache.conv_state[:, :, 1:], xi.detach().unsqueeze(-1).to(cache.conv_state.dtype)], dim=2)
+        window = torch.cat([cache.conv_state[:, :, 1:].to(xi.dtype), xi.unsqueeze(-1)], dim=2)  # (b, d, d_conv)
+        xc = (window * self.conv1d.weight[:, 0, :].to(xi.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(xc.dtype)
+        xc = F.silu(xc)
+        dt, Bm, Cm = self._ssm_inputs(xc)
+        A = -torch.exp(self.A_log.float())
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float())  # (b, d)
+        dA = torch.exp(delta.unsqueeze(-1) * A)  # (b, d, N)
+        h = cache.ssm_state * dA + (delta * xc.float()).unsqueeze(-1) * Bm.float().unsqueeze(1)
+        y = torch.matmul(h, Cm.float().unsqueeze(-1)).squeeze(-1) + self.D.float() * xc.float()
+        y = (y * F.silu(z.float())).to(x.dtype)
+        with torch.no_grad():
+            cache._advance(1, conv.unsqueeze(0), h.detach().unsqueeze(0))
+        return self.out_proj(y).unsqueeze(1)
+
+
+def _check_mask(mask: Mask, owner: str = "Mamba trunk") -> None:
+    if isinstance(mask, str) and mask == "causal":
+        return
+    got = f"a {tuple(mask.shape)} tensor mask" if isinstance(mask, torch.Tensor) else repr(mask)
+    raise ValueError(
+        f"the {owner} supports only causal masks (got {got}): a selective state-space scan reads the sequence "
+        f"left to right and has no bidirectional or arbitrary attention; use the transformer trunk "
+        f"(models.Transformer) for an objective that needs mask='full' or a tensor mask")
+
+
+class MambaResidualBlock(nn.Module):
+    """x + MambaBlock(RMSNorm(x)): the pre-norm residual block of the Mamba trunk (`mixer`, `norm` as in
+    mamba_ssm's Block)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.mixer = MambaBlock(d_model, d_state, d_conv, expand, dt_rank)
+
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaCache | None = None) -> torch.Tensor:
+        _check_mask(mask, "Mamba block")
+        return x + self.mixer(self.norm(x), cache=cache)
+
+    def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> MambaCache:
+        return self.mixer.make_cache(batch_size, device, dtype, history)
+
+
+class MambaDecodingCache(DecodingCache):
+    """The trunk's DecodingCache with `snapshot()` / `restore(snap)` over all blocks."""
+
+    def snapshot(self) -> list:
+        return [layer.snapshot() for layer in self.layers]
+
+    def restore(self, snapshot: list) -> None:
+        for layer, snap in zip(self.layers, snapshot):
+            layer.restore(snap)
+
+
+class Mamba(nn.Module):
+    """The Mamba trunk (Gu & Dao 2023): a pre-norm residual stack of Mamba blocks and a final RMSNorm.
+
+    Args:
+        d_model: width of the hidden states.
+        n_layers: number of blocks.
+        d_state: SSM state size N per channel.
+        d_conv: width of the depthwise causal convolution.
+        expand: d_inner = expand * d_model.
+        dt_rank: rank of the delta projection; default ceil(d_model / 16).
+        max_seq_len: the longest sequence the trunk accepts (no positional tables: only a sanity bound).
+        norm_eps: RMSNorm epsilon.
+    """
+
+    supported_masks = ("causal",)
+
+    def __init__(self, d_model: int = 256, n_layers: int = 4, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, max_seq_len: int = 1_000_000, norm_eps: float = 1e-5):
+        super().__init__()
+        self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
+        self._block_args = (d_model, d_state, d_conv, expand, dt_rank, norm_eps)
+        self.blocks = nn.ModuleList(self.make_block() for _ in range(n_layers))
+        self.norm = RMSNorm(d_model, norm_eps)
+
+    def make_block(self) -> MambaResidualBlock:
+        """A fresh block of this trunk's kind and shape, initialised (used for multi-token heads)."""
+        block = MambaResidualBlock(*self._block_args)
+        # mamba_ssm's _init_weights: Linear biases zero (but dt_proj's), and the GPT-2 scheme for the residual
+        # output projection: default (kaiming-uniform) init divided by sqrt(n_layers), one residual per block
+        with torch.no_grad():
+            for module in block.modules():
+                if isinstance(module, nn.Linear) and module.bias is not None \
+                        and not getattr(module.bias, "_no_reinit", False):
+                    module.bias.zero_()
+            block.mixer.out_proj.weight.div_(math.sqrt(self.n_layers))
+        return block
+
+    def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> MambaDecodingCache:
+        return MambaDecodingCache([b.make_cache(batch_size, device, dtype, history) for b in self.blocks])
+
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingCache | None = None) -> torch.Tensor:
+        _check_mask(mask)
+        check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
+        layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layer_caches):
+            x = block(x, mask=mask, cache=layer_cache)
+        return self.norm(x)
