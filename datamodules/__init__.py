@@ -1,6 +1,7 @@
 """Data: corpora, tokenizers, synthetic and reasoning tasks. Batches are dicts of tensors (`tokens`, `loss_mask`,
 and where the data has structure `segments`)."""
 from datamodules.reasoning import ReasoningDataModule
+from datamodules.synthetic import SyntheticDataModule
 from datamodules.text import TextDataModule
 
-__all__ = ["TextDataModule", "ReasoningDataModule"]
+__all__ = ["TextDataModule", "ReasoningDataModule", "SyntheticDataModule"]
