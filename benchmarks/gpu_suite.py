@@ -1,4 +1,4 @@
-"""The one script to run when a GPU is lent: at most a few minutes, no downloads, a table at the end and JSON
+"""The one script to run when a GPU is available: at most a few minutes, no downloads, a table at the end and JSON
 under --out. On a CPU, `--tiny` runs the same cases on a tiny shape (the test suite does this).
 
     python -m benchmarks.gpu_suite --out results/ [--tiny] [--steps 20]
@@ -108,7 +108,48 @@ def speculative_cases(args, device: torch.device, precision: str) -> list[dict]:
     return rows
 
 
-CASES = [ntp_training_cases, mtp_memory_cases, speculative_cases]
+def ssm_cases(args, device: torch.device, precision: str) -> list[dict]:
+    """Mamba: the selective scan's forward at L=4096 (the chunked pure-PyTorch scan, and mamba_ssm's kernel where
+    it is importable) and NTP training tokens/s of the Mamba and transformer trunks of configs/models/
+    mamba-quickstart.yaml at T=4096 (benchmarks/ssm.py parts (a) and (b)); `--tiny`: tiny shapes."""
+    from benchmarks.ssm import TRUNKS, scan_inputs, train_step_rate
+    from models import mamba as mamba_module
+    length, batch, dim = (64, 1, 32) if args.tiny else (4096, 2, 512)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scan_inputs(batch, dim, 16, length).items()}
+    rows = []
+    kernels = {"chunked pure-PyTorch": None}
+    if device.type == "cuda" and mamba_module._mamba_ssm_selective_scan_fn is not None:
+        kernels["mamba_ssm kernel"] = mamba_module._mamba_ssm_selective_scan_fn
+    for name, kernel in kernels.items():
+        saved = mamba_module._mamba_ssm_selective_scan_fn
+        mamba_module._mamba_ssm_selective_scan_fn = kernel  # None: selective_scan runs the chunked scan
+        try:
+            with torch.no_grad():
+                for _ in range(args.warmup):
+                    mamba_module.selective_scan(**kw)
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    mamba_module.selective_scan(**kw)
+                synchronize(device)
+                s = (time.perf_counter() - start) / args.steps
+        finally:
+            mamba_module._mamba_ssm_selective_scan_fn = saved
+        rows.append({"case": f"selective scan fwd L={length} d_inner {dim} N 16 batch {batch}", "loop": name,
+                     "tokens/s": batch * length / s})
+    seq_len, tokens = (64, 128) if args.tiny else (4096, 8192 * 4)
+    for kind, name in TRUNKS.items():
+        r = train_step_rate(kind, seq_len, max(1, tokens // seq_len), args.steps, device.type,
+                            d_model=64 if args.tiny else 256, vocab=512 if args.tiny else 4096,
+                            warmup=args.warmup)
+        rows.append({"case": f"NTP {name}{' tiny' if args.tiny else ''} T={seq_len}", "loop": "bare",
+                     "tokens/s": r["tokens/s"], "GiB": r["peak"] / 2**30 if device.type == "cuda" else None})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+CASES = [ntp_training_cases, mtp_memory_cases, speculative_cases, ssm_cases]
 
 
 def main() -> None:

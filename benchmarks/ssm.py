@@ -1,14 +1,21 @@
 """The Mamba trunk's speed: the chunked selective scan and the Mamba block.
 
-    python -m benchmarks.ssm [--parts a] [--repeats 5] [--threads N] [--json out.json]
+    python -m benchmarks.ssm [--parts a b c d] [--repeats 5] [--threads N] [--json out.json]
 
 (a) scan: forward of `models.mamba.selective_scan` (the chunked pure-PyTorch scan) against the step-by-step loop
     `selective_scan_reference` at L in {256, 1024, 4096}, d_inner 512, N 16, batch 2 (goal: >= 10x at L=1024
     on CPU); and one Mamba block's forward+backward at d_model 256, d_state 16, batch 2, L 1024 against
     `mambapy`'s block (its parallel scan; optional dependency: pip install mambapy), in the same process
     (goal: >= 2x its tokens/s).
-Parts (b) training tokens/s and peak memory vs the transformer, (c) decode latency against context length and
-(d) induction-heads length generalisation are to be added as further `part_*` functions in PARTS.
+(b) train: NTP training tokens/s (one forward+backward+AdamW step, median of --repeats after a warm-up; bf16
+    autocast where `auto_precision()` says bf16-mixed) and peak memory of a Mamba trunk (d 256 x 7, 3.07M) against
+    the transformer (d 256 x 4, 3.2M; configs/models/mamba-quickstart.yaml), V 4096, T in {256, 1024, 4096}, batch
+    8192 / T. CPU: each case in a fresh subprocess reporting its peak RSS; GPU: max memory allocated.
+(c) decode: per-token greedy decode latency at batch 1 after 128, 512, 2048 tokens of context (prefill not
+    timed), both trunks, random weights (goal: flat for Mamba).
+(d) induction: both trunks at 2 layers x d_model 64, NTP, trained on induction heads (vocab 16, seq_len 256,
+    batch 32, AdamW lr 1e-3) for --train_seconds each, then the answer-token accuracy by one forward pass (the
+    prediction at the last prompt position) on --eval_examples test examples at 256 and 1024 (4x).
 
 Timings are the best of `--repeats` runs after a warm-up, the compared implementations alternating, so that
 other load on the machine disturbs both alike. On a machine whose cores other processes also use, pass
@@ -118,22 +125,212 @@ def part_a(args) -> list[tuple[str, list[dict]]]:
              f"{torch.get_num_threads()} threads)", block)]
 
 
-PARTS = {"a": part_a}  # (b) training vs transformer, (c) decode latency, (d) induction heads: to be added
+# ---------------------------------------------------------------- (b) training speed and memory vs the transformer
+TRUNKS = {"transformer": "Transformer d256 x4", "mamba": "Mamba d256 x7"}
+TRAIN_VOCAB = 4096
+
+
+def make_trunk(kind: str, d_model: int, n_layers: int, max_seq_len: int):
+    from models import Mamba, Transformer
+    if kind == "transformer":
+        return Transformer(d_model=d_model, n_layers=n_layers, n_heads=max(1, d_model // 64), max_seq_len=max_seq_len)
+    return Mamba(d_model=d_model, n_layers=n_layers, d_state=16)
+
+
+def quickstart_model(kind: str, vocab: int, max_seq_len: int, d_model: int = 256):
+    from objectives import NextTokenPrediction
+    layers = {"transformer": 4, "mamba": 7}[kind]
+    return NextTokenPrediction(make_trunk(kind, d_model, layers, max_seq_len), vocab_size=vocab)
+
+
+def train_step_rate(kind: str, seq_len: int, batch: int, steps: int, device: str = "cpu", d_model: int = 256,
+                    vocab: int = TRAIN_VOCAB, warmup: int = 1) -> dict:
+    """Median seconds of one NTP forward+backward+AdamW step, tokens/s, parameters and the peak memory."""
+    import resource
+    import statistics
+    from objectives.runtime import auto_precision, compute_dtype
+    torch.manual_seed(0)
+    model = quickstart_model(kind, vocab, seq_len + 1, d_model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+    data = {"tokens": tokens, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+    dtype = compute_dtype(auto_precision())
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model.loss(data)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    s = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0)
+    return {"seconds": s, "tokens/s": batch * seq_len / s, "params": sum(p.numel() for p in model.trunk.parameters()),
+            "peak": float(peak), "precision": str(dtype).replace("torch.", "")}
+
+
+def part_b(args) -> list[tuple[str, list[dict]]]:
+    import subprocess
+    import sys
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for seq_len in args.train_lengths:
+        batch = max(1, args.train_tokens // seq_len)
+        for kind in TRUNKS:
+            if device == "cuda":
+                r = train_step_rate(kind, seq_len, batch, args.repeats, device)
+                torch.cuda.empty_cache()
+            else:
+                cmd = [sys.executable, "-m", "benchmarks.ssm", "--train_case", f"{kind},{seq_len},{batch}",
+                       "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads())]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append({"T": seq_len, "batch": batch, "trunk": TRUNKS[kind], "trunk params M": r["params"] / 1e6,
+                         "step s": r["seconds"], "tokens/s": r["tokens/s"], "peak GiB": r["peak"] / 2**30,
+                         "precision": r["precision"]})
+        rows[-1]["mamba/transformer tok/s"] = rows[-1]["tokens/s"] / rows[-2]["tokens/s"]
+        rows[-1]["mamba/transformer mem"] = rows[-1]["peak GiB"] / rows[-2]["peak GiB"]
+    what = "max memory allocated" if device == "cuda" else "peak RSS of a fresh process per case"
+    return [(f"(b) NTP training step, V {TRAIN_VOCAB}, {args.train_tokens} tokens per batch, median of "
+             f"{args.repeats} steps ({what}, {device}, {torch.get_num_threads()} threads)", rows)]
+
+
+# ---------------------------------------------------------------- (c) decode latency against context length
+@torch.no_grad()
+def decode_latency(kind: str, context: int, new_tokens: int, vocab: int = TRAIN_VOCAB, device: str = "cpu",
+                   repeats: int = 3) -> float:
+    """Best-of-`repeats` mean seconds per greedy token at batch 1 after `context` tokens (prefill not timed)."""
+    torch.manual_seed(0)
+    model = quickstart_model(kind, vocab, context + new_tokens + 8).to(device).eval()
+    prompt = torch.randint(0, vocab, (1, context), device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # first run: warm-up
+        cache = model.trunk.make_cache(1, device=device)
+        h = model.hidden(prompt, cache=cache)
+        token = model.logits(h[:, -1:]).argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            h = model.hidden(token, cache=cache)
+            token = model.logits(h[:, -1:]).argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / new_tokens)
+    return best
+
+
+def part_c(args) -> list[tuple[str, list[dict]]]:
+    rows = []
+    for context in args.contexts:
+        row = {"context": context}
+        for kind, name in TRUNKS.items():
+            row[f"{name} ms/token"] = 1e3 * decode_latency(kind, context, args.new_tokens, repeats=args.repeats // 2 + 1)
+        rows.append(row)
+    for row in rows:
+        for name in TRUNKS.values():
+            row[f"{name} x first"] = row[f"{name} ms/token"] / rows[0][f"{name} ms/token"]
+    return [(f"(c) greedy decode latency per token, batch 1, {args.new_tokens} tokens after the context, fp32, "
+             f"random weights, V {TRAIN_VOCAB}, {torch.get_num_threads()} threads", rows)]
+
+
+# ---------------------------------------------------------------- (d) induction heads, 1x and 4x the training length
+@torch.no_grad()
+def answer_accuracy(model, dataset, batch_size: int = 32) -> float:
+    model.eval()
+    correct = total = 0
+    for i in range(0, len(dataset), batch_size):
+        items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+        tokens = torch.stack([x["tokens"] for x in items])
+        prompt_len = int(items[0]["prompt_len"])
+        answer = torch.stack([x["answer"][0] for x in items])
+        h = model.hidden(tokens[:, :prompt_len])
+        pred = model.logits(h[:, -1]).argmax(-1)
+        correct += int((pred == answer).sum())
+        total += len(items)
+    model.train()
+    return correct / total
+
+
+def train_induction(kind: str, seconds: float, lr: float = 1e-3, batch_size: int = 32, seq_len: int = 256,
+                    test_len: int = 1024, eval_examples: int = 256, max_steps: int = 100_000) -> dict:
+    from datamodules import SyntheticDataModule
+    from datamodules.synthetic import SyntheticTaskDataset
+    from objectives import NextTokenPrediction
+    torch.manual_seed(0)
+    dm = SyntheticDataModule(task="induction_heads", vocab=16, seq_len=seq_len, test_seq_len=test_len,
+                             batch_size=batch_size)
+    model = NextTokenPrediction(make_trunk(kind, 64, 2, test_len + 8), vocab_size=dm.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    data = SyntheticTaskDataset("induction_heads", seq_len, num_examples=10**7, vocab=16)
+    steps, start, loss = 0, time.perf_counter(), float("nan")
+    while time.perf_counter() - start < seconds and steps < max_steps:
+        items = [data[steps * batch_size + j] for j in range(batch_size)]
+        batch = {k: torch.stack([x[k] for x in items]) for k in ("tokens", "loss_mask")}
+        out = model.loss(batch)["loss"]
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps, loss = steps + 1, float(out.detach())
+    train_s = time.perf_counter() - start
+    acc = {n: answer_accuracy(model, SyntheticTaskDataset("induction_heads", n, num_examples=eval_examples,
+                                                          vocab=16, split="test"))
+           for n in (seq_len, test_len)}
+    return {"trunk": f"{kind} 2 x d64", "params K": sum(p.numel() for p in model.parameters()) / 1e3,
+            "steps": steps, "train s": train_s, "final loss": loss,
+            f"acc @{seq_len} (1x)": acc[seq_len], f"acc @{test_len} (4x)": acc[test_len]}
+
+
+def part_d(args) -> list[tuple[str, list[dict]]]:
+    rows = [train_induction(kind, args.train_seconds, eval_examples=args.eval_examples) for kind in TRUNKS]
+    return [(f"(d) induction heads (vocab 16), trained at 256 for {args.train_seconds:.0f}s each (batch 32, AdamW "
+             f"lr 1e-3, fp32, {torch.get_num_threads()} threads), answer accuracy on {args.eval_examples} test "
+             "examples (chance 1/15)", rows)]
+
+
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--parts", default="a", help="which parts to run, e.g. 'a' (available: %s)" % ",".join(PARTS))
+    p.add_argument("--parts", nargs="+", default=list(PARTS), help="which parts to run, e.g. a b (available: %s)"
+                   % ",".join(PARTS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    p.add_argument("--train_lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--train_tokens", type=int, default=8192, help="(b) tokens per batch: batch = this / T")
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--new_tokens", type=int, default=8)
+    p.add_argument("--decode_threads", type=int, default=1, help="(c) torch threads while decoding")
+    p.add_argument("--train_seconds", type=float, default=120.0, help="(d) training budget per trunk")
+    p.add_argument("--eval_examples", type=int, default=256)
+    p.add_argument("--train_case", help="internal: run one (b) case 'kind,T,batch' in this process")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.train_case:
+        kind, seq_len, batch = args.train_case.split(",")
+        print(json.dumps(train_step_rate(kind, int(seq_len), int(batch), args.repeats)))
+        return
     tables = []
-    for part in args.parts.replace(",", ""):
+    for part in "".join(args.parts).replace(",", ""):
         if part not in PARTS:
-            raise SystemExit(f"part {part!r} is not implemented yet (available: {', '.join(PARTS)})")
+            raise SystemExit(f"unknown part {part!r} (available: {', '.join(PARTS)})")
+        threads = torch.get_num_threads()
+        if part == "c":
+            torch.set_num_threads(args.decode_threads)
         tables += PARTS[part](args)
+        torch.set_num_threads(threads)
     for title, rows in tables:
         print(table(rows, title), end="\n\n")
     if args.json:
