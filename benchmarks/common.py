@@ -30,6 +30,12 @@ class RandomTokens(Dataset):
                 "loss_mask": torch.ones(self.length)}
 
 
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, device) -> dict[str, torch.Tensor]:
+    """One batch of uniform random windows of seq_len inputs (seq_len + 1 tokens), every position a target."""
+    tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), device=device)
+    return {"tokens": tokens, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

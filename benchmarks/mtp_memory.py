@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from benchmarks.common import parser, report
+from benchmarks.common import parser, random_batch, report
 
 CASES = {
     "NTP": dict(n_future=1),
@@ -38,8 +38,7 @@ def one_step(case: str, vocab: int, batch: int, seq_len: int, d_model: int, laye
                                  vocab_size=vocab, ce_chunk_size=batch * seq_len if naive else 1024,
                                  **options).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
-    data = {"tokens": tokens, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+    data = random_batch(vocab, batch, seq_len, device)
     dtype = compute_dtype(auto_precision())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

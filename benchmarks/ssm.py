@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import parser, table
+from benchmarks.common import parser, random_batch, table
 from models.mamba import MambaBlock, selective_scan, selective_scan_reference
 
 
@@ -152,8 +152,7 @@ def train_step_rate(kind: str, seq_len: int, batch: int, steps: int, device: str
     torch.manual_seed(0)
     model = quickstart_model(kind, vocab, seq_len + 1, d_model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
-    data = {"tokens": tokens, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+    data = random_batch(vocab, batch, seq_len, device)
     dtype = compute_dtype(auto_precision())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
