@@ -9,7 +9,6 @@ tokens/s and MFU against the card's datasheet bf16 rate. Families add their GPU 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -17,14 +16,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader
 
 from benchmarks.common import (RandomTokens, attach_trainer_for_optimizers, bare_seconds_per_step,
-                               lightning_seconds_per_step, synchronize, table)
+                               lightning_seconds_per_step, random_batch, synchronize, table)
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.runtime import auto_precision, compute_dtype
+from objectives.runtime import auto_precision, compute_dtype, flops_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64
@@ -38,13 +37,6 @@ def gpt2_shape(tiny: bool) -> tuple[dict, int, int, int]:
     return spec, GPT2_VOCAB, 1024, 16
 
 
-def flops_per_step(model, batch_size: int, seq_len: int) -> int:
-    with torch.device("meta"):
-        meta = copy.deepcopy(model).to("meta")
-        batch = {"tokens": torch.zeros(batch_size, seq_len + 1, dtype=torch.long), "loss_mask": torch.ones(batch_size, seq_len + 1)}
-        return int(measure_flops(meta, lambda: meta.loss(batch)["loss"], lambda loss: loss))
-
-
 def ntp_training_cases(args, device: torch.device, precision: str) -> list[dict]:
     trunk_args, vocab, seq_len, batch_size = gpt2_shape(args.tiny)
     rows = []
@@ -52,7 +44,7 @@ def ntp_training_cases(args, device: torch.device, precision: str) -> list[dict]
         torch.manual_seed(0)
         model = NextTokenPrediction(Transformer(**trunk_args), vocab_size=vocab).to(device)
         attach_trainer_for_optimizers(model, total_steps=10_000)
-        flops = flops_per_step(model, batch_size, seq_len)
+        flops = flops_per_step(model, random_batch(vocab, batch_size, seq_len, device))
         peak = get_available_flops(device, compute_dtype(precision)) if device.type == "cuda" else None
         if compiled:
             model.trunk.compile()
@@ -62,7 +54,7 @@ def ntp_training_cases(args, device: torch.device, precision: str) -> list[dict]
                    "Trainer": lightning_seconds_per_step(model, loader, args.steps, precision, warmup=args.warmup)}
         for loop, s in seconds.items():
             rows.append({"case": f"NTP gpt2-124m{' tiny' if args.tiny else ''}", "compile": compiled, "loop": loop,
-                         "tokens/s": batch_size * seq_len / s, "MFU": flops / s / peak if peak else None})
+                         "tokens/s": batch_size * seq_len / s, "MFU": flops / s / peak if peak and flops else None})
         rows.append({"case": "Trainer/bare", "compile": compiled, "loop": "ratio",
                      "tokens/s": seconds["bare"] / seconds["Trainer"], "MFU": None})
         del model
