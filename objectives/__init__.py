@@ -1,6 +1,7 @@
 """Objectives: one LightningModule per family, all subclasses of `objectives.base.Objective`."""
 from objectives.base import Objective
+from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
 
-__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP"]
+__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion"]

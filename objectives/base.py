@@ -2,7 +2,8 @@
 schedule, the shared metrics, KV-cached generation, answer scoring on reasoning data, and the `summaries` hook.
 
 A family implements `loss(batch) -> dict` (at least "loss"; causal families also "ntp_nll" and "ntp_tokens", the
-summed next-token NLL and its token count) and, where it generates differently, `generate`.
+summed next-token NLL and its token count; diffusion families "nll_bound" and "bound_tokens", the summed NELBO and
+its token count) and, where it generates differently, `generate`.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Objective(L.LightningModule):
 
     required_masks: tuple[str, ...] = ("causal",)
     accepts_summaries = True
+    extra_tokens = 0  # embedding rows a family adds after the data's vocabulary (MDLM's mask token)
 
     def __init__(self, trunk: nn.Module, vocab_size: int = 0, bytes_per_token: float = 0.0, eos_id: int | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable = WarmupCosine,
@@ -66,7 +68,7 @@ class Objective(L.LightningModule):
             raise ValueError(f"{type(self).__name__} is not a causal objective: future summaries cannot attach to it")
         self.trunk = trunk
         self.vocab_size, self.bytes_per_token, self.eos_id = vocab_size, bytes_per_token, eos_id
-        self.embed = nn.Embedding(vocab_size, trunk.d_model)
+        self.embed = nn.Embedding(vocab_size + self.extra_tokens, trunk.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.summaries = nn.ModuleList(summaries or [])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -117,8 +119,10 @@ class Objective(L.LightningModule):
         self.log(M.VAL_LOSS, out["loss"], batch_size=n, sync_dist=True)
         if "ntp_nll" in out:
             count = max(int(out["ntp_tokens"]), 1)
-            nats = out["ntp_nll"] / count
-            self.log_likelihood(M.VAL_NTP_LOSS, nats, count)
+            self.log_likelihood(M.VAL_NTP_LOSS, out["ntp_nll"] / count, count)
+        if "nll_bound" in out:  # diffusion families: summed NELBO over `bound_tokens` tokens
+            count = max(int(out["bound_tokens"]), 1)
+            self.log_likelihood(M.VAL_NLL_BOUND, out["nll_bound"] / count, count)
         for name, (value, weight) in out.get("metrics", {}).items():
             self.log(name, value, batch_size=max(int(weight), 1), sync_dist=True)
         if "answer" in batch and "prompt_len" in batch:
@@ -145,14 +149,18 @@ class Objective(L.LightningModule):
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
-                 num_drafts: int = 4) -> torch.Tensor:
+                 num_drafts: int = 4, teacherless: tuple[int, int] | None = None) -> torch.Tensor:
         """Left-to-right decoding with the trunk's cache: prompt [B, P] -> [B, P + max_new_tokens].
 
         Rows that reach `eos_id` keep emitting it; decoding stops early when every row has. With `speculative`,
         a drafter (`drafters`; prompt lookup for every objective) proposes up to `num_drafts` tokens per step and
         one forward verifies them: the same output as plain decoding (greedy) or the same distribution
         (sampling), in fewer forwards. `self.decode_stats` then holds the forwards and tokens of the last call.
+        `teacherless` = (marker_id, dummy_id): once a row has emitted the answer marker, the model reads the dummy
+        token instead of its own output (Bachmann & Nagarajan 2024's teacherless models are decoded this way).
         """
+        if speculative and teacherless is not None:
+            raise ValueError("speculative decoding verifies the model's own tokens; it cannot decode teacherless")
         if speculative:
             propose = self.drafters(num_drafts).get(drafter or self.default_drafter)
             if propose is None:
@@ -164,13 +172,19 @@ class Objective(L.LightningModule):
         cache = self.trunk.make_cache(B, device=prompt_ids.device, dtype=self.embed.weight.dtype)
         logits = self.logits(self.hidden(prompt_ids, cache=cache)[:, -1])
         out, done = [prompt_ids], torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        answering = torch.zeros_like(done)
         for _ in range(max_new_tokens):
             token = sample_token(logits, temperature, top_k)
             token = self.after_eos(token, done)
             out.append(token[:, None])
             if done.all():
                 break
-            logits = self.logits(self.hidden(token[:, None], cache=cache)[:, -1])
+            fed = token
+            if teacherless is not None:
+                marker, dummy = teacherless
+                fed = torch.where(answering, torch.full_like(token, dummy), token)
+                answering |= token == marker
+            logits = self.logits(self.hidden(fed[:, None], cache=cache)[:, -1])
         result = torch.cat(out, dim=1)
         return self.pad_to(result, P + max_new_tokens)
 
@@ -206,21 +220,32 @@ class Objective(L.LightningModule):
         return F.pad(ids, (0, length - ids.shape[1]), value=fill)
 
     # --- scoring generated answers (reasoning data) ---------------------------------------------------------------
-    def score_answers(self, batch: dict) -> None:
-        """val/accuracy: exact match of the generated answer; val/answer_tokens: tokens generated per question.
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Exact-match accuracy of the generated answers on the whole test split (reasoning data)."""
+        if "answer" in batch and "prompt_len" in batch:
+            self.score_answers(batch, stage="test")
+
+    def score_answers(self, batch: dict, stage: str = "val") -> None:
+        """{stage}/accuracy: exact match of the generated answer; {stage}/answer_tokens: tokens generated per question.
 
         The generation after the prompt, cut after the first eos, must end with the gold `answer` row (the
-        answer marker and the answer's tokens), so reasoning written before the answer is free.
+        answer marker and the answer's tokens), so reasoning written before the answer is free. Validation scores
+        `eval_examples` questions; test scores all. On teacherless batches (`inputs` given) the answer is
+        generated teacherless: after the answer marker the model reads the dummy token, as it was trained.
         """
-        budget = self.hparams.eval_examples - self._scored
+        budget = self.hparams.eval_examples - self._scored if stage == "val" else len(batch["tokens"])
         if budget <= 0:
             return
         tokens, prompt_len, answers = batch["tokens"][:budget], batch["prompt_len"][:budget], batch["answer"][:budget]
+        teacherless = None
+        if "inputs" in batch:
+            replaced = batch["inputs"][batch["inputs"] != batch["tokens"]]
+            teacherless = (int(answers[0, 0]), int(replaced[0])) if replaced.numel() else None
         correct, lengths = [], []
         for plen in prompt_len.unique().tolist():
             rows = (prompt_len == plen).nonzero().flatten()
             max_new = min(tokens.shape[1] - plen + 8, self.trunk.max_seq_len - plen)
-            generated = self.generate(tokens[rows, :plen], max_new)[:, plen:].tolist()
+            generated = self.generate(tokens[rows, :plen], max_new, teacherless=teacherless)[:, plen:].tolist()
             for row, gen in zip(rows.tolist(), generated):
                 if self.eos_id is not None and self.eos_id in gen:
                     gen = gen[: gen.index(self.eos_id) + 1]
@@ -228,12 +253,15 @@ class Objective(L.LightningModule):
                 body = gen[:-1] if gen and gen[-1] == self.eos_id else gen
                 correct.append(float(len(body) >= len(gold) and body[len(body) - len(gold):] == gold))
                 lengths.append(float(len(gen)))
-                if len(self.generated_examples) < 4:
+                if stage == "val" and len(self.generated_examples) < 4:
                     self.generated_examples.append((tokens[row, :plen].tolist(), gen, gold))
-        self._scored += len(correct)
+        if stage == "val":
+            self._scored += len(correct)
         n = len(correct)
-        self.log(M.VAL_ACCURACY, sum(correct) / n, batch_size=n, sync_dist=True)
-        self.log(M.VAL_ANSWER_TOKENS, sum(lengths) / n, batch_size=n, sync_dist=True)
+        accuracy, answer_tokens = ((M.VAL_ACCURACY, M.VAL_ANSWER_TOKENS) if stage == "val"
+                                   else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
+        self.log(accuracy, sum(correct) / n, batch_size=n, sync_dist=True)
+        self.log(answer_tokens, sum(lengths) / n, batch_size=n, sync_dist=True)
 
     def sample_continuation(self, batch: dict) -> None:
         """A greedy continuation of the first val window's opening, for the TensorBoard text tab."""
@@ -261,9 +289,10 @@ class Objective(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("state_dict", {}).get("embed.weight")
-        if saved is not None and saved.shape[0] != self.vocab_size:
+        if saved is not None and saved.shape[0] != self.embed.num_embeddings:
             raise ValueError(
-                f"the checkpoint's vocabulary has {saved.shape[0]} tokens but this model's has {self.vocab_size}: "
+                f"the checkpoint's vocabulary has {saved.shape[0] - self.extra_tokens} tokens but this model's has "
+                f"{self.vocab_size}: "
                 f"use the data and tokenizer the checkpoint was trained with, or start without --ckpt_path")
 
     def on_fit_start(self) -> None:
