@@ -1,7 +1,8 @@
 """Objectives: one LightningModule per family, all subclasses of `objectives.base.Objective`."""
 from objectives.base import Objective
+from objectives.diffusion_lm import DiffusionLM
 from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
 
-__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion"]
+__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM"]

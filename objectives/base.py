@@ -68,7 +68,7 @@ class Objective(L.LightningModule):
             raise ValueError(f"{type(self).__name__} is not a causal objective: future summaries cannot attach to it")
         self.trunk = trunk
         self.vocab_size, self.bytes_per_token, self.eos_id = vocab_size, bytes_per_token, eos_id
-        self.embed = nn.Embedding(vocab_size + self.extra_tokens, trunk.d_model)
+        self.embed = nn.Embedding(vocab_size + self.extra_tokens, self.embedding_width())
         nn.init.normal_(self.embed.weight, std=0.02)
         self.summaries = nn.ModuleList(summaries or [])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -76,6 +76,10 @@ class Objective(L.LightningModule):
         self._scored = 0
 
     # --- the pieces families compose -------------------------------------------------------------------------
+    def embedding_width(self) -> int:
+        """Width of the token embedding (and tied unembedding): the trunk's, unless a family embeds elsewhere."""
+        return self.trunk.d_model
+
     @property
     def unembedding(self) -> torch.Tensor:
         """The output projection [V, D], tied to the input embedding."""
@@ -98,6 +102,33 @@ class Objective(L.LightningModule):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def bound_draws(self, *tensors: torch.Tensor):
+        """Training: the tensors and no generator (fresh noise). Evaluation: each tensor repeated
+        `eval_time_samples` times along the batch and a generator with a fixed seed, so that a likelihood bound
+        is estimated from more draws, and from the same draws at every validation."""
+        if self.training:
+            return (*tensors, None)
+        repeats = self.hparams.eval_time_samples
+        generator = torch.Generator(device=tensors[0].device).manual_seed(0)
+        return (*(x.repeat(repeats, *[1] * (x.dim() - 1)) for x in tensors), generator)
+
+    def denoising_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the families that denoise a whole sequence at once: x0 [B, L] (cut to the trunk's length), the
+        positions that are noised, and the positions a likelihood bound counts (`loss_mask`).
+
+        On reasoning batches the prompt is never noised, and the padding after a sequence's end (segment -1) is
+        noised as `<eos>` (LLaDA's fine-tuning recipe), so that a fixed-length canvas learns where to stop.
+        """
+        tokens, counted = batch["tokens"], batch["loss_mask"] > 0
+        length = min(tokens.shape[1], self.trunk.max_seq_len)
+        tokens, counted = tokens[:, :length], counted[:, :length]
+        noised = counted
+        if "segments" in batch and self.eos_id is not None:
+            padding = batch["segments"][:, :length] < 0
+            tokens = torch.where(padding, torch.full_like(tokens, self.eos_id), tokens)
+            noised = counted | padding
+        return tokens, noised, counted
 
     # --- training and validation --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -212,6 +243,20 @@ class Objective(L.LightningModule):
         token = torch.where(done, torch.full_like(token, self.eos_id), token)
         done |= token == self.eos_id
         return token
+
+    def refuse_left_to_right_modes(self, speculative: bool, teacherless) -> None:
+        """The families that generate by denoising have neither speculative nor teacherless decoding."""
+        if speculative or teacherless is not None:
+            raise ValueError(f"{type(self).__name__} generates by denoising: speculative and teacherless decoding "
+                             f"are left-to-right modes it does not have")
+
+    def fill_after_eos(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """A whole canvas generated at once: everything after a row's first eos (from `start`) becomes eos, the
+        form left-to-right decoding gives."""
+        if self.eos_id is not None:
+            after_eos = (ids[:, start:] == self.eos_id).int().cumsum(1) > 0
+            ids[:, start:] = ids[:, start:].masked_fill(after_eos, self.eos_id)
+        return ids
 
     def pad_to(self, ids: torch.Tensor, length: int) -> torch.Tensor:
         if ids.shape[1] >= length:

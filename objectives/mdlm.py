@@ -16,8 +16,7 @@ antithetically across the batch. Divided by the tokens of the sequence, it is an
 per token: `val/nll_bound`, evaluated with `eval_time_samples` fixed draws of t per sequence.
 
 On reasoning data only the trained positions (`loss_mask`) are masked, so the prompt stays visible and the
-answer is what is generated. Padding after a sequence's end is diffused as `<eos>` (as LLaDA does), so a
-fixed-length canvas learns where to stop.
+answer is what is generated; padding is diffused as `<eos>` (`Objective.denoising_targets`).
 """
 from __future__ import annotations
 
@@ -83,18 +82,6 @@ class MaskedDiffusion(Objective):
         self.network_calls = 0
 
     # --- training ------------------------------------------------------------------------------------------------
-    def clean_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x0 [B, L], the positions that may be masked, and the positions the bound counts."""
-        tokens, counted = batch["tokens"], batch["loss_mask"] > 0
-        length = min(tokens.shape[1], self.trunk.max_seq_len)
-        tokens, counted = tokens[:, :length], counted[:, :length]
-        maskable = counted
-        if "segments" in batch and self.eos_id is not None:
-            padding = batch["segments"][:, :length] < 0
-            tokens = torch.where(padding, torch.full_like(tokens, self.eos_id), tokens)
-            maskable = counted | padding
-        return tokens, maskable, counted
-
     def sample_times(self, n: int, device, generator=None) -> torch.Tensor:
         """Antithetic (stratified) times in [time_eps, 1]: one uniform offset shifted by i/n for each of n rows."""
         u = torch.rand((), device=device, generator=generator)
@@ -107,12 +94,7 @@ class MaskedDiffusion(Objective):
         return self.unembedding[: self.vocab_size]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x0, maskable, counted = self.clean_tokens(batch)
-        generator = None
-        if not self.training:  # the bound is evaluated on the same draws every validation
-            repeats = self.hparams.eval_time_samples
-            x0, maskable, counted = x0.repeat(repeats, 1), maskable.repeat(repeats, 1), counted.repeat(repeats, 1)
-            generator = torch.Generator(device=x0.device).manual_seed(0)
+        x0, maskable, counted, generator = self.bound_draws(*self.denoising_targets(batch))
         t = self.sample_times(x0.shape[0], x0.device, generator)
         masked = maskable & (torch.rand(x0.shape, device=x0.device, generator=generator)
                              < self.schedule.mask_prob(t)[:, None])
@@ -150,17 +132,11 @@ class MaskedDiffusion(Objective):
 
         Everything after a row's first generated eos becomes eos, as in left-to-right decoding.
         """
-        if speculative or teacherless is not None:
-            raise ValueError("masked diffusion generates by denoising: speculative and teacherless decoding are "
-                             "left-to-right modes it does not have")
+        self.refuse_left_to_right_modes(speculative, teacherless)
         B, P = prompt_ids.shape
         self.check_generation_length(P + max_new_tokens)
         canvas = F.pad(prompt_ids, (0, max_new_tokens), value=self.mask_id)
-        out = self.denoise(canvas, steps, sampler, temperature, top_k, generator, first=P)
-        if self.eos_id is not None:
-            after_eos = (out[:, P:] == self.eos_id).int().cumsum(1) > 0
-            out[:, P:] = torch.where(after_eos, torch.full_like(out[:, P:], self.eos_id), out[:, P:])
-        return out
+        return self.fill_after_eos(self.denoise(canvas, steps, sampler, temperature, top_k, generator, first=P), P)
 
     @torch.no_grad()
     def infill(self, tokens: torch.Tensor, positions: torch.Tensor, temperature: float = 0.0,

@@ -126,7 +126,7 @@ def test_training_lowers_the_bound_and_reasoning_data_keeps_the_prompt_visible()
     model.eval()
     assert model.loss(batch)["nll_bound"].item() < 0.75 * before
     # on reasoning batches only loss_mask positions are masked; padding (segment -1) is diffused as eos
-    x0, maskable, counted = model.clean_tokens({"tokens": tokens[:1],
+    x0, maskable, counted = model.denoising_targets({"tokens": tokens[:1],
                                                 "loss_mask": torch.tensor([[0.0] * 8 + [1.0] * 20 + [0.0] * 4]),
                                                 "segments": torch.tensor([[0] * 8 + [1] * 20 + [-1] * 4])})
     assert maskable[0, :8].sum() == 0 and maskable[0, 8:].all() and counted[0, 28:].sum() == 0
@@ -140,5 +140,5 @@ def test_a_mamba_trunk_is_refused_with_the_reason():
 
 def test_speculative_and_teacherless_decoding_are_refused():
     model = tiny().eval()
-    with pytest.raises(ValueError, match="denoising"):
+    with pytest.raises(ValueError, match="MaskedDiffusion generates by denoising"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 4, speculative=True)
