@@ -5,7 +5,8 @@ under --out. On a CPU, `--tiny` runs the same cases on a tiny shape (the test su
 
 Cases: a GPT-2-124M-shaped transformer (configs/models/gpt2-124m.yaml, T=1024, batch 16, bf16) trained with
 and without torch.compile, through the Lightning Trainer and through a bare PyTorch loop in the same run:
-tokens/s and MFU against the card's datasheet bf16 rate. Families add their GPU cases to CASES.
+tokens/s and MFU against the card's datasheet bf16 rate. Families add their GPU cases to CASES: MTP memory,
+speculative decoding, the Mamba scan and trunk, MDLM training and sampling.
 """
 from __future__ import annotations
 
@@ -141,7 +142,34 @@ def ssm_cases(args, device: torch.device, precision: str) -> list[dict]:
     return rows
 
 
-CASES = [ntp_training_cases, mtp_memory_cases, speculative_cases, ssm_cases]
+def mdlm_cases(args, device: torch.device, precision: str) -> list[dict]:
+    """MDLM on the GPT-2 shape: training tokens/s (bare loop) and ancestral sampling tokens/s of a full canvas at
+    32 and 128 steps, batch 8 (random weights: the figure is the cost of a step)."""
+    from objectives import MaskedDiffusion
+    trunk_args, vocab, seq_len, batch_size = gpt2_shape(args.tiny)
+    torch.manual_seed(0)
+    model = MaskedDiffusion(Transformer(**trunk_args), vocab_size=vocab).to(device)
+    attach_trainer_for_optimizers(model, total_steps=10_000)
+    loader = DataLoader(RandomTokens(vocab, seq_len), batch_size=batch_size)
+    seconds = bare_seconds_per_step(model, loader, args.steps, precision, warmup=args.warmup)
+    rows = [{"case": f"MDLM gpt2-124m{' tiny' if args.tiny else ''} training", "loop": "bare",
+             "tokens/s": batch_size * seq_len / seconds}]
+    model.eval()
+    dtype = compute_dtype(precision)
+    canvas = torch.zeros(8, 0, dtype=torch.long, device=device)
+    for steps in (32, 128):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model.generate(canvas, 16, steps=2)
+            synchronize(device)
+            start = time.perf_counter()
+            model.generate(canvas, seq_len, temperature=1.0, steps=steps)
+            synchronize(device)
+        rows.append({"case": f"MDLM sampling {seq_len} tokens x 8, {steps} steps", "loop": "ancestral",
+                     "tokens/s": 8 * seq_len / (time.perf_counter() - start)})
+    return rows
+
+
+CASES = [ntp_training_cases, mtp_memory_cases, speculative_cases, ssm_cases, mdlm_cases]
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Path-star G(2, 5, 50) (Bachmann & Nagarajan 2024, "The Pitfalls of Next-Token Prediction"): test accuracy of
 exact-match generated paths for each objective, trained on the same model, data and budget.
 
-    python -m benchmarks.path_star [--runs ntp,reverse,teacherless,mtp] [--steps 1500] [--minutes 10] [--json out.json]
+    python -m benchmarks.path_star [--runs ntp,reverse,teacherless,mtp] [--steps 2000] [--minutes 10] [--json out.json]
 
 Each run is an experiment config under configs/experiments/ (`path_star_<run>.yaml`), trained for `steps` optimizer
 steps or `minutes` of wall time, whichever ends first, then scored on the 1000 held-out test graphs with the
@@ -21,6 +21,7 @@ from objectives.runtime import auto_precision
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 CHANCE = 1 / 2  # picking one of the degree-2 arms at random
+BUDGET_STEPS, BUDGET_MINUTES = 2000, 10.0  # per run, whichever ends first
 
 
 def train_and_test(run: str, steps: int, minutes: float, save_dir: str) -> dict:
@@ -42,8 +43,8 @@ def train_and_test(run: str, steps: int, minutes: float, save_dir: str) -> dict:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--runs", default="ntp,reverse,teacherless,mtp")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=BUDGET_STEPS)
+    p.add_argument("--minutes", type=float, default=BUDGET_MINUTES)
     p.add_argument("--save_dir", default="runs", help="TensorBoard logs and checkpoints go under this folder")
     args = p.parse_args()
     rows = [train_and_test(run, args.steps, args.minutes, args.save_dir) for run in args.runs.split(",")]

@@ -42,6 +42,9 @@ class Objective(L.LightningModule):
     required_masks: tuple[str, ...] = ("causal",)
     accepts_summaries = True
     extra_tokens = 0  # embedding rows a family adds after the data's vocabulary (MDLM's mask token)
+    # positions beyond a reasoning batch's length that answer scoring lets a family generate: left-to-right
+    # decoding may run on; a denoising family fills a canvas of exactly the length it was trained on
+    generation_slack = 8
 
     def __init__(self, trunk: nn.Module, vocab_size: int = 0, bytes_per_token: float = 0.0, eos_id: int | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable = WarmupCosine,
@@ -289,7 +292,7 @@ class Objective(L.LightningModule):
         correct, lengths = [], []
         for plen in prompt_len.unique().tolist():
             rows = (prompt_len == plen).nonzero().flatten()
-            max_new = min(tokens.shape[1] - plen + 8, self.trunk.max_seq_len - plen)
+            max_new = min(tokens.shape[1] - plen + self.generation_slack, self.trunk.max_seq_len - plen)
             generated = self.generate(tokens[rows, :plen], max_new, teacherless=teacherless)[:, plen:].tolist()
             for row, gen in zip(rows.tolist(), generated):
                 if self.eos_id is not None and self.eos_id in gen:

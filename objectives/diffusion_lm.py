@@ -69,6 +69,7 @@ class DiffusionLM(Objective):
 
     required_masks = ("full",)
     accepts_summaries = False
+    generation_slack = 0
 
     def __init__(self, *args, embed_dim: int = 16, diffusion_steps: int = 2000, sampling_steps: int = 200,
                  clamp: bool = True, eval_time_samples: int = 4, **kwargs):

@@ -67,6 +67,7 @@ class MaskedDiffusion(Objective):
 
     required_masks = ("full",)
     accepts_summaries = False
+    generation_slack = 0
     extra_tokens = 1  # <mask>, the last embedding row
 
     def __init__(self, *args, sampler: str = "ancestral", sampling_steps: int = 128, block_length: int = 32,

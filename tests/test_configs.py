@@ -73,3 +73,16 @@ def test_experiment_config_fits_a_step(config, tmp_path):
 def test_base_and_quickstart_parse(tmp_path, corpus_files):
     cli = run_cli(tmp_path, *quickstart(corpus_files), steps=1)
     assert cli.trainer.max_steps == 1 and cli.trainer.gradient_clip_val == 1.0
+
+
+REASONING_DATA = ["configs/data/path_star.yaml", "configs/data/prosqa.yaml", "configs/data/multiplication.yaml"]
+
+
+@pytest.mark.parametrize("objective", names("objectives"))
+@pytest.mark.parametrize("data", REASONING_DATA)
+def test_every_objective_fits_a_step_and_scores_answers_on_every_reasoning_task(objective, data, tmp_path):
+    cli = run_cli(tmp_path, "--config", "configs/quickstart.yaml", "--model", objective, *TINY_MODEL, "--data", data,
+                  "--model.init_args.trunk.init_args.max_seq_len", "512", "--model.init_args.eval_examples", "2",
+                  "--data.init_args.batch_size", "2", steps=1)
+    assert cli.trainer.global_step == 1
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/accuracy"]) <= 1.0

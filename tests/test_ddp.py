@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, TINY_MODEL, tiny_data
 
 
-@pytest.mark.parametrize("objective", ["ntp", "mtp", "mtp_causal", "deepseek_mtp"])
+@pytest.mark.parametrize("objective", ["ntp", "mtp", "mtp_causal", "deepseek_mtp", "mdlm", "diffusion_lm"])
 def test_ddp_on_two_cpu_processes_ends_with_identical_weights(objective, tmp_path, corpus_files):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", *tiny_data(corpus_files),

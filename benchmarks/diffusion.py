@@ -1,0 +1,135 @@
+"""Diffusion language models against next-token prediction on the built-in code corpus, same trunk, data and
+budget (the quickstart's), in one process.
+
+    python -m benchmarks.diffusion [--ntp_ckpt P] [--mdlm_ckpt P] [--diffusion_lm_ckpt P] [--prompts 16]
+                                   [--new_tokens 64] [--sampling_steps 8,32,128] [--path_star] [--json out.json]
+
+(a) Likelihood: MDLM's and Diffusion-LM's `val/nll_bound` beside NTP's `val/ntp_loss` (nats per token, the same
+    val windows) and the unigram entropy. For scale, on OpenWebText MDLM's bound is 23.2 perplexity against
+    17.5 for autoregression (Sahoo et al. 2024).
+(b) Sampling: continuations of held-out prompts by MDLM's ancestral sampler at each number of steps, by
+    Diffusion-LM, and by the NTP model itself, all at temperature 1. Quality is the generative perplexity (the
+    NTP model's perplexity on the sampled tokens given the prompt) beside the samples' unigram entropy in nats
+    (a looping sampler scores a low perplexity with a low entropy). Speed is new tokens per second at the same
+    batch and length, with the network calls made.
+(c) With --path_star: the MDLM row of the path-star table (benchmarks.path_star, configs/experiments/path_star_mdlm.yaml).
+
+Models not given as checkpoints are trained by their recipes: configs/quickstart.yaml (NTP),
+configs/experiments/mdlm_code.yaml and configs/experiments/diffusion_lm_code.yaml.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+import train
+from benchmarks.common import parser, report
+from benchmarks.path_star import BUDGET_MINUTES, BUDGET_STEPS, train_and_test
+from benchmarks.speculative import held_out_prompts
+from generate import load
+from objectives import metrics as M
+from objectives.runtime import auto_precision
+
+RECIPES = {"ntp": "configs/quickstart.yaml", "mdlm": "configs/experiments/mdlm_code.yaml",
+           "diffusion_lm": "configs/experiments/diffusion_lm_code.yaml"}
+LIKELIHOOD = {"ntp": M.VAL_NTP_LOSS, "mdlm": M.VAL_NLL_BOUND, "diffusion_lm": M.VAL_NLL_BOUND}
+
+
+def trained(name: str, ckpt: str | None, save_dir: str) -> tuple[object, object, float, float]:
+    """(model, tokenizer, nats per token on the val split, unigram entropy), from a checkpoint or by training."""
+    if ckpt is None:
+        cli = train.main(["fit", "-c", RECIPES[name], "--trainer.logger.init_args.save_dir", save_dir,
+                          "--trainer.enable_progress_bar", "false"])
+        ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+        ckpt = ckpt or f"{cli.trainer.log_dir}/checkpoints/last.ckpt"
+        datamodule = cli.datamodule
+    else:
+        datamodule = None
+    model, tokenizer = load(ckpt)
+    validate = train.main(["validate", "-c", RECIPES[name], "--ckpt_path", ckpt, "--trainer.logger", "false",
+                           "--trainer.enable_progress_bar", "false"])
+    unigram = getattr(datamodule or validate.datamodule, "unigram_entropy", float("nan"))
+    nats = float(validate.trainer.callback_metrics[LIKELIHOOD[name]])
+    return model, tokenizer, nats, unigram
+
+
+@torch.no_grad()
+def generative_perplexity(scorer, prompts: torch.Tensor, samples: torch.Tensor) -> float:
+    """exp of the NTP model's mean NLL of the sampled tokens given the prompt."""
+    logits = scorer.logits(scorer.hidden(samples[:, :-1]))
+    nll = F.cross_entropy(logits.float().transpose(1, 2), samples[:, 1:], reduction="none")[:, prompts.shape[1] - 1:]
+    return math.exp(nll.mean().item())
+
+
+def entropy(samples: torch.Tensor) -> float:
+    counts = Counter(samples.flatten().tolist())
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--ntp_ckpt")
+    p.add_argument("--mdlm_ckpt")
+    p.add_argument("--diffusion_lm_ckpt")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt_tokens", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--sampling_steps", default="8,32,128")
+    p.add_argument("--path_star", action="store_true", help="also train and test MDLM on path-star (up to 10 min)")
+    p.add_argument("--save_dir", default="runs")
+    args = p.parse_args()
+    precision = auto_precision()
+
+    models, likelihood_rows = {}, []
+    for name in ("ntp", "mdlm", "diffusion_lm"):
+        model, tokenizer, nats, unigram = trained(name, getattr(args, f"{name}_ckpt"), args.save_dir)
+        models[name] = model
+        likelihood_rows.append({"objective": type(model).__name__, "metric": LIKELIHOOD[name], "nats/token": nats,
+                                "perplexity": math.exp(min(nats, 50)), "unigram entropy": unigram})
+    report(likelihood_rows, f"(a) likelihood on the stdlib val split, quickstart trunk and budget ({precision})",
+           args.json and args.json.replace(".json", "_likelihood.json"))
+
+    torch.manual_seed(0)
+    prompts = torch.tensor(held_out_prompts(tokenizer, args.prompts, args.prompt_tokens))
+    ntp, mdlm = models["ntp"], models["mdlm"]
+    diffusion_lm = models["diffusion_lm"]
+    # (label, steps, sampler, network calls it makes: None = counted by the model)
+    runs = [("NTP (autoregressive, KV cache)", "-", lambda: ntp.generate(prompts, args.new_tokens, temperature=1.0),
+             args.new_tokens)]
+    for steps in map(int, args.sampling_steps.split(",")):
+        runs.append(("MDLM ancestral", steps, lambda s=steps: mdlm.generate(
+            prompts, args.new_tokens, temperature=1.0, steps=s, sampler="ancestral"), None))
+    runs.append(("Diffusion-LM (clamped)", diffusion_lm.hparams.sampling_steps,
+                 lambda: diffusion_lm.generate(prompts, args.new_tokens, temperature=1.0),
+                 diffusion_lm.hparams.sampling_steps))
+    sample_rows = []
+    for label, steps, sample, calls in runs:
+        mdlm.network_calls = 0
+        samples, seconds = timed(sample)
+        sample_rows.append({"sampler": label, "steps": steps,
+                            "gen. perplexity": generative_perplexity(ntp, prompts, samples),
+                            "entropy": entropy(samples[:, prompts.shape[1]:]),
+                            "tokens/s": args.prompts * args.new_tokens / seconds,
+                            "network calls": mdlm.network_calls if calls is None else calls})
+    report(sample_rows, f"(b) {args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
+                        f"tokens each, temperature 1, batch {args.prompts} ({precision}, 1 process)",
+           args.json and args.json.replace(".json", "_sampling.json"))
+
+    if args.path_star:
+        row = train_and_test("mdlm", BUDGET_STEPS, BUDGET_MINUTES, args.save_dir)
+        report([row], "(c) path-star G(2, 5, 50), MDLM row", args.json and args.json.replace(".json", "_path_star.json"))
+
+
+if __name__ == "__main__":
+    main()
