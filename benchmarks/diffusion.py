@@ -1,5 +1,5 @@
 """Diffusion language models against next-token prediction on the built-in code corpus, same trunk, data and
-budget (the quickstart's), in one process.
+step budget (the quickstart's trunk and data; the budget of configs/experiments/mdlm_code.yaml), in one process.
 
     python -m benchmarks.diffusion [--ntp_ckpt P] [--mdlm_ckpt P] [--diffusion_lm_ckpt P] [--prompts 16]
                                    [--new_tokens 64] [--sampling_steps 8,32,128] [--path_star] [--json out.json]
@@ -14,8 +14,8 @@ budget (the quickstart's), in one process.
     batch and length, with the network calls made.
 (c) With --path_star: the MDLM row of the path-star table (benchmarks.path_star, configs/experiments/path_star_mdlm.yaml).
 
-Models not given as checkpoints are trained by their recipes: configs/quickstart.yaml (NTP),
-configs/experiments/mdlm_code.yaml and configs/experiments/diffusion_lm_code.yaml.
+Models not given as checkpoints are trained by their recipes: configs/experiments/mdlm_code.yaml,
+configs/experiments/diffusion_lm_code.yaml, and configs/quickstart.yaml (NTP) with the MDLM recipe's max_steps.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 import train
 from benchmarks.common import parser, report
@@ -39,20 +40,22 @@ RECIPES = {"ntp": "configs/quickstart.yaml", "mdlm": "configs/experiments/mdlm_c
 LIKELIHOOD = {"ntp": M.VAL_NTP_LOSS, "mdlm": M.VAL_NLL_BOUND, "diffusion_lm": M.VAL_NLL_BOUND}
 
 
+def recipe_steps(name: str) -> int:
+    return int(yaml.safe_load(open(RECIPES[name]))["trainer"]["max_steps"])
+
+
 def trained(name: str, ckpt: str | None, save_dir: str) -> tuple[object, object, float, float]:
     """(model, tokenizer, nats per token on the val split, unigram entropy), from a checkpoint or by training."""
     if ckpt is None:
+        budget = ["--trainer.max_steps", str(recipe_steps("mdlm")), "--trainer.logger.init_args.name", "ntp_code"]
         cli = train.main(["fit", "-c", RECIPES[name], "--trainer.logger.init_args.save_dir", save_dir,
-                          "--trainer.enable_progress_bar", "false"])
-        ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
-        ckpt = ckpt or f"{cli.trainer.log_dir}/checkpoints/last.ckpt"
-        datamodule = cli.datamodule
-    else:
-        datamodule = None
+                          "--trainer.enable_progress_bar", "false", *(budget if name == "ntp" else [])])
+        callback = cli.trainer.checkpoint_callback
+        ckpt = callback.last_model_path or callback.best_model_path
     model, tokenizer = load(ckpt)
     validate = train.main(["validate", "-c", RECIPES[name], "--ckpt_path", ckpt, "--trainer.logger", "false",
                            "--trainer.enable_progress_bar", "false"])
-    unigram = getattr(datamodule or validate.datamodule, "unigram_entropy", float("nan"))
+    unigram = getattr(validate.datamodule, "unigram_entropy", float("nan"))
     nats = float(validate.trainer.callback_metrics[LIKELIHOOD[name]])
     return model, tokenizer, nats, unigram
 
@@ -97,7 +100,8 @@ def main() -> None:
         models[name] = model
         likelihood_rows.append({"objective": type(model).__name__, "metric": LIKELIHOOD[name], "nats/token": nats,
                                 "perplexity": math.exp(min(nats, 50)), "unigram entropy": unigram})
-    report(likelihood_rows, f"(a) likelihood on the stdlib val split, quickstart trunk and budget ({precision})",
+    report(likelihood_rows, f"(a) likelihood on the stdlib val split, quickstart trunk, {recipe_steps('mdlm')} steps "
+                            f"each ({precision})",
            args.json and args.json.replace(".json", "_likelihood.json"))
 
     torch.manual_seed(0)

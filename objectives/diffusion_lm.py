@@ -121,11 +121,11 @@ class DiffusionLM(Objective):
         prior = ((self.abar[-1] * x0.float() ** 2).mean(-1) * weights).sum() / n
         rounding_nll, _, correct = chunked_cross_entropy(x0, self.unembedding, tokens, counted,
                                                          self.hparams.ce_chunk_size)
+        bound = self.nll_bound(x0.float(), mean.float(), predicted, t, counted) + rounding_nll
         padding = noised & ~counted  # reasoning data: the eos padding is trained, not counted in the bound
         if padding.any():
             rounding_nll = rounding_nll + chunked_cross_entropy(x0, self.unembedding, tokens, padding,
                                                                 self.hparams.ce_chunk_size)[0]
-        bound = self.nll_bound(x0.float(), mean.float(), predicted, t, counted) + rounding_nll
         weight = counted.sum()
         return {"loss": mse + prior + rounding_nll / n, "nll_bound": bound.detach(), "bound_tokens": weight,
                 "metrics": {"val/mse": (mse.detach(), weight), "val/rounding_nll": (rounding_nll.detach() / n, weight),
