@@ -12,7 +12,8 @@ step budget (the quickstart's trunk and data; the budget of configs/experiments/
     NTP model's perplexity on the sampled tokens given the prompt) beside the samples' unigram entropy in nats
     (a looping sampler scores a low perplexity with a low entropy). Speed is new tokens per second at the same
     batch and length, with the network calls made.
-(c) With --path_star: the MDLM row of the path-star table (benchmarks.path_star, configs/experiments/path_star_mdlm.yaml).
+(c) With --path_star: the MDLM row of the path-star table (benchmarks.path_star,
+    configs/experiments/path_star_mdlm.yaml).
 
 Models not given as checkpoints are trained by their recipes: configs/experiments/mdlm_code.yaml,
 configs/experiments/diffusion_lm_code.yaml, and configs/quickstart.yaml (NTP) with the MDLM recipe's max_steps.
@@ -132,7 +133,8 @@ def main() -> None:
 
     if args.path_star:
         row = train_and_test("mdlm", BUDGET_STEPS, BUDGET_MINUTES, args.save_dir)
-        report([row], "(c) path-star G(2, 5, 50), MDLM row", args.json and args.json.replace(".json", "_path_star.json"))
+        report([row], "(c) path-star G(2, 5, 50), MDLM row",
+               args.json and args.json.replace(".json", "_path_star.json"))
 
 
 if __name__ == "__main__":

@@ -149,8 +149,9 @@ class DiffusionLM(Objective):
         coefficient_sq = a_prev * beta ** 2 / (1 - a_t) ** 2
         variance = (1 - a_prev) / (1 - a_t) * beta
         error = ((x0 - predicted) ** 2).sum(-1)
-        step = torch.where((t >= 1)[:, None], coefficient_sq[:, None] / (2 * variance[:, None]).clamp(min=1e-20) * error,
-                           (error - ((x0 - mean) ** 2).sum(-1)) / (2 * (1 - abar[0])))
+        kl = coefficient_sq[:, None] / (2 * variance[:, None]).clamp(min=1e-20) * error
+        decoder = (error - ((x0 - mean) ** 2).sum(-1)) / (2 * (1 - abar[0]))
+        step = torch.where((t >= 1)[:, None], kl, decoder)
         a_last = abar[-1]
         prior = 0.5 * (a_last * x0 ** 2 - a_last - torch.log1p(-a_last)).sum(-1)
         per_token = T * step + prior

@@ -18,3 +18,14 @@ def test_gpu_suite_runs_on_cpu_with_a_tiny_shape(tmp_path):
     assert all(r["tokens/s"] > 0 for r in result["rows"] if "tokens/s" in r)
     assert any(r["case"].startswith("greedy decode") for r in result["rows"])
     assert "GPU suite on CPU" in done.stdout
+
+
+def test_path_star_benchmark_trains_tests_and_writes_its_table(tmp_path):
+    out = tmp_path / "path_star.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.path_star", "--runs", "reverse", "--steps", "2",
+                           "--test_size", "64", "--save_dir", str(tmp_path), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["run"] == "reverse" and row["steps"] == 2 and 0.0 <= row["test accuracy"] <= 1.0
+    assert "path-star G(2, 5, 50)" in done.stdout
