@@ -51,8 +51,8 @@ def trained(name: str, ckpt: str | None, save_dir: str) -> tuple[object, object,
         budget = ["--trainer.max_steps", str(recipe_steps("mdlm")), "--trainer.logger.init_args.name", "ntp_code"]
         cli = train.main(["fit", "-c", RECIPES[name], "--trainer.logger.init_args.save_dir", save_dir,
                           "--trainer.enable_progress_bar", "false", *(budget if name == "ntp" else [])])
-        callback = cli.trainer.checkpoint_callback
-        ckpt = callback.last_model_path or callback.best_model_path
+        ckpt = f"{cli.trainer.log_dir}/checkpoints/final.ckpt"  # last.ckpt is only as new as the last interval
+        cli.trainer.save_checkpoint(ckpt)
     model, tokenizer = load(ckpt)
     validate = train.main(["validate", "-c", RECIPES[name], "--ckpt_path", ckpt, "--trainer.logger", "false",
                            "--trainer.enable_progress_bar", "false"])
