@@ -73,3 +73,16 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
     return out
+
+
+def train_on_batch(model, batch: dict, steps: int, lr: float) -> float:
+    """`steps` AdamW steps on one batch in train mode; returns the loss computed at the last step."""
+    import torch
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model.loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import train_on_batch
 from models import Mamba, Transformer
 from objectives import DiffusionLM
 from objectives.diffusion_lm import sqrt_schedule
@@ -18,13 +19,7 @@ def tiny(**kwargs) -> DiffusionLM:
 
 
 def train(model: DiffusionLM, batch: dict, steps: int) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model.loss(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on_batch(model, batch, steps, lr=3e-3)
     model.eval()
 
 

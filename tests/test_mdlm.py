@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import train_on_batch
 from models import Mamba, Transformer
 from objectives import MaskedDiffusion
 from objectives.mdlm import LogLinearSchedule
@@ -114,15 +115,9 @@ def test_training_lowers_the_bound_and_reasoning_data_keeps_the_prompt_visible()
     # a sequence that repeats with period 4: a masked token is implied by its unmasked neighbours
     tokens = torch.tensor([[2, 3, 4, 5] * 8] * 8)
     batch = {"tokens": tokens, "loss_mask": torch.ones(8, 32)}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.eval()
     before = model.loss(batch)["nll_bound"].item()
-    model.train()
-    for _ in range(60):
-        loss = model.loss(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on_batch(model, batch, steps=60, lr=3e-3)
     model.eval()
     assert model.loss(batch)["nll_bound"].item() < 0.75 * before
     # on reasoning batches only loss_mask positions are masked; padding (segment -1) is diffused as eos

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import train_on_batch
 from models import Mamba, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
 
@@ -18,14 +19,8 @@ def test_causal_objective_trains_and_decodes_losslessly_on_every_trunk(trunk, ob
     model = objective(TRUNKS[trunk](), vocab_size=40)
     tokens = torch.randint(0, 40, (2, 33))
     batch = {"tokens": tokens, "loss_mask": torch.ones(2, 33)}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = model.loss(batch)["loss"].item()
-    for _ in range(15):
-        loss = model.loss(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < first
+    assert train_on_batch(model, batch, steps=15, lr=1e-2) < first
     if objective is MultiTokenPrediction:  # heads made by make_block() are of the trunk's kind
         assert type(model.heads[0][0]) is type(model.trunk.blocks[0])
     model.eval()
