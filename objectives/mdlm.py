@@ -121,8 +121,9 @@ class MaskedDiffusion(Objective):
         self.network_calls += 1
         logits = self.logits(self.hidden(xt, mask="full"))[..., : self.vocab_size]
         probs = F.pad(token_probs(logits, temperature if temperature > 0 else 1.0, top_k), (0, 1))
-        carried = F.one_hot(xt.clamp(max=self.vocab_size), self.vocab_size + 1).to(probs.dtype)
-        return torch.where((xt != self.mask_id)[..., None], carried, probs)
+        unmasked = (xt != self.mask_id)[..., None]
+        # in place, without a second [B, L, V + 1] tensor: a masked row writes 0 into the (already 0) mask column
+        return probs.masked_fill_(unmasked, 0).scatter_(-1, xt[..., None], unmasked.to(probs.dtype))
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
