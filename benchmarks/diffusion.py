@@ -47,18 +47,18 @@ def recipe_steps(name: str) -> int:
 
 def trained(name: str, ckpt: str | None, save_dir: str) -> tuple[object, object, float, float]:
     """(model, tokenizer, nats per token on the val split, unigram entropy), from a checkpoint or by training."""
-    if ckpt is None:
+    if ckpt is None:  # the recipes validate at their last step, so the run's own final metrics serve
         budget = ["--trainer.max_steps", str(recipe_steps("mdlm")), "--trainer.logger.init_args.name", "ntp_code"]
         cli = train.main(["fit", "-c", RECIPES[name], "--trainer.logger.init_args.save_dir", save_dir,
                           "--trainer.enable_progress_bar", "false", *(budget if name == "ntp" else [])])
         ckpt = f"{cli.trainer.log_dir}/checkpoints/final.ckpt"  # last.ckpt is only as new as the last interval
         cli.trainer.save_checkpoint(ckpt)
+    else:
+        cli = train.main(["validate", "-c", RECIPES[name], "--ckpt_path", ckpt, "--trainer.logger", "false",
+                          "--trainer.enable_progress_bar", "false"])
     model, tokenizer = load(ckpt)
-    validate = train.main(["validate", "-c", RECIPES[name], "--ckpt_path", ckpt, "--trainer.logger", "false",
-                           "--trainer.enable_progress_bar", "false"])
-    unigram = getattr(validate.datamodule, "unigram_entropy", float("nan"))
-    nats = float(validate.trainer.callback_metrics[LIKELIHOOD[name]])
-    return model, tokenizer, nats, unigram
+    unigram = getattr(cli.datamodule, "unigram_entropy", float("nan"))
+    return model, tokenizer, float(cli.trainer.callback_metrics[LIKELIHOOD[name]]), unigram
 
 
 @torch.no_grad()
