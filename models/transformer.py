@@ -50,12 +50,12 @@ def _attention_mask(mask: Mask, start: int, T: int, device) -> tuple[torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, max_len: int, rope_base: float):
+    def __init__(self, d_model: int, n_heads: int, max_len: int, rope_base: float, qkv_bias: bool):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.rotary = Rotary(self.head_dim, max_len, rope_base)
 
@@ -74,10 +74,11 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, max_len: int, rope_base: float, eps: float):
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, max_len: int, rope_base: float, eps: float,
+                 qkv_bias: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(d_model, eps)
-        self.attn = Attention(d_model, n_heads, max_len, rope_base)
+        self.attn = Attention(d_model, n_heads, max_len, rope_base, qkv_bias)
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
         self.max_len = max_len
@@ -103,16 +104,21 @@ class Transformer(nn.Module):
         mlp_hidden: SwiGLU hidden width; default 8/3 d_model rounded up to a multiple of 64.
         rope_base: rotary base frequency.
         norm_eps: RMSNorm epsilon.
+        qkv_bias: learned biases on the queries, keys and values (as in Qwen2). A key bias gives every position a
+            token-independent key, so attention can pick positions by offset before the embeddings have learned
+            anything: bidirectional denoisers, whose masked positions see no token of their own, need exactly
+            that at the start of training (MDLM's DiT gets it from the shift of its adaLN).
     """
 
     supported_masks = ("causal", "full", "tensor")
 
     def __init__(self, d_model: int = 256, n_layers: int = 4, n_heads: int = 4, max_seq_len: int = 512,
-                 mlp_hidden: int | None = None, rope_base: float = 10000.0, norm_eps: float = 1e-5):
+                 mlp_hidden: int | None = None, rope_base: float = 10000.0, norm_eps: float = 1e-5,
+                 qkv_bias: bool = False):
         super().__init__()
         self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
         mlp_hidden = mlp_hidden or 64 * math.ceil(8 * d_model / 3 / 64)
-        self._block_args = (d_model, n_heads, mlp_hidden, max_seq_len, rope_base, norm_eps)
+        self._block_args = (d_model, n_heads, mlp_hidden, max_seq_len, rope_base, norm_eps, qkv_bias)
         self.blocks = nn.ModuleList(self.make_block() for _ in range(n_layers))
         self.norm = RMSNorm(d_model, norm_eps)
 
@@ -124,6 +130,8 @@ class Transformer(nn.Module):
                 # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat
                 std = 0.02 / math.sqrt(2 * self.n_layers) if name.endswith("out.weight") else 0.02
                 nn.init.normal_(p, std=std)
+            elif name.endswith("qkv.bias"):
+                nn.init.zeros_(p)
         return block
 
     def make_cache(self, batch_size: int, device=None, dtype=None) -> DecodingCache:

@@ -11,14 +11,18 @@ from objectives import NextTokenPrediction
 from objectives.losses import chunked_cross_entropy
 
 
-def tiny_ntp(**kwargs) -> NextTokenPrediction:
+def tiny_ntp(qkv_bias: bool = False, **kwargs) -> NextTokenPrediction:
     torch.manual_seed(0)
-    return NextTokenPrediction(Transformer(d_model=64, n_layers=2, n_heads=4, max_seq_len=64), vocab_size=97,
-                               **kwargs).eval()
+    trunk = Transformer(d_model=64, n_layers=2, n_heads=4, max_seq_len=64, qkv_bias=qkv_bias)
+    return NextTokenPrediction(trunk, vocab_size=97, **kwargs).eval()
 
 
-def test_cached_decoding_equals_a_full_forward():
-    model = tiny_ntp()
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_cached_decoding_equals_a_full_forward(qkv_bias):
+    model = tiny_ntp(qkv_bias)
+    if qkv_bias:  # initialised to zero: give the biases values, so that a rotary bias error would show
+        for block in model.trunk.blocks:
+            torch.nn.init.normal_(block.attn.qkv.bias, std=0.5)
     tokens = torch.randint(0, 97, (3, 40))
     full = model.logits(model.hidden(tokens))
     cache = model.trunk.make_cache(3)
@@ -55,6 +59,9 @@ def test_make_block_has_the_trunks_kind_and_shape():
     block = trunk.make_block()
     assert type(block) is type(trunk.blocks[0])
     assert block(torch.randn(1, 5, 32)).shape == (1, 5, 32)
+    assert block.attn.qkv.bias is None
+    biased = Transformer(d_model=32, n_layers=2, n_heads=2, max_seq_len=16, qkv_bias=True).make_block()
+    assert torch.equal(biased.attn.qkv.bias, torch.zeros(96))
 
 
 def test_too_long_sequences_name_both_lengths():
