@@ -104,10 +104,11 @@ class Transformer(nn.Module):
         mlp_hidden: SwiGLU hidden width; default 8/3 d_model rounded up to a multiple of 64.
         rope_base: rotary base frequency.
         norm_eps: RMSNorm epsilon.
-        qkv_bias: learned biases on the queries, keys and values (as in Qwen2). A key bias gives every position a
-            token-independent key, so attention can pick positions by offset before the embeddings have learned
-            anything: bidirectional denoisers, whose masked positions see no token of their own, need exactly
-            that at the start of training (MDLM's DiT gets it from the shift of its adaLN).
+        qkv_bias: learned biases on the queries, keys and values (as in Qwen2), initialised to zero. A key bias
+            gives every position a token-independent key, so attention can pick positions by offset before the
+            embeddings have learned anything. That shortens the plateau masked diffusion starts on, since its
+            masked positions see no token of their own (BENCHMARKS.md; MDLM's DiT gets the same from its adaLN
+            shift).
     """
 
     supported_masks = ("causal", "full", "tensor")
