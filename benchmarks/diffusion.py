@@ -54,8 +54,9 @@ def trained(name: str, ckpt: str | None, save_dir: str) -> tuple[object, object,
         ckpt = f"{cli.trainer.log_dir}/checkpoints/final.ckpt"  # last.ckpt is only as new as the last interval
         cli.trainer.save_checkpoint(ckpt)
     else:
+        # without a logger the CLI writes its config.yaml to default_root_dir, which is the working directory unless set
         cli = train.main(["validate", "-c", RECIPES[name], "--ckpt_path", ckpt, "--trainer.logger", "false",
-                          "--trainer.enable_progress_bar", "false"])
+                          "--trainer.default_root_dir", save_dir, "--trainer.enable_progress_bar", "false"])
     model, tokenizer = load(ckpt)
     unigram = getattr(cli.datamodule, "unigram_entropy", float("nan"))
     return model, tokenizer, float(cli.trainer.callback_metrics[LIKELIHOOD[name]]), unigram
