@@ -28,4 +28,4 @@ def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
     return nats_per_token / math.log(2) / bytes_per_token
 
 
-ACCEPT_LEN = "val/accept_len"        # expected tokens per step of self-speculative greedy decoding
+ACCEPT_LEN_TEACHER_FORCED = "val/accept_len_teacher_forced"  # tokens per greedy step from teacher-forced head argmaxes

@@ -68,6 +68,20 @@ class _PerHeadBackward(torch.autograd.Function):
         return (grad_hidden.mul_(grad_output), None, None, None, None, *(g.mul_(grad_output) for g in grads))
 
 
+class ResidualMLP(nn.Module):
+    """Medusa's head block (Cai et al. 2024, "Medusa", section 2.1.1): x + SiLU(W x + b). W and b start at zero, so
+    a new head starts as the identity on the trunk's last hidden state. It reads one position only: no cache."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.linear = nn.Linear(d_model, d_model)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
 class MultiTokenPrediction(Objective):
     """n future tokens from one trunk (Gloeckle et al. 2024).
 
@@ -75,7 +89,10 @@ class MultiTokenPrediction(Objective):
 
     Args:
         n_future: number of heads; head k predicts token t+k.
-        head_layers: blocks per head (heads 2..n), made by the trunk's `make_block()` so they share its kind.
+        head_layers: blocks per head (heads 2..n).
+        head_type: "block": each head block is a layer of the trunk's kind (`make_block()`; the paper's heads, and
+            at decode time they need caches of their own); "mlp": Medusa's residual MLP on the trunk's last hidden
+            state (no attention, no cache, about d_model^2 parameters a block).
         topology: "parallel" (every head reads the trunk output) or "causal" (head k reads head k-1's output).
         loss_weights: one weight per head; default uniform.
         match_params: move (n-1) * head_layers trunk blocks into the heads (equal parameters to NTP).
@@ -85,14 +102,16 @@ class MultiTokenPrediction(Objective):
 
     default_drafter = "heads"
 
-    def __init__(self, *args, n_future: int = 4, head_layers: int = 1, topology: str = "parallel",
-                 loss_weights: list[float] | None = None, match_params: bool = False,
+    def __init__(self, *args, n_future: int = 4, head_layers: int = 1, head_type: str = "block",
+                 topology: str = "parallel", loss_weights: list[float] | None = None, match_params: bool = False,
                  per_head_backward: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if n_future < 1 or head_layers < 1:
             raise ValueError(f"n_future ({n_future}) and head_layers ({head_layers}) must be at least 1")
         if topology not in ("parallel", "causal"):
             raise ValueError(f"topology {topology!r} is unknown: use 'parallel' or 'causal'")
+        if head_type not in ("block", "mlp"):
+            raise ValueError(f"head_type {head_type!r} is unknown: use 'block' (a trunk layer) or 'mlp' (Medusa's)")
         weights = torch.ones(n_future) if loss_weights is None else torch.tensor(loss_weights, dtype=torch.float32)
         if weights.shape != (n_future,) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"loss_weights {loss_weights} must be {n_future} non-negative numbers, not all zero")
@@ -103,9 +122,10 @@ class MultiTokenPrediction(Objective):
                                  f"into the heads: give the trunk more layers or lower n_future")
             del self.trunk.blocks[len(self.trunk.blocks) - moved :]
         self.n_future, self.topology, self.per_head_backward = n_future, topology, per_head_backward
+        self.head_type = head_type
         self.register_buffer("loss_weights", weights / weights.sum(), persistent=False)
-        self.heads = nn.ModuleList(nn.ModuleList(self.trunk.make_block() for _ in range(head_layers))
-                                   for _ in range(n_future - 1))
+        make = self.trunk.make_block if head_type == "block" else lambda: ResidualMLP(self.trunk.d_model)
+        self.heads = nn.ModuleList(nn.ModuleList(make() for _ in range(head_layers)) for _ in range(n_future - 1))
         self.head_norm = RMSNorm(self.trunk.d_model)
 
     # --- heads ----------------------------------------------------------------------------------------------------
@@ -115,7 +135,7 @@ class MultiTokenPrediction(Objective):
         for k, blocks in enumerate(self.heads):
             x = states[-1] if self.topology == "causal" else hidden
             for j, block in enumerate(blocks):
-                x = block(x, cache=caches[k].layers[j] if caches is not None else None)
+                x = block(x, cache=caches[k].layers[j] if caches else None)
             states.append(x)
         return states
 
@@ -149,7 +169,8 @@ class MultiTokenPrediction(Objective):
     # --- decoding -------------------------------------------------------------------------------------------------
     def start_decoding(self, batch_size: int, device) -> CacheGroup:
         dtype = self.embed.weight.dtype
-        heads = [DecodingCache([b.make_cache(batch_size, device, dtype) for b in blocks]) for blocks in self.heads]
+        heads = [DecodingCache([b.make_cache(batch_size, device, dtype) for b in blocks])
+                 for blocks in self.heads if self.head_type == "block"]
         return CacheGroup(super().start_decoding(batch_size, device), *heads)
 
     def decode_forward(self, tokens: torch.Tensor, state: CacheGroup):
@@ -184,7 +205,7 @@ def head_metrics(stats: dict) -> dict:
     if len(stats) > 1:
         total, positions = expected_accept_length([stats[k][3] for k in sorted(stats)])
         if positions:
-            metrics[M.ACCEPT_LEN] = (total / positions, positions)
+            metrics[M.ACCEPT_LEN_TEACHER_FORCED] = (total / positions, positions)
     return {"ntp_nll": nll, "ntp_tokens": count, "metrics": metrics}
 
 
@@ -211,18 +232,16 @@ class DeepSeekMTP(Objective):
     Args:
         depth: number of MTP modules D.
         mtp_weight: lambda.
-        draft_window: positions the modules read when drafting (recomputed each step without a cache; drafts
-            only need to be good guesses, the verification is exact).
         **kwargs: the base objective's arguments.
     """
 
     default_drafter = "modules"
 
-    def __init__(self, *args, depth: int = 1, mtp_weight: float = 0.3, draft_window: int = 64, **kwargs):
+    def __init__(self, *args, depth: int = 1, mtp_weight: float = 0.3, **kwargs):
         super().__init__(*args, **kwargs)
         if depth < 1 or mtp_weight < 0:
             raise ValueError(f"depth ({depth}) must be at least 1 and mtp_weight ({mtp_weight}) non-negative")
-        self.depth, self.mtp_weight, self.draft_window = depth, mtp_weight, draft_window
+        self.depth, self.mtp_weight, self.draft_window = depth, mtp_weight, 64
         self.mtp_modules = nn.ModuleList(MTPModule(self.trunk.make_block(), self.trunk.d_model) for _ in range(depth))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict:
