@@ -8,6 +8,7 @@ its token count) and, where it generates differently, `generate`.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import lightning as L
@@ -68,12 +69,16 @@ class Objective(L.LightningModule):
                 f"{type(trunk).__name__} trunk cannot serve (it supports {tuple(trunk.supported_masks)}): "
                 f"use a transformer trunk, e.g. --model.trunk configs/models/transformer-tiny.yaml")
         if summaries and not self.accepts_summaries:
-            raise ValueError(f"{type(self).__name__} is not a causal objective: future summaries cannot attach to it")
+            raise ValueError(f"{', '.join(type(s).__name__ for s in summaries)} cannot attach to {type(self).__name__}: "
+                             f"future summaries need a causal objective (next-token or multi-token prediction); "
+                             f"drop model.init_args.summaries or pick a causal family")
         self.trunk = trunk
         self.vocab_size, self.bytes_per_token, self.eos_id = vocab_size, bytes_per_token, eos_id
         self.embed = nn.Embedding(vocab_size + self.extra_tokens, self.embedding_width())
         nn.init.normal_(self.embed.weight, std=0.02)
         self.summaries = nn.ModuleList(summaries or [])
+        for summary in self.summaries:  # each summary makes its head at this objective's width and vocabulary
+            summary.attach(self)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.generated_examples: list[tuple[list[int], list[int], list[int] | None]] = []
         self._scored = 0
@@ -95,12 +100,16 @@ class Objective(L.LightningModule):
         return F.linear(hidden, self.unembedding)
 
     def summary_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Sum of the attached auxiliary losses (each module weights its own), each also logged under train/."""
+        """sum_i weight_i * L_i over the attached summaries (`objectives/summaries.py`), given the trunk's hidden
+        states [B, T, D] for the batch's tokens read in the order the objective reads them. Each unweighted L_i is
+        logged as train/<name>_loss in training and val/<name>_loss in validation."""
         total = hidden.new_zeros((), dtype=torch.float32)
+        stage = "train" if self.training else "val"
         for summary in self.summaries:
             value = summary(hidden, batch, self)
-            self.log(f"train/{summary.name}_loss", value)
-            total = total + value
+            self.log(f"{stage}/{summary.name}_loss", value, batch_size=int(batch["tokens"].shape[0]),
+                     sync_dist=stage == "val")
+            total = total + summary.weight * value
         return total
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -350,4 +359,8 @@ class Objective(L.LightningModule):
                 params = dict(self.hparams)
                 if self.trainer.datamodule is not None:
                     params.update({f"data.{k}": v for k, v in self.trainer.datamodule.hparams.items()})
-                logger.log_hyperparams(params, {M.HP_METRIC: float("nan")})
+                # what the HParams tab compares families by; val/bpb is the one metric every family shares
+                params.update(family=type(self).__name__, trunk=type(self.trunk).__name__,
+                              parameters=sum(p.numel() for p in self.parameters()),
+                              seed=int(os.environ.get("PL_GLOBAL_SEED", -1)))
+                logger.log_hyperparams(params, {M.HP_METRIC: float("nan"), M.VAL_BPB: float("nan")})
