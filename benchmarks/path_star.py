@@ -25,15 +25,17 @@ CHANCE = 1 / 2  # picking one of the degree-2 arms at random
 BUDGET_STEPS, BUDGET_MINUTES = 2000, 10.0  # per run, whichever ends first
 
 
-def train_and_test(run: str, steps: int, minutes: float, save_dir: str, test_size: int = 1000) -> dict:
-    config = EXPERIMENTS / f"path_star_{run}.yaml"
+def train_and_test(run: str, steps: int, minutes: float, save_dir: str, test_size: int = 1000,
+                   extra_args: tuple[str, ...] = (), config: Path | None = None) -> dict:
+    """Train one run (`config`, by default `path_star_<run>.yaml`, with `extra_args` appended) and test it."""
+    config = config or EXPERIMENTS / f"path_star_{run}.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no experiment config {config} for run {run!r}: add it or drop the run from --runs")
     start = time.perf_counter()
     cli = train.main(["fit", "-c", str(config), "--trainer.max_steps", str(steps),
                       "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
                       "--trainer.logger.init_args.save_dir", save_dir, "--trainer.enable_progress_bar", "false",
-                      "--data.init_args.test_size", str(test_size)])
+                      "--data.init_args.test_size", str(test_size), *extra_args])
     seconds = time.perf_counter() - start
     metrics = cli.trainer.callback_metrics
     tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]

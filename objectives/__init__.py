@@ -4,5 +4,7 @@ from objectives.diffusion_lm import DiffusionLM
 from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
+from objectives.summaries import BagOfWordsSummary
 
-__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM"]
+__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
+           "BagOfWordsSummary"]

@@ -20,9 +20,9 @@ class NextTokenPrediction(Objective):
         self.reverse = reverse
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens, inputs, mask = batch["tokens"], batch.get("inputs", batch["tokens"]), batch["loss_mask"]
         if self.reverse:
-            tokens, inputs, mask = tokens.flip(1), inputs.flip(1), mask.flip(1)
+            batch = reversed_batch(batch)
+        tokens, inputs, mask = batch["tokens"], batch.get("inputs", batch["tokens"]), batch["loss_mask"]
         hidden = self.hidden(inputs[:, :-1])
         nll, count, _ = chunked_cross_entropy(hidden, self.unembedding, tokens[:, 1:], mask[:, 1:],
                                               self.hparams.ce_chunk_size)
@@ -30,3 +30,12 @@ class NextTokenPrediction(Objective):
         if len(self.summaries):
             loss = loss + self.summary_loss(hidden, batch)
         return {"loss": loss, "ntp_nll": nll.detach(), "ntp_tokens": count}
+
+
+SEQUENCE_KEYS = ("tokens", "inputs", "loss_mask", "segments")  # the batch's [B, L] tensors, one entry per position
+
+
+def reversed_batch(batch: dict) -> dict:
+    """The batch read right to left: every per-position tensor flipped along the sequence, the rest as it is, so
+    that the loss and the summaries see the same order."""
+    return {k: v.flip(1) if k in SEQUENCE_KEYS else v for k, v in batch.items()}
