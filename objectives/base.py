@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from objectives import metrics as M
+from objectives.checkpoints import check_companions, companion_records, companions, format_report, warm_start
 from objectives.decoding import lookup_drafts, sample_token, speculative_generate
 from objectives.optim import WarmupCosine, decay_groups
 
@@ -38,6 +39,8 @@ class Objective(L.LightningModule):
         eval_examples: val examples per validation whose generated answer is scored (reasoning data).
         sample_tokens: tokens of a greedy sample written to TensorBoard each validation (text data).
         check_finite: stop at the first non-finite training loss, naming the step.
+        init_from: a project checkpoint whose weights a new fit starts from (optimizer, schedule and step fresh;
+            rows for this family's extra tokens initialised by `extra_token_sources`); `--ckpt_path` resumes instead.
     """
 
     required_masks: tuple[str, ...] = ("causal",)
@@ -50,7 +53,8 @@ class Objective(L.LightningModule):
     def __init__(self, trunk: nn.Module, vocab_size: int = 0, bytes_per_token: float = 0.0, eos_id: int | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable = WarmupCosine,
                  summaries: list[nn.Module] | None = None, compile: bool = False, ce_chunk_size: int = 4096,
-                 eval_examples: int = 64, sample_tokens: int = 48, check_finite: bool = True):
+                 eval_examples: int = 64, sample_tokens: int = 48, check_finite: bool = True,
+                 init_from: str | None = None):
         super().__init__()
         with warnings.catch_warnings():  # modules passed by hand live in the state dict, not in the hparams
             warnings.simplefilter("ignore")
@@ -344,13 +348,33 @@ class Objective(L.LightningModule):
             self.trunk.compile()
             self._compiled = True
 
+    def extra_token_sources(self) -> list[int | None]:
+        """Per extra token (`extra_tokens`), the existing token whose embedding row a warm start copies into it
+        (Coconut's special tokens start as an existing token), or None for the usual init."""
+        return [None] * self.extra_tokens
+
+    def setup(self, stage: str) -> None:
+        # a warm start (init_from) applies to a new fit, before the optimizer is built; a resumed fit
+        # (--ckpt_path) restores its own weights instead
+        if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
+            self.warm_start_report = warm_start(self, self.hparams.init_from, self.trainer.datamodule)
+            if self.trainer.is_global_zero:
+                print(format_report(self.warm_start_report))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # frozen companions are left out of the state dict; their path and weight hash are kept instead
+        if companions(self):
+            checkpoint["companions"] = companion_records(self)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_companions(self, checkpoint.get("companions", {}))
         saved = checkpoint.get("state_dict", {}).get("embed.weight")
         if saved is not None and saved.shape[0] != self.embed.num_embeddings:
             raise ValueError(
                 f"the checkpoint's vocabulary has {saved.shape[0] - self.extra_tokens} tokens but this model's has "
                 f"{self.vocab_size}: "
-                f"use the data and tokenizer the checkpoint was trained with, or start without --ckpt_path")
+                f"use the data and tokenizer the checkpoint was trained with, or start without --ckpt_path "
+                f"(--model.init_args.init_from starts a new run from its weights, adding rows for new tokens)")
 
     def on_fit_start(self) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
