@@ -25,6 +25,7 @@ loop's), by up to 100x.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 
 import torch
@@ -242,9 +243,15 @@ def part_c(args) -> list[tuple[str, list[dict]]]:
              f"random weights, V {TRAIN_VOCAB}, {torch.get_num_threads()} threads", rows)]
 
 
-# ---------------------------------------------------------------- (d) induction heads, 1x and 4x the training length
+# ---------------------------------------------------------------- (d) induction heads, 1x to 64x the training length
+INDUCTION_RECIPES = {kind: f"configs/experiments/induction_heads_{kind}.yaml"
+                     for kind in ("transformer", "mamba", "mamba2")}
+
+
 @torch.no_grad()
 def answer_accuracy(model, dataset, batch_size: int = 32) -> float:
+    """Accuracy of the greedy prediction at the last prompt position against the answer token."""
+    was_training = model.training
     model.eval()
     correct = total = 0
     for i in range(0, len(dataset), batch_size):
@@ -256,45 +263,38 @@ def answer_accuracy(model, dataset, batch_size: int = 32) -> float:
         pred = model.logits(h[:, -1]).argmax(-1)
         correct += int((pred == answer).sum())
         total += len(items)
-    model.train()
+    model.train(was_training)
     return correct / total
 
 
-def train_induction(kind: str, seconds: float, lr: float = 1e-3, batch_size: int = 32, seq_len: int = 256,
-                    test_len: int = 1024, eval_examples: int = 256, max_steps: int = 100_000) -> dict:
-    from datamodules import SyntheticDataModule
+def induction_recipe(kind: str, lengths=(256, 1024, 4096, 16384), eval_examples: int = 128,
+                     overrides: tuple[str, ...] = (), save_dir: str = "runs") -> dict:
+    """Train configs/experiments/induction_heads_{kind}.yaml through the CLI (train.py, as a user would), then
+    score the answer token on `eval_examples` test examples at each prompt length (one forward pass each)."""
+    import train
     from datamodules.synthetic import SyntheticTaskDataset
-    from objectives import NextTokenPrediction
-    torch.manual_seed(0)
-    dm = SyntheticDataModule(task="induction_heads", vocab=16, seq_len=seq_len, test_seq_len=test_len,
-                             batch_size=batch_size)
-    model = NextTokenPrediction(make_trunk(kind, 64, 2, test_len + 8), vocab_size=dm.vocab_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    data = SyntheticTaskDataset("induction_heads", seq_len, num_examples=10**7, vocab=16)
-    steps, start, loss = 0, time.perf_counter(), float("nan")
-    while time.perf_counter() - start < seconds and steps < max_steps:
-        items = [data[steps * batch_size + j] for j in range(batch_size)]
-        batch = {k: torch.stack([x[k] for x in items]) for k in ("tokens", "loss_mask")}
-        out = model.loss(batch)["loss"]
-        out.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps, loss = steps + 1, float(out.detach())
+    start = time.perf_counter()
+    cli = train.main(["fit", "--config", INDUCTION_RECIPES[kind], "--trainer.enable_progress_bar", "false",
+                      "--trainer.logger.init_args.save_dir", save_dir, *overrides])
     train_s = time.perf_counter() - start
-    acc = {n: answer_accuracy(model, SyntheticTaskDataset("induction_heads", n, num_examples=eval_examples,
-                                                          vocab=16, split="test"))
-           for n in (seq_len, test_len)}
-    return {"trunk": f"{kind} 2 x d64", "params K": sum(p.numel() for p in model.parameters()) / 1e3,
-            "steps": steps, "train s": train_s, "final loss": loss,
-            f"acc @{seq_len} (1x)": acc[seq_len], f"acc @{test_len} (4x)": acc[test_len]}
+    model, hp = cli.model, cli.datamodule.hparams
+    row = {"trunk": f"{kind} {cli.model.trunk.n_layers} x d{cli.model.trunk.d_model}",
+           "params K": sum(p.numel() for p in model.parameters()) / 1e3, "steps": cli.trainer.global_step,
+           "train s": train_s, "val/loss": float(cli.trainer.callback_metrics.get("val/loss", float("nan")))}
+    for n in lengths:
+        data = SyntheticTaskDataset("induction_heads", n, num_examples=eval_examples, vocab=hp.vocab, split="test")
+        row[f"acc @{n} ({n // hp.seq_len}x)"] = answer_accuracy(model, data, batch_size=max(1, 8192 // n))
+    return row
 
 
 def part_d(args) -> list[tuple[str, list[dict]]]:
-    rows = [train_induction(kind, args.train_seconds, eval_examples=args.eval_examples) for kind in TRUNKS]
-    return [(f"(d) induction heads (vocab 16), trained at 256 for {args.train_seconds:.0f}s each (batch 32, AdamW "
-             f"lr 1e-3, fp32, {torch.get_num_threads()} threads), answer accuracy on {args.eval_examples} test "
-             "examples (chance 1/15)", rows)]
+    rows = []
+    for kind in args.induction_trunks:
+        rows.append(induction_recipe(kind, args.induction_lengths, args.eval_examples, tuple(shlex.split(args.induction_args))))
+        print(json.dumps(rows[-1]), flush=True)
+    return [("(d) induction heads (vocab 16), trained at 256 by configs/experiments/induction_heads_*.yaml "
+             f"(bf16-mixed where the CPU has bf16), answer accuracy on {args.eval_examples} test examples per length "
+             "(chance 1/15)", rows)]
 
 
 PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
@@ -311,7 +311,10 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
     p.add_argument("--new_tokens", type=int, default=8)
     p.add_argument("--decode_threads", type=int, default=1, help="(c) torch threads while decoding")
-    p.add_argument("--train_seconds", type=float, default=120.0, help="(d) training budget per trunk")
+    p.add_argument("--induction_trunks", nargs="+", default=list(INDUCTION_RECIPES), help="(d) which recipes")
+    p.add_argument("--induction_lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    p.add_argument("--induction_args", default="", help='(d) extra train.py flags for every recipe, one string: '
+                   '--induction_args="--trainer.max_steps 500"')
     p.add_argument("--eval_examples", type=int, default=256)
     p.add_argument("--train_case", help="internal: run one (b) case 'kind,T,batch' in this process")
     args = p.parse_args()

@@ -63,10 +63,24 @@ def test_strategy_config_instantiates(config):
     assert type(strategy).__name__ == yaml.safe_load(open(config))["class_path"].rsplit(".", 1)[1]
 
 
-@pytest.mark.parametrize("config", names("experiments"))
+def tiny_model_for(config: str) -> list[str]:
+    """TINY_MODEL without n_heads where the experiment's trunk has no attention heads (the state-space trunks)."""
+    trunk = yaml.safe_load(open(config))["model"]["init_args"]["trunk"]["class_path"]
+    if trunk.endswith("Transformer"):
+        return TINY_MODEL
+    i = TINY_MODEL.index("--model.init_args.trunk.init_args.n_heads")
+    return TINY_MODEL[:i] + TINY_MODEL[i + 2:]
+
+
+def comparison_experiment(config: str) -> bool:
+    """An experiment file for compare.py (a `runs:` mapping) rather than a train.py config."""
+    return "runs" in (yaml.safe_load(open(config)) or {})
+
+
+@pytest.mark.parametrize("config", [c for c in names("experiments") if not comparison_experiment(c)])
 def test_experiment_config_fits_a_step(config, tmp_path):
-    cli = run_cli(tmp_path, "--config", config, *TINY_MODEL, "--model.init_args.trunk.init_args.max_seq_len", "512",
-                  steps=1)
+    cli = run_cli(tmp_path, "--config", config, *tiny_model_for(config),
+                  "--model.init_args.trunk.init_args.max_seq_len", "512", steps=1)
     assert cli.trainer.global_step == 1
 
 
@@ -86,3 +100,31 @@ def test_every_objective_fits_a_step_and_scores_answers_on_every_reasoning_task(
                   "--data.init_args.batch_size", "2", steps=1)
     assert cli.trainer.global_step == 1
     assert 0.0 <= float(cli.trainer.callback_metrics["val/accuracy"]) <= 1.0
+
+
+def comparison_runs() -> list[tuple[str, str]]:
+    import compare
+    return [(c, run) for c in names("experiments") if comparison_experiment(c)
+            for run in compare.load_experiment(c)["runs"]]
+
+
+@pytest.mark.parametrize("config,run", comparison_runs())
+def test_comparison_experiment_run_fits_a_step(config, run, tmp_path, corpus_files):
+    """Each run of a compare.py experiment, built as compare.py builds it, fits a step with one trunk layer."""
+    import compare
+    import train
+    experiment = compare.load_experiment(config)
+    spec = experiment["runs"][run]
+    sources = [yaml.safe_load(open(c)) or {} for c in experiment["configs"] + spec["configs"]]
+    data = next((s["data"] for s in reversed(sources) if s.get("data")), {})
+    for swapped in (experiment["args"].get("data"), spec["data"]):
+        data = yaml.safe_load(open(swapped)) if swapped else data
+    small = (tiny_data(corpus_files) if data["class_path"].endswith("TextDataModule")
+             else ["--data.init_args.train_size", "256", "--data.init_args.batch_size", "2"])
+    argv = compare.train_command(tmp_path, experiment, run, seed=0)[2:]  # what follows `python train.py`
+    cli = train.main([*argv, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+                      "--trainer.limit_val_batches", "1", "--trainer.enable_model_summary", "false",
+                      "--model.init_args.trunk.init_args.n_layers", "1", "--model.init_args.eval_examples", "2",
+                      "--model.init_args.sample_tokens", "4", *small])
+    assert cli.trainer.global_step == 1
+    assert cli.model.__class__.__name__ == yaml.safe_load(open(spec["model"]))["class_path"].rsplit(".", 1)[1]

@@ -1,0 +1,409 @@
+"""A Mamba-2 trunk: the state-space duality (SSD) layer of Dao & Gu 2024 ("Transformers are SSMs: Generalized
+Models and Efficient Algorithms Through Structured State Space Duality", arXiv:2405.21060).
+
+Embeddings in, hidden states out, like every trunk (see models/transformer.py for the contract).
+
+Mamba-2 restricts Mamba's A to a scalar times the identity per head, so that the whole recurrence of a head,
+with X_t = dt_t x_t the head's input (P channels) and a_t = exp(dt_t A) its decay,
+
+    h_t = a_t h_{t-1} + X_t B_t^T             (state h_t: P x N per head)
+    y_t = h_t C_t + D x_t                     (SSD paper, eq. (2) with A_t = a_t I)
+
+is one masked matrix product Y = (L o C B^T) X, with L[t, s] = a_{s+1} ... a_t for s <= t and 0 above the
+diagonal (the "1-semiseparable" mask, SSD paper section 3). Computing that quadratic form for all of a long
+sequence costs L^2; the chunked SSD algorithm (SSD paper section 6, Listing 1 in `ssd_minimal.py` of
+state-spaces/mamba) cuts time into chunks of Q positions and splits the matrix into
+
+1. the diagonal blocks: inside each chunk, Y_diag = (L_chunk o C B^T) X, a Q x Q masked matmul per chunk;
+2. each chunk's own end state (starting from zero), S_c = sum_s (a_{s+1} ... a_end) X_s B_s^T, one matmul;
+3. the inter-chunk recurrence over the chunks only, H_c = (a over chunk c-1) H_{c-1} + S_{c-1}: L/Q steps;
+4. the off-diagonal part, Y_off = (a_start+1 ... a_t) C_t H_c, one matmul per chunk.
+
+so that all the work but L/Q small elementwise steps is matrix products, which CPUs and GPUs are fast at. The
+chunk size Q is a parameter; a length that Q does not divide is padded at the end with dt = 0 (decay 1, no
+input), which leaves the final state exact.
+
+The block (`mamba_ssm.modules.mamba2.Mamba2`, the defaults of the reference: d_state 128, headdim 64,
+expand 2, A ~ U[1, 16], dt ~ log-uniform [1e-3, 1e-1]): one in_proj to (z, x, B, C, dt); a depthwise causal
+conv over (x, B, C) and SiLU; B and C shared by the heads of each of `ngroups` groups (as keys and queries are
+shared in multi-query attention); the SSD layer with the D skip; the gated RMSNorm norm(y * silu(z)) (per
+group, norm before gate off, as the reference's default); out_proj. Parameter names and shapes are the
+reference's (in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj), so state dicts move between the two.
+
+Precision: under bf16 autocast the projections, the convolution and the chunk matmuls (C B^T, the masked
+product with X, the chunk states and C H) run in bf16; these are sums of at most Q (or N) terms. What stays
+fp32: dt, dt A and its cumulative sums, every decay exp(...) (a sum of up to L log-decays loses its small
+terms in bf16's 8-bit mantissa, and an error in a log-decay multiplies the state), the inter-chunk states H_c
+and the decoding state (each is a running sum over the whole sequence), and the gated RMSNorm's statistics.
+
+Where `mamba_ssm`'s Triton kernels are installed and the tensors live on a GPU, its fused
+`mamba_chunk_scan_combined` computes the SSD layer instead (same equations); nothing needs it.
+
+Decoding keeps, per block, the last d_conv conv inputs and the (H, P, N) state per row: O(1) time and memory
+per token, in the Mamba trunk's cache (`models.mamba.MambaCache`, which also keeps the last `history` states
+for `crop` and can `snapshot` / `restore`). A padding mask sets dt = 0 at padded positions, so they neither
+decay nor write the state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import RMSNorm, check_length
+from models.mamba import MambaCache, MambaDecodingCache, _check_mask
+
+try:  # the reference's fused Triton kernel, used as a drop-in where it is installed
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _mamba_ssm_chunk_scan
+except Exception:  # ImportError, or a broken Triton install
+    _mamba_ssm_chunk_scan = None
+
+Mask = str | torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the SSD layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def segment_sums(a: torch.Tensor) -> torch.Tensor:
+    """out[..., t, s] = a[..., s+1] + ... + a[..., t] for s <= t, -inf above the diagonal.
+
+    Summed directly (a masked cumulative sum) rather than as cumsum[t] - cumsum[s], which loses the small
+    terms of a long sum to cancellation."""
+    Q = a.shape[-1]
+    x = a.unsqueeze(-1).expand(*a.shape, Q)  # x[..., t, s] = a[..., t]
+    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
+    out = x.masked_fill(~strictly_lower, 0.0).cumsum(-2)
+    return out.masked_fill(~strictly_lower.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), -math.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
+    """The chunked SSD algorithm: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, for every head.
+
+    x (b, L, H, P); dt (b, L, H), positive (after softplus); A (H,), negative; B, C (b, L, G, N) with G dividing
+    H (head h reads group h // (H / G)); initial_state (b, H, P, N) or None (zeros). Returns y (b, L, H, P) in
+    x's dtype (autocast: the compute dtype) and the final state (b, H, P, N), fp32.
+    """
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if H % G:
+        raise ValueError(f"{G} groups of B and C do not divide {H} heads")
+    Hg, Q = H // G, chunk_size
+    nc = max(1, -(-L // Q))
+    pad = nc * Q - L
+    if pad:  # dt = 0 on the padding: decay 1 and no input, so the final state is that of position L-1
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    dt = dt.float()
+    dA = (dt * A.float()).view(b, nc, Q, H).permute(0, 1, 3, 2)  # (b, c, H, Q), fp32
+    cum = dA.cumsum(-1)  # (b, c, H, Q): log-decay from the chunk start through position l
+    X = (x * dt.unsqueeze(-1).to(x.dtype)).view(b, nc, Q, G, Hg, P).permute(0, 1, 3, 4, 2, 5)  # (b,c,G,Hg,Q,P)
+    Bc = B.view(b, nc, Q, G, N).transpose(2, 3).unsqueeze(3)  # (b, c, G, 1, Q, N)
+    Cc = C.view(b, nc, Q, G, N).transpose(2, 3).unsqueeze(3)
+    # 1. diagonal blocks: Y_diag = (L o C B^T) X inside every chunk
+    decay = torch.exp(segment_sums(dA)).view(b, nc, G, Hg, Q, Q)  # fp32, 0 above the diagonal
+    scores = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, G, 1, Q, Q): C_t . B_s, shared by a group's heads
+    y = torch.matmul((scores * decay).to(X.dtype), X)  # (b, c, G, Hg, Q, P)
+    # 2. each chunk's end state from a zero start: S_c = sum_s exp(cum_end - cum_s) X_s B_s^T
+    to_end = torch.exp(cum[..., -1:] - cum).view(b, nc, G, Hg, Q, 1)
+    states = torch.matmul((X * to_end.to(X.dtype)).transpose(-1, -2), Bc).float()  # (b, c, G, Hg, P, N)
+    # 3. the inter-chunk recurrence: H_c = exp(sum of chunk c-1's log-decays) H_{c-1} + S_{c-1}
+    chunk_decay = torch.exp(cum[..., -1]).view(b, nc, G, Hg, 1, 1)
+    h = (x.new_zeros(b, H, P, N, dtype=torch.float32) if initial_state is None
+         else initial_state.float()).view(b, G, Hg, P, N)
+    starts = []
+    for c in range(nc):
+        starts.append(h)
+        h = torch.addcmul(states[:, c], chunk_decay[:, c], h)
+    starts = torch.stack(starts, 1)  # (b, c, G, Hg, P, N), fp32
+    # 4. off-diagonal: Y_off = exp(cum_t) C_t H_c
+    from_start = torch.exp(cum).view(b, nc, G, Hg, Q, 1)
+    y_off = torch.matmul(Cc.to(starts.dtype), starts.transpose(-1, -2)) * from_start  # (b, c, G, Hg, Q, P)
+    y = (y + y_off.to(y.dtype)).permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, H, P)[:, :L]
+    return y.to(x.dtype), h.view(b, H, P, N)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size: int = 64, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
+             initial_states=None, return_final_states: bool = False):
+    """The SSD layer with the signature of `mamba_ssm`'s `mamba_chunk_scan_combined` (which runs instead on a GPU
+    where it is installed).
+
+    x (b, L, H, P); dt (b, L, H), through softplus(dt + dt_bias) when `dt_softplus` (else dt + dt_bias); A (H,);
+    B, C (b, L, G, N); D (H,) or (H, P) skip; z (b, L, H, P): the output is multiplied by silu(z);
+    initial_states (b, H, P, N). Returns y (b, L, H, P) in x's dtype, and the final state (b, H, P, N, fp32)
+    when `return_final_states`.
+    """
+    if _mamba_ssm_chunk_scan is not None and x.is_cuda:
+        return _mamba_ssm_chunk_scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                     initial_states=initial_states, return_final_states=return_final_states)
+    dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
+    y, last = ssd_chunked(x, F.softplus(dt) if dt_softplus else dt, A, B, C, chunk_size, initial_states)
+    if D is not None:
+        y = y + x * (D.to(x.dtype).unsqueeze(-1) if D.dim() == 1 else D.to(x.dtype))
+    if z is not None:
+        y = y * F.silu(z)
+    return (y, last) if return_final_states else y
+
+
+def ssd_reference(x, dt, A, B, C, D=None, z=None, initial_states=None):
+    """The same recurrence as a plain loop over time, in fp64 (for tests): h_t = exp(dt_t A) h_{t-1} +
+    dt_t x_t B_t^T, y_t = h_t C_t + D x_t, times silu(z_t). Shapes as `ssd_scan` (dt already positive)."""
+    b, L, H, P = x.shape
+    G = B.shape[2]
+    x, dt, A = x.double(), dt.double(), A.double()
+    Bh, Ch = (t.double().repeat_interleave(H // G, dim=2) for t in (B, C))  # (b, L, H, N)
+    h = x.new_zeros(b, H, P, B.shape[3]) if initial_states is None else initial_states.double()
+    ys = []
+    for t in range(L):
+        h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * Bh[:, t, :, None]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + x * (D.double().unsqueeze(-1) if D.dim() == 1 else D.double())
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h
+
+
+def ssd_states(x, dt, A, B, initial_state):
+    """The state after every position of a short piece, in closed form:
+    h_t = (a_1 ... a_t) h_0 + sum_{s <= t} (a_{s+1} ... a_t) X_s B_s^T.
+
+    x (b, T, H, P); dt (b, T, H); A (H,); B (b, T, G, N); initial_state (b, H, P, N). Returns (T, b, H, P, N),
+    fp32: T states, meant for the few positions that a decoding step or a speculative verification adds."""
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    dt = dt.float()
+    dA = (dt * A.float()).transpose(1, 2)  # (b, H, T)
+    decay = torch.exp(segment_sums(dA))  # (b, H, t, s)
+    from_start = torch.exp(dA.cumsum(-1))  # (b, H, t)
+    X = (x.float() * dt.unsqueeze(-1)).view(b, T, G, H // G, P)
+    XB = torch.einsum("bsghp,bsgn->bsghpn", X, B.float()).reshape(b, T, H, P * N)  # X_s B_s^T per head
+    h = torch.einsum("bhts,bshk->tbhk", decay, XB).view(T, b, H, P, N)
+    return h + from_start.permute(2, 0, 1)[..., None, None] * initial_state.float().unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the block
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Mamba2Cache(MambaCache):
+    """Decoding state of one Mamba-2 block: the Mamba cache (ring of the last `history` states, crop, snapshot,
+    restore) with a conv window over (x, B, C), (batch, conv_dim, d_conv), and the heads' states flattened to
+    (batch, nheads * headdim, d_state) fp32."""
+
+    def __init__(self, batch_size: int, conv_dim: int, d_inner: int, d_state: int, d_conv: int, device=None,
+                 dtype=None, history: int = 64):
+        super().__init__(batch_size, d_inner, d_state, d_conv, device, dtype, history)
+        self.conv_state = self.conv_state.new_zeros(batch_size, conv_dim, d_conv)
+        self._conv_ring = self.conv_state.new_zeros(history + 1, *self.conv_state.shape)
+
+
+class GatedRMSNorm(nn.Module):
+    """norm(y * silu(z)) * weight, the RMS taken over each of `ngroups` groups of channels, in fp32
+    (`mamba_ssm.ops.triton.layernorm_gated.RMSNorm` with norm_before_gate=False)."""
+
+    def __init__(self, dim: int, ngroups: int = 1, eps: float = 1e-5):
+        super().__init__()
+        self.ngroups, self.eps = ngroups, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        v = y.float() * F.silu(z.float())
+        g = v.shape[-1] // self.ngroups
+        v = F.rms_norm(v.unflatten(-1, (self.ngroups, g)), (g,), eps=self.eps).flatten(-2)
+        return (v * self.weight.float()).to(y.dtype)
+
+
+class Mamba2Block(nn.Module):
+    """The Mamba-2 mixer (Dao & Gu 2024, Figure 6 right; `mamba_ssm.modules.mamba2.Mamba2`).
+
+    Args:
+        d_model: width of the block's input and output.
+        d_state: state size N per head.
+        d_conv: width of the depthwise causal convolution over (x, B, C).
+        expand: d_inner = expand * d_model.
+        headdim: channels P per head; nheads = d_inner / headdim.
+        ngroups: groups of heads that share B and C (1: all heads share them).
+        chunk_size: positions Q per chunk of the SSD algorithm (need not divide the length).
+        A_init_range: A = -U[lo, hi] per head.
+        dt_min, dt_max, dt_init_floor: dt at init, log-uniform in [dt_min, dt_max] (through dt_bias).
+        conv_bias, bias: biases of the convolution and of the projections.
+        norm_eps: epsilon of the gated RMSNorm.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 64, A_init_range: tuple[float, float] = (1.0, 16.0),
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
+                 bias: bool = False, norm_eps: float = 1e-5):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"headdim {headdim} does not divide d_inner = expand * d_model = {d_inner}")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"ngroups {ngroups} does not divide the {nheads} heads (d_inner {d_inner} / headdim "
+                             f"{headdim})")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        self.d_model, self.d_state, self.d_conv, self.d_inner = d_model, d_state, d_conv, d_inner
+        self.headdim, self.nheads, self.ngroups, self.chunk_size = headdim, nheads, ngroups, chunk_size
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)  # z,x,B,C,dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(nheads))
+        self.A_log = nn.Parameter(torch.empty(nheads))
+        self.D = nn.Parameter(torch.empty(nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(d_inner, ngroups, norm_eps)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self._init = (A_init_range, dt_min, dt_max, dt_init_floor)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        (lo, hi), dt_min, dt_max, floor = self._init
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(lo, hi)))
+        self.D.fill_(1.0)
+
+    def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> Mamba2Cache:
+        p = self.in_proj.weight
+        return Mamba2Cache(batch_size, self.conv_dim, self.d_inner, self.d_state, self.d_conv, device or p.device,
+                           dtype or p.dtype, history)
+
+    def _conv(self, xBC: torch.Tensor, cache: Mamba2Cache | None) -> torch.Tensor:
+        """Depthwise causal conv and SiLU over (x, B, C), time-major (b, T, conv_dim)."""
+        T = xBC.shape[1]
+        if cache is None:
+            window = xBC.transpose(1, 2)
+            out = self.conv1d(window)[..., :T]
+        else:
+            window = torch.cat([cache.conv_state[:, :, 1:].to(xBC.dtype), xBC.transpose(1, 2)], dim=2)
+            out = F.conv1d(window, self.conv1d.weight.to(window.dtype), None if self.conv1d.bias is None
+                           else self.conv1d.bias.to(window.dtype), groups=self.conv_dim)
+        return F.silu(out.transpose(1, 2))
+
+    def forward(self, u: torch.Tensor, cache: Mamba2Cache | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """u (b, T, d_model) -> (b, T, d_model); with a cache, u holds the T positions after cache.length.
+        padding_mask (b, T) bool, True at real tokens: padded positions leave the state as it was (dt = 0)."""
+        b, T, _ = u.shape
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        if T == 0:
+            return self.out_proj(u.new_zeros(b, 0, self.d_inner))
+        z, xBC_raw, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, H], dim=-1)
+        if padding_mask is not None:  # padded positions feed the convolution zeros, as before a sequence starts
+            xBC_raw = xBC_raw * padding_mask.to(xBC_raw.dtype).unsqueeze(-1)
+        xBC = self._conv(xBC_raw, cache)
+        x, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
+        x, B, C = x.unflatten(-1, (H, P)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+        A = -torch.exp(self.A_log.float())
+        if cache is None and padding_mask is None:
+            y = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+            return self.out_proj(self.norm(y.flatten(-2), z))
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, T, H), fp32
+        if padding_mask is not None:
+            dt = dt * padding_mask.to(dt.dtype).unsqueeze(-1)
+        if cache is None:
+            y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size)
+        else:
+            y = self._cached_ssd(x, dt, A, B, C, xBC_raw, cache)
+        y = y + x * self.D.to(x.dtype).unsqueeze(-1)
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _cached_ssd(self, x, dt, A, B, C, xBC_raw, cache: Mamba2Cache) -> torch.Tensor:
+        """The SSD from the cache's state, advancing the cache: the chunked algorithm over all but the last
+        `keep` positions, then the closed form over those, whose states the cache keeps for crop()."""
+        b, T, H, P = x.shape
+        keep = min(T, cache.history + 1)
+        h0 = cache.ssm_state.view(b, H, P, self.d_state)
+        ys = []
+        if T > keep:
+            y, h0 = ssd_chunked(x[:, :T - keep], dt[:, :T - keep], A, B[:, :T - keep], C[:, :T - keep],
+                                self.chunk_size, h0)
+            ys.append(y)
+        states = ssd_states(x[:, T - keep:], dt[:, T - keep:], A, B[:, T - keep:], h0)  # (keep, b, H, P, N)
+        Cg = C[:, T - keep:].float().repeat_interleave(H // self.ngroups, dim=2)  # (b, keep, H, N)
+        ys.append(torch.einsum("tbhpn,bthn->bthp", states, Cg).to(x.dtype))
+        with torch.no_grad():
+            raw = torch.cat([cache.conv_state, xBC_raw.detach().transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
+            conv_tail = raw.unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)  # (keep, b, conv_dim, w)
+            cache._advance(T, conv_tail, states.detach().flatten(2, 3))
+        return torch.cat(ys, 1)
+
+
+class Mamba2ResidualBlock(nn.Module):
+    """x + Mamba2Block(RMSNorm(x)): the pre-norm residual block of the Mamba-2 trunk."""
+
+    def __init__(self, d_model: int, norm_eps: float = 1e-5, **mixer_args):
+        super().__init__()
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.mixer = Mamba2Block(d_model, norm_eps=norm_eps, **mixer_args)
+
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: Mamba2Cache | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_mask(mask, "Mamba-2 block")
+        return x + self.mixer(self.norm(x), cache=cache, padding_mask=padding_mask)
+
+    def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> Mamba2Cache:
+        return self.mixer.make_cache(batch_size, device, dtype, history)
+
+
+class Mamba2(nn.Module):
+    """The Mamba-2 trunk (Dao & Gu 2024): a pre-norm residual stack of Mamba-2 blocks and a final RMSNorm.
+
+    Args:
+        d_model: width of the hidden states.
+        n_layers: number of blocks.
+        d_state: SSM state size N per head (the reference uses 64 or 128).
+        d_conv: width of the depthwise causal convolution.
+        expand: d_inner = expand * d_model.
+        headdim: channels per head (64 in the reference); nheads = d_inner / headdim.
+        ngroups: groups of heads sharing B and C.
+        chunk_size: positions per chunk of the SSD algorithm (64 here: the fastest on CPU at the quickstart
+            size; the reference's GPU kernels use 256).
+        max_seq_len: the longest sequence the trunk accepts (no positional tables: only a sanity bound).
+        norm_eps: RMSNorm epsilon.
+    """
+
+    supported_masks = ("causal",)
+
+    def __init__(self, d_model: int = 256, n_layers: int = 4, d_state: int = 64, d_conv: int = 4, expand: int = 2,
+                 headdim: int = 64, ngroups: int = 1, chunk_size: int = 64, max_seq_len: int = 1_000_000,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
+        self._block_args = dict(d_model=d_model, norm_eps=norm_eps, d_state=d_state, d_conv=d_conv, expand=expand,
+                                headdim=headdim, ngroups=ngroups, chunk_size=chunk_size)
+        self.blocks = nn.ModuleList(self.make_block() for _ in range(n_layers))
+        self.norm = RMSNorm(d_model, norm_eps)
+
+    def make_block(self) -> Mamba2ResidualBlock:
+        """A fresh block of this trunk's kind and shape, initialised (used for multi-token heads)."""
+        block = Mamba2ResidualBlock(**self._block_args)
+        with torch.no_grad():  # the reference's init: residual output projections scaled by 1/sqrt(n_layers)
+            block.mixer.out_proj.weight.div_(math.sqrt(self.n_layers))
+        return block
+
+    def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> MambaDecodingCache:
+        return MambaDecodingCache([b.make_cache(batch_size, device, dtype, history) for b in self.blocks])
+
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaDecodingCache | None = None,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> hidden states (B, T, d_model). `positions` is accepted for the trunk contract and
+        unused (a recurrence has no positional encoding); `padding_mask` (B, T) True at real tokens."""
+        _check_mask(mask, "Mamba-2 trunk")
+        check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
+        layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layer_caches):
+            x = block(x, mask=mask, cache=layer_cache, padding_mask=padding_mask)
+        return self.norm(x)
