@@ -70,9 +70,10 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t ;  y_t = C_t h_t + D u_t ;  y_t *= silu(z_t).
 
-    Shapes as `mamba_ssm`'s `selective_scan_ref`: u, delta, z (batch, dim, L); A (dim, N); B, C (dim, N) constant
-    or (batch, N, L) time-varying; D, delta_bias (dim,). Computed in fp32 (fp64 for fp64 inputs); returns
-    (batch, dim, L) in u's dtype, and the final state (batch, dim, N) when `return_last_state`.
+    Shapes as `mamba_ssm`'s `selective_scan_ref`: u, delta, z (batch, dim, L); A (dim, N); B, C (dim, N) constant,
+    (batch, N, L) time-varying, or (batch, G, N, L) time-varying in G groups (channel d reads group d // (dim / G));
+    D, delta_bias (dim,). Computed in fp32 (fp64 for fp64 inputs); returns (batch, dim, L) in u's dtype, and the
+    final state (batch, dim, N) when `return_last_state`.
     """
     dtype_in = u.dtype
     cd = _compute_dtype(u, delta, A, B, C)
@@ -82,12 +83,12 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, L = u.shape
-    B, C = B.to(cd), C.to(cd)
+    B, C = _per_channel(B.to(cd), dim), _per_channel(C.to(cd), dim)  # (dim, N) or (batch, dim, N, L)
     deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (batch, dim, L, N)
     if B.dim() == 2:
         deltaB_u = (delta * u).unsqueeze(-1) * B[:, None, :]
     else:
-        deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
+        deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(2, 3)
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(L):
@@ -95,7 +96,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         if C.dim() == 2:
             ys.append((h * C).sum(-1))
         else:
-            ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+            ys.append(torch.einsum("bdn,bdn->bd", h, C[..., t]))
     y = torch.stack(ys, dim=2)
     out = y if D is None else y + u * D.to(cd)[:, None]
     if z is not None:
@@ -113,8 +114,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Args:
         u, delta: (batch, dim, L).
-        A: (dim, N), real (S4D-real: negative).
-        B, C: (dim, N) constant over time, or (batch, N, L) time-varying (selective).
+        A: (dim, N), real (S4D-real: negative). Complex A (S4D-lin) is not supported off the CUDA kernel.
+        B, C: (dim, N) constant over time, (batch, N, L) time-varying (selective), or (batch, G, N, L)
+            time-varying in G groups, G dividing dim: channel d reads group d // (dim / G) (Mamba-2 and hybrid
+            checkpoints share B and C across the channels of a group; G = 1 is the (batch, N, L) case).
         D: (dim,) skip connection, optional.
         z: (batch, dim, L) gate, optional: the output is multiplied by silu(z).
         delta_bias: (dim,), optional.
@@ -128,9 +131,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return _mamba_ssm_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                             return_last_state)
     if A.is_complex():
-        raise NotImplementedError("the pure-PyTorch selective scan supports real A only")
-    if B.dim() not in (2, 3) or C.dim() not in (2, 3):
-        raise NotImplementedError("the pure-PyTorch selective scan takes B and C as (dim, N) or (batch, N, L)")
+        raise NotImplementedError("the pure-PyTorch selective scan supports real A only (complex A, S4D-lin, needs "
+                                  "mamba_ssm's CUDA kernel): pass A as a real (dim, N) tensor")
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() not in (2, 3, 4):
+            raise ValueError(f"selective_scan takes {name} as (dim, N), (batch, N, L) or (batch, G, N, L); got "
+                             f"shape {tuple(t.shape)}")
+    groups = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
+    if groups > 1:  # the groups are independent scans over their channels
+        return _grouped_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, groups)
+    B, C = (t[:, 0] if t.dim() == 4 else t for t in (B, C))  # one group given as (batch, 1, N, L)
     dtype_in = u.dtype
     cd = _compute_dtype(u, delta, A, B, C)
     u, delta = u.to(cd), _step_sizes(delta.to(cd), delta_bias, delta_softplus, cd, channel_dim=1)
@@ -139,6 +149,37 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                     tm(C.to(cd)) if C.dim() == 3 else C.to(cd), None, 0)
     out = _gate(_channel_major(y), u, D, z, cd, channel_dim=1).to(dtype_in)
     return (out, last.transpose(1, 2)) if return_last_state else out
+
+
+def _per_channel(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C as (dim, N) constant or (batch, dim, N, L): a group's (N, L) repeated for each of its channels."""
+    if t.dim() == 2:
+        return t
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    if dim % t.shape[1]:
+        raise ValueError(f"{t.shape[1]} groups of B/C do not divide the {dim} channels")
+    return t.repeat_interleave(dim // t.shape[1], dim=1)
+
+
+def _grouped_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, groups):
+    """`selective_scan` with B and/or C in `groups` groups: the scan of each group's channels on its own."""
+    dim = u.shape[1]
+    if dim % groups:
+        raise ValueError(f"{groups} groups of B/C do not divide the {dim} channels of u")
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 4 and t.shape[1] != groups:
+            raise ValueError(f"B and C have different numbers of groups ({name}: {t.shape[1]}, the other {groups})")
+    H = dim // groups
+    part = lambda t, g: None if t is None else t[g * H:(g + 1) * H]  # noqa: E731  per-channel parameters
+    outs = []
+    for g in range(groups):
+        cs = slice(g * H, (g + 1) * H)
+        Bg, Cg = (t[:, g] if t.dim() == 4 else (t[cs] if t.dim() == 2 else t) for t in (B, C))
+        outs.append(selective_scan(u[:, cs], delta[:, cs], A[cs], Bg, Cg, part(D, g),
+                                   None if z is None else z[:, cs], part(delta_bias, g), delta_softplus, True))
+    out = torch.cat([o for o, _ in outs], dim=1)
+    return (out, torch.cat([s for _, s in outs], dim=1)) if return_last_state else out
 
 
 def selective_scan_time_major(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -160,6 +160,49 @@ def test_scan_returns_the_input_dtype_and_accepts_time_major_views():
     assert rel_err(selective_scan(**views), ref) < 1e-6  # (vectorised and strided kernels may round apart)
 
 
+@pytest.mark.parametrize("seqlen", [128, 1024])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_grouped_B_and_C_as_mamba_ssm_tests_them(seqlen, groups):
+    """mamba_ssm's tests/ops/test_selective_scan.py grid for grouped B and C, (batch, G, N, L) with G = 1 given as
+    4-D too: batch 2, dim 4, dstate 8, with D, z, delta_bias, softplus and the last state, at its tolerances."""
+    torch.manual_seed(0)
+    batch, dim, dstate = 2, 4, 8
+    rtol, atol = 6e-4, 2e-3
+    A = -0.5 * torch.rand(dim, dstate)
+    B, C = torch.randn(batch, groups, dstate, seqlen), torch.randn(batch, groups, dstate, seqlen)
+    D, z = torch.randn(dim), torch.randn(batch, dim, seqlen)
+    delta_bias = 0.5 * torch.rand(dim)
+    u, delta = torch.randn(batch, dim, seqlen), 0.5 * torch.rand(batch, dim, seqlen)
+    inputs = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    ours = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    theirs = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out, state = selective_scan(**ours, delta_softplus=True, return_last_state=True)
+    out_ref, state_ref = selective_scan_reference(**theirs, delta_softplus=True, return_last_state=True)
+    assert torch.allclose(out, out_ref, rtol=rtol, atol=atol) and torch.allclose(state, state_ref, rtol=rtol, atol=atol)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_ref.backward(g)
+    tolerance = {"u": (2, 2), "delta": (5, 10), "A": (1, 5), "B": (1, 1), "C": (1, 1), "D": (1, 1), "z": (1, 1),
+                 "delta_bias": (1, 1)}
+    for k, (r, a) in tolerance.items():
+        assert torch.allclose(ours[k].grad, theirs[k].grad, rtol=rtol * r, atol=atol * a), k
+    # the grouped reference is channel by channel the ungrouped one with the channel's group as (batch, N, L)
+    with torch.no_grad():
+        for d in range(dim):
+            k = d // (dim // groups)
+            one = selective_scan_reference(u[:, d:d + 1], delta[:, d:d + 1], A[d:d + 1], B[:, k], C[:, k], D[d:d + 1],
+                                           z[:, d:d + 1], delta_bias[d:d + 1], True)
+            torch.testing.assert_close(one, out_ref[:, d:d + 1].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_scan_refuses_groups_that_do_not_divide_dim_and_complex_A():
+    args = scan_args(10, dim=6)
+    with pytest.raises(ValueError, match="4 groups of B/C do not divide the 6 channels"):
+        selective_scan(**{**args, "B": torch.randn(2, 4, 4, 10), "C": torch.randn(2, 4, 4, 10)})
+    with pytest.raises(NotImplementedError, match="real A only"):
+        selective_scan(**{**args, "A": args["A"].to(torch.complex64)})
+
+
 # --- the trunk ------------------------------------------------------------------------------------------------
 
 
