@@ -1,69 +1,71 @@
 """Generate text from any checkpoint of the project (the tokenizer travels inside the checkpoint).
 
     python generate.py --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt --prompt "def " \
-        --max_new_tokens 64 [--speculative true] [--temperature 0.8] [--drafter heads|lookup|...]
+        --max_new_tokens 64 [--speculative true] [--temperature 0.8] [--drafter heads|lookup|...] \
+        [--options '{mode: confidence, tau: 0.8}']
+
+The same conventions as train.py: `--config generate.yaml`, `--print_config`, typed flags. The checkpoint is read
+with `weights_only=True` (objectives/checkpoints.py): one that holds anything but plain tensors, numbers and
+strings is refused, never unpickled.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import time
 
 import torch
+from jsonargparse import auto_cli
 from tokenizers import Tokenizer
 
 from objectives.base import Objective
+from objectives.checkpoints import checkpoint_tokenizer, load_checkpoint, load_objective
 
 
 def load(ckpt_path: str) -> tuple[Objective, Tokenizer]:
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    tokenizer = next((state["tokenizer"] for state in checkpoint.values()
-                      if isinstance(state, dict) and "tokenizer" in state), None)
+    """The objective stored in a checkpoint (its own class and hyperparameters), in eval mode, and its tokenizer."""
+    checkpoint = load_checkpoint(ckpt_path)
+    tokenizer = checkpoint_tokenizer(checkpoint)
     if tokenizer is None:
         raise ValueError(f"{ckpt_path} carries no tokenizer: it was not written by train.py's datamodules")
-    # the objective's class from the checkpoint (train.py records it), so its own hyperparameters apply
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "objectives.base.Objective")
-    module, name = class_path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, Objective)):
-        raise ValueError(f"{ckpt_path} names {class_path}, which is not an objective of this project")
-    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
-    return model.eval(), Tokenizer.from_str(tokenizer)
+    return load_objective(ckpt_path, checkpoint=checkpoint), Tokenizer.from_str(tokenizer)
 
 
-def boolean(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
+def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
+             options: dict | None = None, seed: int = 0) -> None:
+    """Generate a continuation of a prompt from a checkpoint written by train.py, and print it with its speed.
 
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--speculative", type=boolean, default=False)
-    p.add_argument("--drafter", default=None, help="drafting strategy (default: the objective's own)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-
-    torch.manual_seed(args.seed)
-    model, tokenizer = load(args.ckpt_path)
-    ids = tokenizer.encode(args.prompt).ids or [model.eos_id or 0]
-    prompt = torch.tensor([ids])
-    options = {"speculative": True, "drafter": args.drafter} if args.speculative else {}
+    Args:
+        ckpt_path: a checkpoint written by train.py (the tokenizer travels inside it).
+        prompt: the text to continue.
+        max_new_tokens: tokens to generate.
+        temperature: 0 decodes greedily; above 0 samples.
+        top_k: sample from the k most likely tokens only.
+        speculative: draft-then-verify decoding (the same output as plain decoding, in fewer forwards).
+        drafter: the drafting strategy of speculative decoding (default: the objective's own).
+        options: further keyword arguments of the objective's own `generate` (a family's decoding modes).
+        seed: the random seed of sampling.
+    """
+    torch.manual_seed(seed)
+    model, tokenizer = load(ckpt_path)
+    ids = tokenizer.encode(prompt).ids or [model.eos_id or 0]
+    prompt_ids = torch.tensor([ids])
+    kwargs = dict(options or {})
+    if speculative:
+        kwargs.update(speculative=True, drafter=drafter)
     start = time.perf_counter()
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, **options)
+    out = model.generate(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, **kwargs)
     seconds = time.perf_counter() - start
     print(tokenizer.decode(out[0].tolist(), skip_special_tokens=False))
-    new = out.shape[1] - prompt.shape[1]
+    new = out.shape[1] - prompt_ids.shape[1]
     print(f"\n[{new} tokens in {seconds:.2f}s: {new / seconds:.1f} tokens/s", end="")
-    if args.speculative:
-        stats = model.decode_stats
+    stats = getattr(model, "decode_stats", None)
+    if stats and stats.get("steps"):
         print(f"; mean accepted length {stats['tokens'] / max(stats['steps'], 1):.2f} tokens per forward", end="")
     print("]")
+
+
+def main(args: list[str] | None = None) -> None:
+    auto_cli(generate, args=args, as_positional=False)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.findall(r"(?:Unsupported global: GLOBAL|Unsupported operand|unsupported global:?)\s*([\w.]+)",
-                           str(error))
-        what = f" ({', '.join(sorted(set(found)))})" if found else ""
+        found = set(re.findall(r"GLOBAL ([\w.]+)", str(error)))
+        try:  # every global the file names (read from the pickle's opcodes, nothing built), less the allowed
+            allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+            found |= set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except Exception:
+            pass
+        what = f" ({', '.join(sorted(found))})" if found else ""
         raise UnsafeCheckpointError(
             f"{path} was refused: it holds objects outside the plain types of the project's checkpoints{what}, and "
             f"unpickling them could run code. Nothing in it was built. Load only checkpoints written by train.py; "

@@ -1,4 +1,5 @@
-"""generate.py loads a checkpoint written by train.py (tokenizer included) and decodes, plain or speculative."""
+"""generate.py loads a checkpoint written by train.py (tokenizer included) and decodes, plain or speculative, with
+train.py's command-line conventions (jsonargparse: --config, --print_config, typed flags, --help)."""
 from __future__ import annotations
 
 import subprocess
@@ -23,3 +24,23 @@ def test_generate_from_a_trained_mtp_checkpoint(tmp_path, corpus_files):
     assert "mean accepted length" in fast
     assert plain.split("\n[")[0] == fast.split("\n[")[0]  # the same text
     assert "mean accepted length" in generate("--speculative", "true", "--drafter", "lookup")
+    # --print_config writes a config that --config reads back to the same output
+    config = tmp_path / "generate.yaml"
+    config.write_text(generate("--print_config"))
+    again = subprocess.run([sys.executable, "generate.py", "--config", str(config)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.split("\n[")[0] == plain.split("\n[")[0]
+
+
+def test_generate_flags_are_typed_and_documented(capsys):
+    import pytest
+
+    import generate
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--config" in help_text and "--print_config" in help_text and "tokens to generate" in help_text
+    with pytest.raises(SystemExit):
+        generate.main(["--ckpt_path", "x.ckpt", "--max_new_tokens", "many"])
+    assert "max_new_tokens" in capsys.readouterr().err
