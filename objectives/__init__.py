@@ -1,10 +1,11 @@
 """Objectives: one LightningModule per family, all subclasses of `objectives.base.Objective`."""
 from objectives.base import Objective
+from objectives.coconut import Coconut
 from objectives.diffusion_lm import DiffusionLM
 from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
-from objectives.summaries import BagOfWordsSummary
+from objectives.summaries import BagOfWordsSummary, ReverseLMSummary
 
-__all__ = ["Objective", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
-           "BagOfWordsSummary"]
+__all__ = ["Objective", "Coconut", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
+           "BagOfWordsSummary", "ReverseLMSummary"]

@@ -166,3 +166,75 @@ class BagOfWordsSummary(nn.Module):
                      first[s : s + self.chunk_size], ok[s : s + self.chunk_size])
             total = total + (checkpoint(_bow_chunk, *piece, use_reentrant=False) if recompute else _bow_chunk(*piece))
         return total / (max(z.shape[0], 1) * (self.window - 1))
+
+
+def reverse_lm_targets(reverse_model, tokens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reverse model's hidden states aligned to the forward positions 0..T-1: (targets [B, T, D_r], has [T]).
+
+    Index arithmetic. A row holds L tokens x[0..L-1] and the forward trunk's hidden[:, t] (t = 0..L-2) has read
+    x[0..t]. The reverse model (NTP with `reverse: true`) reads y = flip(x), y[j] = x[L-1-j], and runs its trunk on
+    y[0..L-2]; its g[:, j] (j = 0..L-2) has read y[0..j] = x[L-1-j .. L-1]. The state that has read exactly
+    x[>= t+2] has L-1-j = t+2, i.e. j = L-3-t. So target(t) = g[:, L-3-t] for t = 0..L-3, which is
+    g[:, :L-2].flip(1); position t = L-2 has nothing after x[t+1] and gets no target (has[t] False).
+    """
+    L = tokens.shape[1]
+    with torch.no_grad():
+        g = reverse_model.hidden(tokens.flip(1)[:, :-1])                     # [B, L-1, D_r]
+    targets = g[:, : L - 2].flip(1)                                           # [B, L-2, D_r]: row t = g[:, L-3-t]
+    has = torch.arange(T, device=tokens.device) < L - 2
+    return F.pad(targets, (0, 0, 0, T - targets.shape[1])), has
+
+
+class ReverseLMSummary(nn.Module):
+    """The learned summary: the hidden state of a frozen right-to-left language model (Mahajan et al. 2025,
+    section 3.2) that has read x[>= t+2], the future after the next token (alignment: `reverse_lm_targets`).
+
+    The companion is the project's NTP objective trained with `reverse: true` on the same data (for the code corpus
+    configs/experiments/reverse_lm_code.yaml), loaded from its checkpoint as a `FrozenCompanion`: eval mode, no
+    gradient, outside the optimizer, and stored in this run's checkpoints by path and hash. A head (Linear, GELU,
+    Linear) maps h_t to the companion's width, and the loss is the squared error per dimension (`loss: l2`) or
+    1 - cosine similarity (`loss: cosine`), averaged over the positions whose next token the objective counts.
+
+    Args:
+        checkpoint: the reverse model's checkpoint.
+        loss: "l2" or "cosine".
+        weight: lambda, the loss weight.
+    """
+
+    name = "fsp_rev"
+
+    def __init__(self, checkpoint: str, loss: str = "l2", weight: float = 1.0):
+        super().__init__()
+        if loss not in ("l2", "cosine"):
+            raise ValueError(f"loss {loss!r} is unknown: use 'l2' or 'cosine'")
+        self.checkpoint, self.loss, self.weight = checkpoint, loss, weight
+
+    def attach(self, objective) -> None:
+        from pathlib import Path
+
+        from objectives.checkpoints import FrozenCompanion
+        if not Path(self.checkpoint).is_file():
+            raise FileNotFoundError(
+                f"ReverseLMSummary: no reverse-model checkpoint at {self.checkpoint}: train one first (NTP with "
+                f"reverse: true on the same data, e.g. configs/experiments/reverse_lm_code.yaml) and give its path")
+        self.companion = FrozenCompanion(self.checkpoint)
+        model = self.companion.model
+        if not getattr(model, "reverse", False):
+            raise ValueError(f"ReverseLMSummary: {self.checkpoint} holds a {type(model).__name__} that reads left to "
+                             f"right; the summary needs a right-to-left model (NextTokenPrediction with reverse: true)")
+        if model.vocab_size != objective.vocab_size:
+            raise ValueError(f"ReverseLMSummary: the reverse model's vocabulary has {model.vocab_size} tokens, this "
+                             f"model's {objective.vocab_size}: train the reverse model on the same data")
+        d = objective.embedding_width()
+        self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, model.trunk.d_model))
+
+    def forward(self, hidden: torch.Tensor, batch: dict, objective) -> torch.Tensor:
+        T = hidden.shape[1]
+        targets, has = reverse_lm_targets(self.companion.model, batch["tokens"], T)
+        src = source_positions(batch, T) & has
+        predicted, targets = self.head(hidden[src]).float(), targets[src].float()
+        if self.loss == "l2":
+            per_position = (predicted - targets).pow(2).mean(-1)
+        else:
+            per_position = 1 - F.cosine_similarity(predicted, targets, dim=-1)
+        return per_position.sum() / max(per_position.numel(), 1)

@@ -77,10 +77,24 @@ def comparison_experiment(config: str) -> bool:
     return "runs" in (yaml.safe_load(open(config)) or {})
 
 
+# experiments whose summary reads a frozen companion's checkpoint, and the experiment that trains that companion
+COMPANIONS = {"fsp_revlm_code.yaml": "reverse_lm_code.yaml", "path_star_fsp_revlm.yaml": "path_star_reverse_lm.yaml"}
+
+
+def companion_flags(config: str, tmp_path) -> list[str]:
+    """For an experiment with a companion: train the companion for a step and point the summary at its checkpoint."""
+    if Path(config).name not in COMPANIONS:
+        return []
+    companion = str(CONFIGS / "experiments" / COMPANIONS[Path(config).name])
+    run_cli(tmp_path / "companion", "--config", companion, *tiny_model_for(companion),
+            "--model.init_args.trunk.init_args.max_seq_len", "512", steps=1)
+    return ["--model.init_args.summaries.init_args.checkpoint", str(next((tmp_path / "companion").rglob("last.ckpt")))]
+
+
 @pytest.mark.parametrize("config", [c for c in names("experiments") if not comparison_experiment(c)])
 def test_experiment_config_fits_a_step(config, tmp_path):
     cli = run_cli(tmp_path, "--config", config, *tiny_model_for(config),
-                  "--model.init_args.trunk.init_args.max_seq_len", "512", steps=1)
+                  "--model.init_args.trunk.init_args.max_seq_len", "512", *companion_flags(config, tmp_path), steps=1)
     assert cli.trainer.global_step == 1
 
 
