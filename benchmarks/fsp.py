@@ -1,7 +1,8 @@
 """Future summary prediction (Mahajan et al. 2025, arXiv 2510.14751) against next-token and multi-token prediction.
 
     python -m benchmarks.fsp [--parts pathstar,code,overhead] [--graphs 5,8] [--runs ntp,bow,...]
-                             [--steps 2000] [--code_steps 300] [--seeds 0,1] [--save_dir runs/fsp] [--json F]
+                             [--steps 2000] [--code_steps 300] [--seeds 0,1] [--code_args FLAGS]
+                             [--save_dir runs/fsp] [--json F]
 
 (a) `pathstar`: test accuracy on path-star G(2, l, 50) for each l in --graphs, at the path-star table's budget
     (benchmarks/path_star.py: same trunk, data sizes, steps): NTP, NTP + bag-of-words (without and with tf-idf),
@@ -62,7 +63,8 @@ PATH_STAR_RUNS = {  # name: (experiment config, extra flags); "revlm" also gets 
 }
 
 
-def path_star(graphs: list[int], runs: list[str], steps: int, minutes: float, save_dir: str) -> list[dict]:
+def path_star(graphs: list[int], runs: list[str], steps: int, minutes: float, save_dir: str,
+              companion_steps: int) -> list[dict]:
     rows = []
     for length in graphs:
         data = ["--data.init_args.path_length", str(length)]
@@ -70,7 +72,7 @@ def path_star(graphs: list[int], runs: list[str], steps: int, minutes: float, sa
             config, extra = PATH_STAR_RUNS[run]
             if run == "revlm":
                 companion = final_checkpoint(EXPERIMENTS / "path_star_reverse_lm.yaml",
-                                             ["--trainer.max_steps", str(steps), *data], save_dir,
+                                             ["--trainer.max_steps", str(companion_steps), *data], save_dir,
                                              f"path_star_reverse_lm_l{length}")
                 extra = [revlm(companion)]
             row = train_and_test(run, steps, minutes, save_dir, extra_args=(*data, *extra),
@@ -84,11 +86,11 @@ def path_star(graphs: list[int], runs: list[str], steps: int, minutes: float, sa
 CODE_RUNS = ["ntp", "bow", "bow_tfidf", "revlm"]
 
 
-def code(runs: list[str], steps: int, seeds: list[int], save_dir: str) -> list[dict]:
+def code(runs: list[str], steps: int, seeds: list[int], save_dir: str, flags: list[str]) -> list[dict]:
     rows = []
     for seed in seeds:
         budget = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-                  "--seed_everything", str(seed)]
+                  "--seed_everything", str(seed), *flags]
         for run in runs:
             extra = {"ntp": [], "bow": [attach("bow")], "bow_tfidf": [attach("bow_tfidf")]}.get(run)
             if run == "revlm":
@@ -133,9 +135,11 @@ def main() -> None:
     p.add_argument("--runs", default=",".join(PATH_STAR_RUNS), help="path-star runs")
     p.add_argument("--code_runs", default=",".join(CODE_RUNS))
     p.add_argument("--steps", type=int, default=2000, help="path-star steps per run (the path-star table's)")
+    p.add_argument("--companion_steps", type=int, default=2000, help="steps of the path-star reverse LM")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-time cap per path-star run")
     p.add_argument("--code_steps", type=int, default=300, help="code-corpus steps per run (the quickstart's)")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--code_args", default="", help="extra train.py flags for every code-corpus run (a smaller shape)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--overhead_steps", type=int, default=4)
     p.add_argument("--save_dir", default="runs/fsp")
@@ -148,13 +152,14 @@ def main() -> None:
                                 f"rounds of {args.overhead_steps} steps, batch 16 x 256)", None)
     if "pathstar" in parts:
         out["pathstar"] = path_star([int(g) for g in args.graphs.split(",")], args.runs.split(","), args.steps,
-                                    args.minutes, args.save_dir)
+                                    args.minutes, args.save_dir, args.companion_steps)
         report(out["pathstar"], f"path-star G(2, l, 50): test accuracy (1000 graphs, {precision}, at most "
                                 f"{args.steps} steps each)", None)
     if "code" in parts:
         out["code"] = code(args.code_runs.split(","), args.code_steps, [int(s) for s in args.seeds.split(",")],
-                           args.save_dir)
-        report(out["code"], f"code corpus: final val/ntp_loss ({precision}, {args.code_steps} steps each)", None)
+                           args.save_dir, args.code_args.split())
+        report(out["code"], f"code corpus: final val/ntp_loss ({precision}, {args.code_steps} steps each "
+                            f"{args.code_args})", None)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
