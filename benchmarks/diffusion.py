@@ -3,6 +3,7 @@ step budget (the quickstart's trunk and data; the budget of configs/experiments/
 
     python -m benchmarks.diffusion [--ntp_ckpt P] [--mdlm_ckpt P] [--diffusion_lm_ckpt P] [--prompts 16]
                                    [--new_tokens 64] [--sampling_steps 8,32,128] [--path_star] [--json out.json]
+                                   [--families mdlm,diffusion_lm]
 
 (a) Likelihood: MDLM's and Diffusion-LM's `val/nll_bound` beside NTP's `val/ntp_loss` (nats per token, the same
     val windows) and the unigram entropy. For scale, on OpenWebText MDLM's bound is 23.2 perplexity against
@@ -15,6 +16,7 @@ step budget (the quickstart's trunk and data; the budget of configs/experiments/
 (c) With --path_star: the MDLM row of the path-star table (benchmarks.path_star,
     configs/experiments/path_star_mdlm.yaml).
 
+`--families` picks the diffusion families to train and sample (NTP, the scorer, always runs).
 Models not given as checkpoints are trained by their recipes: configs/experiments/mdlm_code.yaml,
 configs/experiments/diffusion_lm_code.yaml, and configs/quickstart.yaml (NTP) with the MDLM recipe's max_steps.
 """
@@ -93,11 +95,16 @@ def main() -> None:
     p.add_argument("--sampling_steps", default="8,32,128")
     p.add_argument("--path_star", action="store_true", help="also train and test MDLM on path-star (up to 10 min)")
     p.add_argument("--save_dir", default="runs")
+    p.add_argument("--families", default="mdlm,diffusion_lm", help="diffusion families to run, comma-separated")
     args = p.parse_args()
     precision = auto_precision()
+    families = args.families.split(",")
+    unknown = set(families) - {"mdlm", "diffusion_lm"}
+    if unknown:
+        p.error(f"--families {args.families}: unknown {sorted(unknown)}; choose among mdlm, diffusion_lm")
 
     models, likelihood_rows = {}, []
-    for name in ("ntp", "mdlm", "diffusion_lm"):
+    for name in ("ntp", *families):
         model, tokenizer, nats, unigram = trained(name, getattr(args, f"{name}_ckpt"), args.save_dir)
         models[name] = model
         likelihood_rows.append({"objective": type(model).__name__, "metric": LIKELIHOOD[name], "nats/token": nats,
@@ -108,20 +115,21 @@ def main() -> None:
 
     torch.manual_seed(0)
     prompts = torch.tensor(held_out_prompts(tokenizer, args.prompts, args.prompt_tokens))
-    ntp, mdlm = models["ntp"], models["mdlm"]
-    diffusion_lm = models["diffusion_lm"]
+    ntp, mdlm, diffusion_lm = models["ntp"], models.get("mdlm"), models.get("diffusion_lm")
     # (label, steps, sampler, network calls it makes: None = counted by the model)
     runs = [("NTP (autoregressive, KV cache)", "-", lambda: ntp.generate(prompts, args.new_tokens, temperature=1.0),
              args.new_tokens)]
-    for steps in map(int, args.sampling_steps.split(",")):
+    for steps in map(int, args.sampling_steps.split(",")) if mdlm is not None else ():
         runs.append(("MDLM ancestral", steps, lambda s=steps: mdlm.generate(
             prompts, args.new_tokens, temperature=1.0, steps=s, sampler="ancestral"), None))
-    runs.append(("Diffusion-LM (clamped)", diffusion_lm.hparams.sampling_steps,
-                 lambda: diffusion_lm.generate(prompts, args.new_tokens, temperature=1.0),
-                 diffusion_lm.hparams.sampling_steps))
+    if diffusion_lm is not None:
+        runs.append(("Diffusion-LM (clamped)", diffusion_lm.hparams.sampling_steps,
+                     lambda: diffusion_lm.generate(prompts, args.new_tokens, temperature=1.0),
+                     diffusion_lm.hparams.sampling_steps))
     sample_rows = []
     for label, steps, sample, calls in runs:
-        mdlm.network_calls = 0
+        if mdlm is not None:
+            mdlm.network_calls = 0
         samples, seconds = timed(sample)
         sample_rows.append({"sampler": label, "steps": steps,
                             "gen. perplexity": generative_perplexity(ntp, prompts, samples),

@@ -23,8 +23,9 @@ Tasks
   Reasoning via Knowledge Distillation", arXiv:2311.01460; Deng et al. 2024, "From Explicit CoT to Implicit
   CoT", arXiv:2405.14838), digits written least-significant first by default as they do.
 * **file**: JSON (a list) or JSONL files of ``{"question", "steps", "answer"}`` records, the shape of the public
-  ProsQA, ProntoQA and GSM8k-Aug releases; word-level vocabulary built from the files, or a given
-  ``tokenizer.json`` (tokenizers library).
+  ProsQA, ProntoQA and GSM8k-Aug releases; a word-level vocabulary built from the train split (held-out words
+  become ``<unk>``, counted in `unknown_tokens`), or a given ``tokenizer.json`` (tokenizers library). Given
+  val/test files are the held-out splits as they are.
 
 Batch contract (dict of tensors, right-padded)
 ----------------------------------------------
@@ -32,7 +33,9 @@ Batch contract (dict of tensors, right-padded)
 predicts tokens[:, 1:] from tokens[:, :-1] weighted by loss_mask[:, 1:]); ``segments`` [B, L] long: -1 padding,
 0 prompt, 1 answer (``<ans>``, answer tokens, ``<eos>``), 2 + k reasoning step k (its tokens and its ``<step>``);
 ``prompt_len`` [B] long; ``answer`` [B, A] long = ``<ans>`` + answer tokens (no ``<eos>``), padded with -1;
-with ``teacherless`` also ``inputs`` [B, L] long = tokens with the answer tokens replaced by ``<dummy>``.
+with ``teacherless`` also ``inputs`` [B, L] long = tokens with the answer tokens replaced by ``<dummy>``; with a
+byte-level BPE ``tokenizer.json`` also ``token_bytes`` [B, L] long, each token's UTF-8 bytes (0 for specials), for
+bits per byte (a word-level vocabulary has none: its tokens do not add up to the text's bytes).
 Exact match: the generation after the prompt, cut at the first ``<eos>``, ends with the unpadded answer row.
 """
 from __future__ import annotations
@@ -48,7 +51,10 @@ from typing import Literal, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
+
+from datamodules.text import token_byte_lengths
 
 PAD, EOS, UNK, STEP, ANS, DUMMY = "<pad>", "<eos>", "<unk>", "<step>", "<ans>", "<dummy>"
 SPECIALS = (PAD, EOS, UNK, STEP, ANS, DUMMY)  # ids 0..5 in every word-level vocabulary
@@ -431,8 +437,9 @@ def build_sequence(question: Sequence[int], steps: Sequence[Sequence[int]], answ
     return out
 
 
-def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of `build_sequence` outputs into the batch contract."""
+def collate(items: list[dict], pad_id: int, token_bytes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `build_sequence` outputs into the batch contract (with `token_bytes` [V], bytes per
+    token id, also each token's bytes)."""
     B, T = len(items), max(len(it["tokens"]) for it in items)
     A = max(len(it["answer"]) for it in items)
     batch = {
@@ -452,15 +459,17 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["answer"][b, : len(it["answer"])] = torch.tensor(it["answer"])
         if "inputs" in batch:
             batch["inputs"][b, :n] = torch.tensor(it["inputs"])
+    if token_bytes is not None:
+        batch["token_bytes"] = token_bytes[batch["tokens"]]
     return batch
 
 
 class _Collate:  # picklable for worker processes
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, token_bytes: torch.Tensor | None = None):
+        self.pad_id, self.token_bytes = pad_id, token_bytes
 
     def __call__(self, items):
-        return collate(items, self.pad_id)
+        return collate(items, self.pad_id, self.token_bytes)
 
 
 Encoded = tuple[list[int], list[list[int]], list[int]]
@@ -542,13 +551,17 @@ class ReasoningDataModule(L.LightningDataModule):
         reverse_digits: multiplication numbers written least-significant digit first.
         max_seq_len: ProsQA: graphs whose full sequence is longer are redrawn (default 384); files: records
             longer are dropped with a warning (default: no limit).
-        train_file, val_file, test_file: task "file": JSON or JSONL records; without val_file/test_file,
-            val_size/test_size records are split off the shuffled train file.
+        train_file, val_file, test_file: task "file": JSON or JSONL records. Given val/test files are those
+            splits, whatever their size. A held-out split without a file is split off the shuffled train file:
+            val_size/test_size records where set; otherwise, when no held-out file is given at all, 10% of the
+            records each (at most 500 and 1000); beside a given val file, no test split (`train.py test` then
+            asks for test_file or test_size).
         tokenizer_path: task "file": a `tokenizers` tokenizer.json to use instead of a word-level vocabulary
             built from the files (missing special tokens are added to it).
         train_size: number of train examples, or None for a fresh generated stream of `stream_size` items
             (file task: None = all records).
-        val_size, test_size: sizes of the fixed held-out sets (disjoint from train and from each other).
+        val_size, test_size: sizes of the fixed held-out sets (disjoint from train and from each other); generated
+            tasks default to 500 and 1000; for files see train_file.
         stream_size: nominal length of the generated train stream (an epoch).
         batch_size, num_workers: loader settings.
         seed: seeds everything the data depends on.
@@ -573,8 +586,8 @@ class ReasoningDataModule(L.LightningDataModule):
         test_file: str | None = None,
         tokenizer_path: str | None = None,
         train_size: int | None = None,
-        val_size: int = 500,
-        test_size: int = 1000,
+        val_size: int | None = None,
+        test_size: int | None = None,
         stream_size: int = 1_000_000,
         batch_size: int = 64,
         seed: int = 0,
@@ -607,7 +620,8 @@ class ReasoningDataModule(L.LightningDataModule):
                 gen = ProsQATask(23 if num_nodes is None else num_nodes, 384 if max_seq_len is None else max_seq_len)
             else:
                 gen = MultiplicationTask(digits, reverse_digits)
-            self._init_generated(gen, train_size, val_size, test_size, stream_size)
+            self._init_generated(gen, train_size, 500 if val_size is None else val_size,
+                                 1000 if test_size is None else test_size, stream_size)
         else:
             raise ValueError(f"task must be one of path_star, prosqa, multiplication, file; got {task!r}")
         self.bytes_per_token = self._bytes_per_token()
@@ -622,6 +636,8 @@ class ReasoningDataModule(L.LightningDataModule):
         self.step_id, self.answer_id, self.dummy_id = tid(STEP), tid(ANS), tid(DUMMY)
         self.ids = SpecialIds(self.pad_id, self.eos_id, self.step_id, self.answer_id, self.dummy_id)
         self._itos = [tok.id_to_token(i) for i in range(self.vocab_size)]
+        lengths = None if word_level else token_byte_lengths(tok)
+        self.token_bytes = None if lengths is None else torch.from_numpy(lengths)
 
     def _init_generated(self, gen, train_size, val_size, test_size, stream_size):
         self.generator = gen
@@ -653,21 +669,24 @@ class ReasoningDataModule(L.LightningDataModule):
         train = load_records(train_file)
         val = load_records(val_file) if val_file else None
         test = load_records(test_file) if test_file else None
-        if val is None or test is None:
-            order = list(range(len(train)))
-            random.Random(f"{self.seed}/file-split").shuffle(order)
-            take_test = 0 if test is not None else test_size
-            take_val = 0 if val is not None else val_size
+        tenth = lambda most: max(1, min(most, len(train) // 10))  # noqa: E731
+        take_val = 0 if val is not None else tenth(500) if val_size is None else val_size
+        take_test = (0 if test is not None else test_size if test_size is not None
+                     else tenth(1000) if val is None else 0)  # beside a given val file, no test split of its own
+        if take_test + take_val:
             if take_test + take_val >= len(train):
                 raise ValueError(
                     f"{train_file}: {len(train)} records cannot give test_size={take_test} and val_size={take_val} "
                     f"and leave any for training; pass val_file=/test_file= or smaller sizes"
                 )
-            if test is None:
-                test = [train[i] for i in order[:take_test]]
-            if val is None:
-                val = [train[i] for i in order[take_test : take_test + take_val]]
+            order = list(range(len(train)))
+            random.Random(f"{self.seed}/file-split").shuffle(order)
+            test = [train[i] for i in order[:take_test]] if test is None else test
+            val = [train[i] for i in order[take_test : take_test + take_val]] if val is None else val
             train = [train[i] for i in order[take_test + take_val :]]
+        test = test or []
+        if not val:
+            raise ValueError(f"{train_file}: no val records; pass val_file= or a val_size of at least 1")
         heldout = {key_hash(r["question"]) for r in val + test}
         kept = [r for r in train if key_hash(r["question"]) not in heldout]
         if len(kept) < len(train):
@@ -691,7 +710,8 @@ class ReasoningDataModule(L.LightningDataModule):
                 tok.add_special_tokens(missing)
             self._set_tokenizer(tok, word_level=False)
         else:
-            self._set_tokenizer(word_level_tokenizer(_records_vocab(train + val + test)), word_level=True)
+            # the vocabulary comes from the train split alone: held-out words are <unk>, as they would be
+            self._set_tokenizer(word_level_tokenizer(_records_vocab(train)), word_level=True)
         self.heldout_hashes = frozenset(heldout)
         self.stream = False
         self.generator = None
@@ -709,6 +729,12 @@ class ReasoningDataModule(L.LightningDataModule):
             for e in encs:
                 longest = max(longest, full_length((len(e[0]), [len(s) for s in e[1]], len(e[2]))))
             sets[split] = encs
+        if self.word_level:
+            self.unknown_tokens = {split: self._count_unknown(sets[split]) for split in ("val", "test")}
+            for split, (unknown, total) in self.unknown_tokens.items():
+                if total:
+                    rank_zero_info(f"{split}: {unknown} of {total} tokens ({unknown / total:.2%}) are not in the "
+                                   f"train split's vocabulary and read as {UNK}")
         self.train_set = EncodedDataset(sets["train"], self.ids, self.opts)
         self.val_set = EncodedDataset(sets["val"], self.ids, self.opts)
         self.test_set = EncodedDataset(sets["test"], self.ids, self.opts)
@@ -727,12 +753,22 @@ class ReasoningDataModule(L.LightningDataModule):
             j += len(r["steps"])
         return out
 
+    def _count_unknown(self, encoded: list[Encoded]) -> tuple[int, int]:
+        """(tokens read as <unk>, all tokens) of encoded records."""
+        ids = [t for q, steps, a in encoded for t in [*q, *(t for st in steps for t in st), *a]]
+        return sum(t == self.unk_id for t in ids), len(ids)
+
     def _bytes_per_token(self) -> float:
+        """UTF-8 bytes per token of the val split's trained tokens (byte-level BPE only); 0.0 where undefined (a
+        word-level vocabulary: its tokens do not add up to the text's bytes), and no val/bpb is logged."""
+        if self.token_bytes is None:
+            return 0.0
         n_bytes = n_tok = 0
         for i in range(min(len(self.val_set), 256)):
-            ids = self.val_set[i]["tokens"]
-            n_bytes += len(self.decode(ids).encode("utf-8"))
-            n_tok += len(ids)
+            item = self.val_set[i]
+            mask = torch.tensor(item["loss_mask"])
+            n_bytes += float((self.token_bytes[torch.tensor(item["tokens"])] * mask).sum())
+            n_tok += float(mask.sum())
         return n_bytes / max(n_tok, 1)
 
     # -- public API -----------------------------------------------------------------------------------------
@@ -759,17 +795,20 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=not self.stream,
-                          num_workers=self.num_workers, collate_fn=_Collate(self.pad_id),
+                          num_workers=self.num_workers, collate_fn=_Collate(self.pad_id, self.token_bytes),
                           persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, ds):
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=_Collate(self.pad_id), persistent_workers=self.num_workers > 0)
+                          collate_fn=_Collate(self.pad_id, self.token_bytes), persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
         return self._eval_loader(self.val_set)
 
     def test_dataloader(self):
+        if not len(self.test_set):
+            raise ValueError("there is no test split: pass data.init_args.test_file (or test_size, to split it off "
+                             "the train file)")
         return self._eval_loader(self.test_set)
 
 

@@ -39,12 +39,35 @@ def _bucket(key: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
+def token_byte_lengths(tokenizer) -> np.ndarray | None:
+    """UTF-8 bytes of each token's piece of source text [V], for a byte-level BPE (each character of a token
+    stands for one byte, so a text's tokens add up to its bytes exactly); special tokens cover none (0). None for
+    any other tokenizer, whose pieces need not add up to the text (a word-level vocabulary drops the spaces)."""
+    from tokenizers import decoders, pre_tokenizers
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel) or getattr(tokenizer.pre_tokenizer, "add_prefix_space",
+                                                                         False):
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    lengths = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        if piece in specials:
+            continue
+        if not set(piece) <= alphabet:
+            return None
+        lengths[i] = len(piece)
+    return lengths
+
+
 class TokenWindows(Dataset):
     """Windows of `length` tokens from a flat token array: random starts (training) or fixed, back to back
-    (evaluation). Item i is a function of (seed, i) only, so distributed samplers split the work."""
+    (evaluation). Item i is a function of (seed, i) only, so distributed samplers split the work. With
+    `token_bytes` (bytes per token id) an item also carries each token's UTF-8 bytes, for bits per byte."""
 
-    def __init__(self, path: Path, dtype: str, length: int, random: bool, num_windows: int, seed: int = 0):
+    def __init__(self, path: Path, dtype: str, length: int, random: bool, num_windows: int, seed: int = 0,
+                 token_bytes: np.ndarray | None = None):
         self.path, self.dtype, self.length, self.random, self.seed = path, dtype, length, random, seed
+        self.token_bytes = None if token_bytes is None else torch.from_numpy(token_bytes)
         self.n_tokens = os.path.getsize(path) // np.dtype(dtype).itemsize
         if self.n_tokens <= length:
             raise ValueError(f"{path.name} holds {self.n_tokens} tokens, fewer than one window of {length}: "
@@ -64,7 +87,10 @@ class TokenWindows(Dataset):
         else:
             start = i * self.length
         tokens = torch.from_numpy(self._data[start : start + self.length].astype(np.int64))
-        return {"tokens": tokens, "loss_mask": torch.ones(self.length)}
+        item = {"tokens": tokens, "loss_mask": torch.ones(self.length)}
+        if self.token_bytes is not None:
+            item["token_bytes"] = self.token_bytes[tokens]
+        return item
 
 
 class TextDataModule(L.LightningDataModule):
@@ -116,7 +142,8 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def bytes_per_token(self) -> float:
-        """UTF-8 bytes per token of the val split: converts nats per token into bits per byte."""
+        """UTF-8 bytes per token of the whole val split (a property of the corpus and tokenizer). `val/bpb` does not
+        use it: each batch carries its own tokens' bytes (`token_bytes`)."""
         return self.meta["bytes_per_token"]["val"]
 
     @property
@@ -295,7 +322,7 @@ class TextDataModule(L.LightningDataModule):
         if split not in self.meta["tokens"]:
             raise ValueError(f"the {split} split is empty: raise data.init_args.{split}_fraction")
         return TokenWindows(self.cache_path / f"{split}.bin", self.meta["dtype"], self.hparams.seq_len + 1,
-                            random, count, self.hparams.seed)
+                            random, count, self.hparams.seed, token_byte_lengths(self.tokenizer))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,

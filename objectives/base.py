@@ -29,7 +29,8 @@ class Objective(L.LightningModule):
     Args:
         trunk: the sequence mixer (a `models` class, given by class_path).
         vocab_size: tokens in the vocabulary (linked from the datamodule by train.py).
-        bytes_per_token: UTF-8 bytes per token of the val split (linked from the datamodule), for val/bpb.
+        bytes_per_token: UTF-8 bytes per token of the val split (linked from the datamodule), kept in the
+            hyperparameters; val/bpb counts the bytes of each batch's own counted tokens (`token_bytes`).
         eos_id: the end-of-sequence token (linked from the datamodule): generation of a row stops there.
         optimizer: optimizer factory, given decay and no-decay parameter groups.
         lr_scheduler: schedule factory (stepped every optimizer step).
@@ -164,12 +165,16 @@ class Objective(L.LightningModule):
         out = self.loss(batch)
         n = int(batch["tokens"].shape[0])
         self.log(M.VAL_LOSS, out["loss"], batch_size=n, sync_dist=True)
-        if "ntp_nll" in out:
+        if "ntp_nll" in out:  # next-token targets: tokens[:, 1:] (a reversed model predicts tokens[:, :-1])
             count = max(int(out["ntp_tokens"]), 1)
-            self.log_likelihood(M.VAL_NTP_LOSS, out["ntp_nll"] / count, count)
+            targets = slice(None, -1) if getattr(self, "reverse", False) else slice(1, None)
+            n_bytes = out.get("ntp_bytes", M.counted_bytes(batch, targets, out["ntp_tokens"]))
+            self.log_likelihood(M.VAL_NTP_LOSS, out["ntp_nll"] / count, count, n_bytes)
         if "nll_bound" in out:  # diffusion families: summed NELBO over `bound_tokens` tokens
             count = max(int(out["bound_tokens"]), 1)
-            self.log_likelihood(M.VAL_NLL_BOUND, out["nll_bound"] / count, count)
+            n_bytes = out.get("bound_bytes", M.counted_bytes(batch, slice(0, self.trunk.max_seq_len),
+                                                             out["bound_tokens"]))
+            self.log_likelihood(M.VAL_NLL_BOUND, out["nll_bound"] / count, count, n_bytes)
         for name, (value, weight) in out.get("metrics", {}).items():
             self.log(name, value, batch_size=max(int(weight), 1), sync_dist=True)
         if "answer" in batch and "prompt_len" in batch:
@@ -177,12 +182,14 @@ class Objective(L.LightningModule):
         elif batch_idx == 0 and self.hparams.sample_tokens > 0:
             self.sample_continuation(batch)
 
-    def log_likelihood(self, name: str, nats_per_token: torch.Tensor, count: int) -> None:
-        """Log a comparable likelihood figure (nats/token) with its bits per byte and the HParams metric."""
+    def log_likelihood(self, name: str, nats_per_token: torch.Tensor, count: int, n_bytes: int | None = None) -> None:
+        """Log a comparable likelihood figure (nats/token over `count` tokens) and the HParams metric, and, where
+        the batch gives the UTF-8 bytes of exactly those tokens (`n_bytes`), bits per byte. Weighted by bytes,
+        the epoch's val/bpb is sum(nats) / ln 2 / sum(bytes) over the same tokens."""
         self.log(name, nats_per_token, batch_size=count, sync_dist=True)
         self.log(M.HP_METRIC, nats_per_token, batch_size=count, sync_dist=True)
-        if self.bytes_per_token > 0:
-            self.log(M.VAL_BPB, nats_per_token / math.log(2) / self.bytes_per_token, batch_size=count, sync_dist=True)
+        if n_bytes:
+            self.log(M.VAL_BPB, nats_per_token * count / math.log(2) / n_bytes, batch_size=n_bytes, sync_dist=True)
 
     # --- generation ---------------------------------------------------------------------------------------------
     def check_generation_length(self, total: int) -> None:

@@ -12,8 +12,10 @@ paper's end-to-end objective (eq. 2, x0-parameterization):
       - log p(w | x0)                  (rounding: a softmax over x0 . EMB)
 
 The noise follows the sqrt schedule abar(s) = 1 - sqrt(s + 1e-4). Sampling runs the reverse process over
-`sampling_steps` evenly spaced steps. At each step it applies the clamping trick: the predicted x0 is snapped to
-the embedding of its rounded token before the posterior q(x_{t-1} | x_t, x0) is sampled.
+`sampling_steps` evenly spaced steps. At each step it applies the clamping trick (sec. 4.2): the predicted x0 is
+snapped to the nearest word embedding in L2 distance, argmin_w ||f(x_t, t) - EMB(w)||, before the posterior
+q(x_{t-1} | x_t, x0) is sampled. The rounding loss keeps its softmax over dot products x0 . EMB; only the clamp
+measures distance, so that embeddings of large norm do not capture every prediction.
 
 On reasoning data only the trained positions are noised; the prompt stays at its clean embedding, both in
 training and when generating (`Objective.denoising_targets`).
@@ -62,7 +64,7 @@ class DiffusionLM(Objective):
         embed_dim: width of the continuous word embeddings (16 in the paper's small models, 128 for ROCStories).
         diffusion_steps: T, the steps of the forward process the model is trained on (2000 in the paper).
         sampling_steps: evenly spaced steps of the reverse process when generating (200 in the paper).
-        clamp: the clamping trick: snap each predicted x0 to a word embedding while sampling.
+        clamp: the clamping trick: snap each predicted x0 to its nearest word embedding (L2) while sampling.
         eval_time_samples: draws of t per validation sequence for `val/nll_bound` (fixed seed: the same each time).
         **kwargs: the base objective's arguments.
     """
@@ -97,6 +99,12 @@ class DiffusionLM(Objective):
     def round(self, x0: torch.Tensor) -> torch.Tensor:
         """The rounding step: the most likely token under p(w | x0) = softmax(x0 . EMB)."""
         return self.logits(x0).argmax(-1)
+
+    def nearest(self, x0: torch.Tensor) -> torch.Tensor:
+        """The clamping trick's token: the word whose embedding is nearest to x0 in L2 distance,
+        argmin_w ||x0 - EMB(w)||^2 = argmax_w (2 x0 . EMB(w) - ||EMB(w)||^2)."""
+        weight = self.unembedding
+        return (2 * self.logits(x0) - (weight.float() ** 2).sum(-1).to(x0.dtype)).argmax(-1)
 
     def noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         abar = self.abar[t][:, None, None]
@@ -176,10 +184,12 @@ class DiffusionLM(Objective):
         x = torch.randn(shape, device=prompt_ids.device, generator=generator, dtype=prompt.dtype)
         schedule = torch.linspace(len(self.abar) - 1, 0, steps or self.hparams.sampling_steps,
                                   device=prompt_ids.device).round().long()
+        words = None
         for i, t in enumerate(schedule):
             x0 = self.predict_x0(torch.cat([prompt, x], 1), t.expand(B))[:, P:]
             if self.hparams.clamp:
-                x0 = self.embed(self.round(x0))
+                words = self.nearest(x0)
+                x0 = self.embed(words)
             if i + 1 == len(schedule):
                 x = x0
                 break
@@ -189,4 +199,6 @@ class DiffusionLM(Objective):
             mean = (a_s.sqrt() * beta * x0 + (a_t / a_s).sqrt() * (1 - a_s) * x) / (1 - a_t)
             std = ((1 - a_s) / (1 - a_t) * beta).sqrt()
             x = mean + temperature * std * torch.randn(shape, device=x.device, generator=generator, dtype=x.dtype)
-        return self.fill_after_eos(torch.cat([prompt_ids, self.round(x)], 1), P)
+        # clamped: the last step's words themselves; otherwise the rounding step on the final x0
+        words = self.round(x) if words is None else words
+        return self.fill_after_eos(torch.cat([prompt_ids, words], 1), P)

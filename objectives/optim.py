@@ -8,11 +8,13 @@ from torch import nn
 
 
 def decay_groups(module: nn.Module) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights) only; norms' gains and biases are not decayed."""
+    """Weight decay on matrices (linear and embedding weights) only; norms' gains, biases and every parameter a
+    block marks with `_no_weight_decay = True` (Mamba's `A_log` and `D`, as in the reference implementation) are
+    not decayed."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -17,9 +17,8 @@ def test_quickstart_fit_logs_shared_metrics_to_tensorboard(tmp_path, corpus_file
     tags = scalars(tmp_path)
     for tag in (M.TRAIN_LOSS, M.VAL_LOSS, M.VAL_NTP_LOSS, M.VAL_BPB, M.TOKENS_PER_SEC, M.HP_METRIC):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
-    # bits per byte is the nats/token figure converted with the datamodule's bytes per token
-    bpt = cli.datamodule.bytes_per_token
-    assert tags[M.VAL_BPB][-1] == pytest.approx(tags[M.VAL_NTP_LOSS][-1] / math.log(2) / bpt, rel=1e-4)
+    # bits per byte: the counted tokens' nats over their bytes (exactly: tests/test_defects.py); a token is 1-8 bytes
+    assert tags[M.VAL_NTP_LOSS][-1] / math.log(2) / 8 < tags[M.VAL_BPB][-1] < tags[M.VAL_NTP_LOSS][-1] / math.log(2)
     assert cli.model.vocab_size == cli.datamodule.vocab_size  # linked by the CLI
     assert (Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt").exists()
 
