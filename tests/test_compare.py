@@ -1,0 +1,243 @@
+"""compare.py end to end on a tiny experiment of two families (NTP and MDLM), and the future-lens probe.
+
+One module fixture trains the experiment the way a user would meet it: NTP trains to the end, the MDLM run is
+killed mid-way (SIGKILL, after its first checkpoint), and a second `compare.py` call skips NTP and resumes MDLM.
+The other tests read what that left behind."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import compare
+from benchmarks.future_lens import fit_probes, hidden_states
+from conftest import ROOT, tiny_data
+
+STEPS = 60
+
+
+def experiment_file(folder: Path, corpus_files: list[str]) -> Path:
+    flags = tiny_data(corpus_files)
+    args = {flags[i][2:]: yaml.safe_load(flags[i + 1]) for i in range(0, len(flags), 2)}
+    args.update({"model.init_args.trunk.init_args.d_model": 32, "model.init_args.trunk.init_args.n_layers": 1,
+                 "model.init_args.trunk.init_args.n_heads": 2, "model.init_args.trunk.init_args.max_seq_len": 128,
+                 "model.init_args.sample_tokens": 0, "trainer.val_check_interval": 30,
+                 "trainer.limit_val_batches": 1, "trainer.log_every_n_steps": 5,
+                 "trainer.enable_model_summary": False})
+    spec = {"name": "tiny", "description": "two families, a few steps",
+            "base": {"configs": ["configs/quickstart.yaml"], "args": args, "steps": STEPS, "seeds": [0],
+                     "checkpoint_every": 10,
+                     "future_lens": {"train_windows": 8, "val_windows": 4, "epochs": 1, "max_k": 4}},
+            "runs": {"ntp": {"model": "configs/objectives/ntp.yaml", "label": "NTP"},
+                     "mdlm": {"model": "configs/objectives/mdlm.yaml", "label": "MDLM"}}}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_compare(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = compare.main(list(argv))
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_files):
+    folder = tmp_path_factory.mktemp("compare")
+    spec, runs_dir = experiment_file(folder, corpus_files), folder / "runs"
+    common = ("--runs-dir", str(runs_dir), "--poll", "0.5")
+    code, _ = run_compare(str(spec), "--runs", "ntp", *common)
+    assert code == 0
+    ntp = runs_dir / "tiny" / "ntp" / "seed0"
+    ntp_files = {p.name: p.stat().st_mtime for p in ntp.iterdir() if p.is_file()}
+
+    # the MDLM run, started as compare.py starts it, is killed once its first checkpoint is on disk
+    experiment = compare.load_experiment(str(spec))
+    mdlm = compare.run_dir(runs_dir, experiment, "mdlm", 0)
+    mdlm.mkdir(parents=True)
+    with open(mdlm / "train.log", "w") as log:
+        process = subprocess.Popen(compare.train_command(runs_dir, experiment, "mdlm", 0), cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        while not (mdlm / "checkpoints" / "last.ckpt").exists() and process.poll() is None:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_at = torch.load(mdlm / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+
+    code, output = run_compare(str(spec), *common)
+    return {"spec": spec, "runs_dir": runs_dir, "output": output, "code": code, "killed_at": killed_at,
+            "ntp_files": ntp_files, "ntp": ntp, "mdlm": mdlm}
+
+
+def test_interrupted_run_resumes_and_finished_run_is_not_repeated(trained):
+    assert trained["code"] == 0, trained["output"]
+    assert 0 < trained["killed_at"] < STEPS
+    assert "ntp seed0: finished, skipped" in trained["output"]
+    assert f"mdlm seed0: resuming from {trained['mdlm'] / 'checkpoints' / 'last.ckpt'} (step {trained['killed_at']})" \
+        in trained["output"]
+    assert "Restored all states from the checkpoint" in (trained["mdlm"] / "train.log").read_text()
+    info = json.loads((trained["mdlm"] / "run.json").read_text())
+    assert info["finished"] and info["steps"] == STEPS
+    # RunRecord's counters continue across the resume: every step's tokens are counted once
+    assert info["tokens_seen"] == STEPS * 4 * 65
+    # the finished run was left alone: its files are the ones it had
+    after = {p.name: p.stat().st_mtime for p in trained["ntp"].iterdir() if p.is_file()}
+    assert after == trained["ntp_files"]
+    # a dry run now has nothing to train
+    code, output = run_compare(str(trained["spec"]), "--runs-dir", str(trained["runs_dir"]), "--dry-run")
+    assert code == 0 and "ntp seed0: finished" in output and "mdlm seed0: finished" in output
+    assert "train.py" not in output
+
+
+def event_values(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard's own reading of a run folder (a restart's overlapping steps purged), NaN placeholders dropped."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag) if e.value == e.value]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def test_report_numbers_equal_the_event_files(trained):
+    report = json.loads((trained["runs_dir"] / "tiny" / "report" / "report.json").read_text())
+    rows = {row["run"]: row for row in report["rows"]}
+    assert set(rows) == {"ntp", "mdlm"}
+    for name, tag_of_likelihood in (("ntp", "val/ntp_loss"), ("mdlm", "val/nll_bound")):
+        events = event_values(trained[name])
+        figures = rows[name]["figures"]
+        assert figures["val/bpb"]["mean"] == pytest.approx(events["val/bpb"][-1][1], abs=1e-6)
+        assert figures["best val/bpb"]["mean"] == pytest.approx(min(v for _, v in events["val/bpb"]), abs=1e-6)
+        assert figures[tag_of_likelihood]["mean"] == pytest.approx(events[tag_of_likelihood][-1][1], abs=1e-6)
+        assert figures["tokens seen"]["mean"] == events[compare.TOKENS_SEEN][-1][1] == STEPS * 4 * 65
+        assert figures["wall-clock s"]["mean"] == pytest.approx(events[compare.WALL_CLOCK][-1][1], abs=1e-3)
+        assert events["val/bpb"][-1][0] >= STEPS - 1  # Lightning logs a validation at its last batch's index
+    # a bound is labelled as a bound, a likelihood is not
+    assert rows["mdlm"]["likelihood"] == "bound" and rows["ntp"]["likelihood"] == "likelihood"
+    assert rows["mdlm"]["figures"]["val/ntp_loss"] is None and rows["ntp"]["figures"]["val/nll_bound"] is None
+    # the future lens is a causal run's column only, and the report carries what the event file holds
+    lens = event_values(trained["ntp"])["future_lens/k2_acc"][-1][1]
+    assert rows["ntp"]["figures"]["future lens k=2"]["mean"] == pytest.approx(lens, abs=1e-6)
+    assert rows["mdlm"]["figures"]["future lens k=2"] is None
+    markdown = (trained["runs_dir"] / "tiny" / "report" / "report.md").read_text()
+    assert f"{rows['ntp']['figures']['val/bpb']['mean']:.3f}" in markdown
+    assert f"≤ {rows['mdlm']['figures']['val/nll_bound']['mean']:.3f}" in markdown
+    assert (trained["runs_dir"] / "tiny" / "report" / "val_bpb.png").stat().st_size > 1000
+
+
+def test_report_only_rebuilds_the_report_from_a_copied_run_folder(trained, tmp_path):
+    shutil.copytree(trained["runs_dir"] / "tiny", tmp_path / "tiny", ignore=shutil.ignore_patterns("report"))
+    before = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    code, output = run_compare(str(trained["spec"]), "--runs-dir", str(tmp_path), "--report-only")
+    assert code == 0 and "| NTP |" in output
+    copied = json.loads((tmp_path / "tiny" / "report" / "report.json").read_text())
+    original = json.loads((trained["runs_dir"] / "tiny" / "report" / "report.json").read_text())
+    assert [r["figures"] for r in copied["rows"]] == [r["figures"] for r in original["rows"]]
+    # nothing was trained or probed: the only new files are the report's
+    after = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "report" not in p.parts)
+    assert after == before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_shows_both_families_on_shared_tags_and_the_layout(trained):
+    port = free_port()
+    executable = shutil.which("tensorboard")
+    command = [executable] if executable else [sys.executable, "-m", "tensorboard.main"]
+    server = subprocess.Popen([*command, "--logdir", str(trained["runs_dir"] / "tiny"), "--host", "127.0.0.1",
+                               "--port", str(port), "--reload_interval", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, runs, tags = time.time() + 90, [], {}
+        while time.time() < deadline:
+            try:
+                runs = get(f"{base}/data/runs")
+                tags = get(f"{base}/data/plugin/scalars/tags")
+                if {"ntp/seed0", "mdlm/seed0"} <= set(tags) and "val/bpb" in tags.get("mdlm/seed0", {}):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert {"ntp/seed0", "mdlm/seed0", "report"} <= set(runs), runs
+        shared = set(tags["ntp/seed0"]) & set(tags["mdlm/seed0"])
+        for tag in ("val/bpb", "val/loss", "train/loss", compare.TOKENS_SEEN, compare.WALL_CLOCK):
+            assert tag in shared, (tag, sorted(shared))
+        assert "val/ntp_loss" in tags["ntp/seed0"] and "val/nll_bound" in tags["mdlm/seed0"]
+        layout = get(f"{base}/data/plugin/custom_scalars/layout")
+        charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
+        assert any(tags == ["^val/bpb$"] for tags in charts.values()), charts
+        assert any(set(tags) == {"^val/ntp_loss$", "^val/nll_bound$"} for tags in charts.values()), charts
+        # HParams: family, trunk, parameters and seed beside the hyperparameters; val/bpb among the metrics
+        experiment = get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        hparams = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"family", "trunk", "parameters", "seed"} <= hparams, sorted(hparams)
+        assert "val/bpb" in {m["name"]["tag"] for m in experiment["metricInfos"]}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_malformed_experiment_file_names_the_bad_entry_and_the_known_keys(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"base": {"steps": 2}, "runs": {"ntp": {"model": "configs/objectives/ntp.yaml",
+                                                                             "argz": {"trainer.max_steps": 3}}}}))
+    with pytest.raises(compare.ExperimentError) as error:
+        compare.load_experiment(str(path))
+    message = str(error.value)
+    assert "'argz'" in message and "run 'ntp'" in message
+    for key in compare.RUN_KEYS:
+        assert key in message
+    path.write_text(yaml.safe_dump({"base": {"steps": 2, "seed": [1]}, "runs": {"ntp": {"model": "x.yaml"}}}))
+    with pytest.raises(SystemExit):
+        compare.main([str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert "'seed'" in err and "base" in err and "seeds" in err and "checkpoint_every" in err
+    path.write_text(yaml.safe_dump({"base": {"steps": 2}, "runs": {"ntp": {"model": "configs/objectives/nope.yaml"}}}))
+    with pytest.raises(compare.ExperimentError, match="nope.yaml"):
+        compare.load_experiment(str(path))
+
+
+def test_future_lens_recovers_a_planted_future_token():
+    """A toy trunk whose hidden state at t is the embedding of x[t+2]: the k=2 probe reads it off, the others
+    see noise."""
+    vocab, width = 50, 32
+    embedding = torch.randn(vocab, width, generator=torch.Generator().manual_seed(1))
+
+    def toy_trunk(tokens):
+        states = embedding[torch.roll(tokens, -2, dims=1)]
+        states[:, -2:] = 0  # the last two positions have no x[t+2]
+        return states
+
+    g = torch.Generator().manual_seed(0)
+    train, held_out = torch.randint(0, vocab, (64, 33), generator=g), torch.randint(0, vocab, (16, 33), generator=g)
+    real = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
+    results = fit_probes((hidden_states(toy_trunk, train), train, real(train)),
+                         (hidden_states(toy_trunk, held_out), held_out, real(held_out)), [1, 2, 3], vocab, epochs=8)
+    assert results[2]["accuracy"] > 0.95
+    assert results[1]["accuracy"] < 0.2 and results[3]["accuracy"] < 0.2
