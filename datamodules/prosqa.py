@@ -1,0 +1,143 @@
+"""ProsQA-style questions: proof search over a random DAG of made-up concepts, after Coconut (Hao et al. 2024,
+"Training Large Language Models to Reason in a Continuous Latent Space", arXiv:2412.06769, Appendix A.2 and
+Algorithm 1; the public set is facebookresearch/coconut's data/prosqa_*.json).
+
+Construction (Algorithm 1). Nodes are added one at a time. Nodes 0 and 1 start the two families and carry the
+labels 1 and 2 (bit j = "descends from node j"). Every further node `idx` draws ``n ~ Poisson(1.5)`` in-nodes
+from a candidate set chosen by a uniform draw r:
+
+    r <= 0.35: groups[0] + groups[1]    (nodes that descend from node 0 only, or from neither)
+    r <= 0.70: groups[0] + groups[2]    (from node 1 only, or from neither)
+    else:      every node so far
+
+sampled without replacement with weight ``1 + 1.5 * depth(c)`` (depth = longest distance from a parentless
+node); its label is the OR of its in-nodes' labels, and each in-node u gives the edge u -> idx, the fact
+"u is a idx". Then parentless nodes get entity names (several per question: nodes 0 and 1 and any node that
+drew no in-node) and the others concept names. The question's entity is node 0 or 1; the true target is a
+leaf that descends from it alone, the false target a leaf that descends from the other root alone, so exactly
+one is reachable. The steps are the facts along a shortest path entity -> target; the number of steps (3 to 6)
+is drawn first from the public test set's shares and graphs are drawn until one has a target at that distance. The two candidates are written in random order.
+
+Text (word-level, punctuation as its own token, as the datamodule's whitespace tokenizer splits the public
+files): facts "Every X is a Y ." (or "Tom is a Y ." for an entity), shuffled, then "Is Tom a A or B ?";
+steps "Tom is a X .", "Every X is a Y .", ...; answer "Tom is a A .".
+
+Deviations: a draw of zero in-nodes is kept only with probability 0.1 and otherwise redrawn, which gives the
+public set's in-degrees (2.8% parentless non-root nodes, 2.6 entities per question; a plain Poisson(1.5) would
+leave 22% of the nodes parentless); the number of nodes of a graph is drawn uniformly from [0.6 n, 1.2 n] for the configured mean
+size n (the public test set spans 14..28 nodes around its mean of 22.8); the target is drawn uniformly among
+the reachable leaves at the drawn distance; shortest paths are found by breadth-first search in a shuffled order.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from datamodules.reasoning import CONCEPTS, ENTITIES, Example, _poisson, _weighted_sample
+
+STEP_SHARES = {3: 0.40, 4: 0.43, 5: 0.14, 6: 0.03}  # the public test set's: 202, 217, 69, 12 of 500
+KEEP_PARENTLESS = 0.1  # a draw of 0 in-nodes is kept with this probability (else redrawn)
+
+
+def concepts_of(parents: list[list[int]]) -> list[int]:
+    return [v for v, ps in enumerate(parents) if ps]
+
+
+class ProsQAGraphTask:
+    """A generator of ProsQA-style examples for `ReasoningDataModule(task="prosqa")`.
+
+    Args:
+        num_nodes: mean number of graph nodes (entities and concepts); 23 is the public set's mean (22.8).
+        max_len: questions whose full training sequence is longer are redrawn.
+    """
+
+    name = "prosqa"
+
+    def __init__(self, num_nodes: int = 23, max_len: int = 384):
+        lo, hi = round(0.6 * num_nodes), round(1.2 * num_nodes)
+        if not 18 <= num_nodes <= len(CONCEPTS) / 1.2:
+            raise ValueError(f"prosqa: num_nodes={num_nodes} is out of range: graphs of fewer than about 18 nodes "
+                             f"seldom hold a {max(STEP_SHARES)}-step question, and there are {len(CONCEPTS)} "
+                             f"concept names; use 18 <= num_nodes <= {int(len(CONCEPTS) / 1.2)}")
+        self.sizes, self.limit = (lo, hi), max_len
+
+    def vocab(self) -> list[str]:
+        return CONCEPTS + ENTITIES + ["Every", "is", "a", "Is", "or", ".", "?"]
+
+    def max_len(self) -> int:
+        return self.limit
+
+    @staticmethod
+    def graph(rng: random.Random, n: int) -> tuple[list[list[int]], list[int]]:
+        """Algorithm 1: in-nodes of every node and the labels (bit j: descends from node j)."""
+        parents: list[list[int]] = [[], []]
+        labels, depth = [1, 2], [0, 0]
+        groups: dict[int, list[int]] = {0: [], 1: [0], 2: [1], 3: []}
+        for idx in range(2, n):
+            k = _poisson(rng, 1.5)
+            while k == 0 and rng.random() >= KEEP_PARENTLESS:
+                k = _poisson(rng, 1.5)
+            r = rng.random()
+            candidates = groups[0] + groups[1] if r <= 0.35 else groups[0] + groups[2] if r <= 0.7 else list(range(idx))
+            chosen = _weighted_sample(rng, candidates, [1 + 1.5 * depth[c] for c in candidates], k)
+            label = 0
+            for p in chosen:
+                label |= labels[p]
+            parents.append(chosen)
+            labels.append(label)
+            depth.append(1 + max(depth[p] for p in chosen) if chosen else 0)
+            groups[label].append(idx)
+        return parents, labels
+
+    def sample(self, rng: random.Random) -> Example:
+        wanted = rng.choices(list(STEP_SHARES), weights=list(STEP_SHARES.values()))[0]
+        for _ in range(1000):
+            n = rng.randint(*self.sizes)
+            parents, labels = self.graph(rng, n)
+            children: list[list[int]] = [[] for _ in range(n)]
+            for v, ps in enumerate(parents):
+                for u in ps:
+                    children[u].append(v)
+            root = rng.randrange(2)
+            prev, frontier = {root: -1}, deque([root])  # breadth-first search in a shuffled order
+            while frontier:
+                u = frontier.popleft()
+                for v in rng.sample(children[u], len(children[u])):
+                    if v not in prev:
+                        prev[v] = u
+                        frontier.append(v)
+
+            def steps_to(v: int) -> int:
+                k = 0
+                while prev[v] != -1:
+                    v, k = prev[v], k + 1
+                return k
+
+            leaves = [v for v in range(2, n) if not children[v]]
+            targets = [v for v in leaves if labels[v] == 1 << root and steps_to(v) == wanted]
+            negatives = [v for v in leaves if labels[v] == 2 >> root]
+            if targets and negatives and n - len(concepts_of(parents)) <= len(ENTITIES):
+                break
+        else:  # pragma: no cover - needs ~1000 consecutive graphs without a 3..6-step question
+            raise RuntimeError(f"prosqa: could not draw a graph with a {wanted}-step question")
+        target, negative = rng.choice(targets), rng.choice(negatives)
+        entity = [v for v in range(n) if not parents[v]]
+        names = dict(zip(entity, rng.sample(ENTITIES, len(entity))))
+        concepts = concepts_of(parents)
+        names.update(zip(concepts, rng.sample(CONCEPTS, len(concepts))))
+
+        def fact(u: int, v: int) -> list[str]:
+            return ([names[u]] if not parents[u] else ["Every", names[u]]) + ["is", "a", names[v], "."]
+
+        facts = [fact(u, v) for v in range(n) for u in parents[v]]
+        rng.shuffle(facts)
+        options = [names[target], names[negative]]
+        rng.shuffle(options)
+        ask = ["Is", names[root], "a", options[0], "or", options[1], "?"]
+        path = [target]
+        while prev[path[-1]] != -1:
+            path.append(prev[path[-1]])
+        path.reverse()
+        steps = [fact(u, v) for u, v in zip(path, path[1:])]
+        key = "pq2:" + "|".join(sorted(" ".join(f) for f in facts)) + "|" + " ".join(ask)
+        return Example([t for f in facts for t in f] + ask, steps, [names[root], "is", "a", names[target], "."], key)
