@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import DecodingCache, RMSNorm, check_length
+from models.layers import DecodingCache, RMSNorm, as_index, as_lengths, check_length, check_padding
 
 try:  # the CUDA kernel of the reference implementation, used as a drop-in where it is installed
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_selective_scan_fn
@@ -141,13 +141,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if groups > 1:  # the groups are independent scans over their channels
         return _grouped_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, groups)
     B, C = (t[:, 0] if t.dim() == 4 else t for t in (B, C))  # one group given as (batch, 1, N, L)
-    dtype_in = u.dtype
-    cd = _compute_dtype(u, delta, A, B, C)
-    u, delta = u.to(cd), _step_sizes(delta.to(cd), delta_bias, delta_softplus, cd, channel_dim=1)
-    tm = _time_major  # (batch, c, L) -> (batch, L, c): only delta, delta*u, B, C go over and y comes back
-    y, last, _ = _ChunkedScan.apply(tm(delta), tm(delta * u), A.to(cd), tm(B.to(cd)) if B.dim() == 3 else B.to(cd),
-                                    tm(C.to(cd)) if C.dim() == 3 else C.to(cd), None, 0)
-    out = _gate(_channel_major(y), u, D, z, cd, channel_dim=1).to(dtype_in)
+    tm = _time_major  # (batch, c, L) -> (batch, L, c): the scan works time-major and y comes back
+    y, last, _ = _SelectiveScan.apply(tm(u), tm(delta), A, tm(B) if B.dim() == 3 else B,
+                                      tm(C) if C.dim() == 3 else C, D, None if z is None else tm(z), delta_bias,
+                                      delta_softplus, None, 0)
+    out = _channel_major(y)
     return (out, last.transpose(1, 2)) if return_last_state else out
 
 
@@ -191,30 +189,10 @@ def selective_scan_time_major(u, delta, A, B, C, D=None, z=None, delta_bias=None
     (batch, dim, N) in the compute dtype, states of the last `keep_states` positions (keep, batch, dim, N) or
     None). Differentiable in every tensor argument (the kept states are not).
     """
-    dtype_in = u.dtype
-    cd = _compute_dtype(u, delta, A, B, C)
-    u, delta = u.to(cd), _step_sizes(delta.to(cd), delta_bias, delta_softplus, cd, channel_dim=2)
-    h0 = None if initial_state is None else initial_state.to(cd).transpose(1, 2)
-    y, last, kept = _ChunkedScan.apply(delta, delta * u, A.to(cd), B.to(cd), C.to(cd), h0, keep_states)
-    y = _gate(y, u, D, z, cd, channel_dim=2)
+    h0 = None if initial_state is None else initial_state.transpose(1, 2)
+    y, last, kept = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, keep_states)
     kept = None if keep_states <= 0 else kept.transpose(2, 3)
-    return y.to(dtype_in), last.transpose(1, 2), kept
-
-
-def _step_sizes(delta, delta_bias, softplus, cd, channel_dim):
-    """delta + delta_bias, through softplus when asked (delta_bias broadcast along `channel_dim`)."""
-    if delta_bias is not None:
-        delta = delta + (delta_bias.to(cd)[:, None] if channel_dim == 1 else delta_bias.to(cd))
-    return F.softplus(delta) if softplus else delta
-
-
-def _gate(y, u, D, z, cd, channel_dim):
-    """(y + D u) * silu(z), D broadcast along `channel_dim`."""
-    if D is not None:
-        y = torch.addcmul(y, u, D.to(cd)[:, None] if channel_dim == 1 else D.to(cd))
-    if z is not None:
-        y = y * F.silu(z.to(cd))
-    return y
+    return y, last.transpose(1, 2), kept
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -278,139 +256,204 @@ def _from_segments(x: torch.Tensor, L: int) -> torch.Tensor:
     return x.permute(2, 0, 3, 1, 4).reshape(b, nseg * M * K, c)[:, :L]
 
 
-class _ChunkedScan(torch.autograd.Function):
-    """The core scan h_t = exp(delta_t A) h_{t-1} + (delta u)_t B_t, y_t = C_t . h_t on time-major tensors.
+class _SelectiveScan(torch.autograd.Function):
+    """The whole selective scan on time-major tensors, with a backward that rebuilds what it needs:
 
-    delta, du = delta * u: (b, L, d); A: (d, N); B, C: (b, L, N) or (d, N); h0: (b, N, d) or None.
-    Returns y (b, L, d), the last state (b, N, d), and the states of the last `keep` positions (keep, b, N, d).
-    Internally states are laid out (..., N, d) so that the contractions over N are fast matrix products, and
-    a segment's states and cumulative decays share one (2, K, b, M, N, d) buffer so that one op advances both.
+        delta = softplus(delta_raw + bias);  h_t = exp(delta_t A) h_{t-1} + (delta u)_t B_t;
+        out_t = (C_t . h_t + D u_t) * silu(z_t)
+
+    u, delta_raw, z: (b, L, d); A: (d, N); B, C: (b, L, N) or (d, N); D, bias: (d,) or None; h0: (b, N, d) or
+    None. Returns out (b, L, d) in u's dtype, the last state (b, N, d) and the states of the last `keep`
+    positions (keep, b, N, d). Internally states are laid out (..., N, d) so that the contractions over N are
+    fast matrix products.
+
+    Memory: the forward saves only its inputs as they came (bf16 under autocast: u, delta_raw and z are
+    activations the block keeps anyway) and the state at each segment start. The backward recomputes delta,
+    delta * u, the states segment by segment and the scan's output (one matmul per segment, for the gate's
+    gradient), instead of keeping about seven fp32 (b, L, d) tensors per block from the forward to the backward.
     """
 
     @staticmethod
-    def forward(ctx, delta, du, A, B, C, h0, keep):
-        with torch.autocast(du.device.type, enabled=False):  # fp32 (or fp64) throughout, whatever the autocast
-            return _ChunkedScan._forward(ctx, delta, du, A, B, C, h0, keep)
-
-    @staticmethod
-    def backward(ctx, gy, glast, gkept):
-        with torch.autocast(ctx.device_type, enabled=False):
-            return _ChunkedScan._backward(ctx, gy, glast, gkept)
-
-    @staticmethod
-    def _forward(ctx, delta, du, A, B, C, h0, keep):
-        ctx.device_type = du.device.type
-        b, L, d = du.shape
-        N = A.shape[1]
-        K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
-        A2 = (A * LOG2E).t().contiguous()  # (N, d): exp(delta A) = exp2(delta A log2 e), and exp2 is faster
-        ds = _to_segments(delta, Lp, nseg, K, M)
-        dus = _to_segments(du, Lp, nseg, K, M)
-        Bs = _to_segments(B, Lp, nseg, K, M) if B.dim() == 3 else B.t().contiguous()
-        Cs = _to_segments(C, Lp, nseg, K, M) if C.dim() == 3 else None
-        Ct = None if Cs is not None else C.t().contiguous()
-        h = du.new_zeros(b, N, d) if h0 is None else h0.contiguous()
-        ys = du.new_empty(nseg, K, b, M, d)
-        if L == 0:
-            ctx.save_for_backward(delta, du, A, B, C, h.new_empty(0))
-            ctx.has_h0 = h0 is not None
-            kept = du.new_empty(0, b, N, d)
-            ctx.mark_non_differentiable(kept)
-            return du.new_zeros(b, 0, d), h.clone(), kept
-        starts_all = []  # the state each segment starts from, for the backward pass
-        keep = min(keep, L)
-        kept = du.new_empty(max(keep, 0), b, N, d)
-        # working buffers reused by every segment: fresh large allocations are slow (page faults)
-        dA, tmp = du.new_empty(K, b, M, N, d), du.new_empty(K, b, M, N, d)
-        HG, starts = du.new_empty(2, K, b, M, N, d), du.new_empty(b, M + 1, N, d)
-        for s in range(nseg):
-            starts_all.append(h)
-            h = _segment_states(ds[s], dus[s], A2, Bs[s] if B.dim() == 3 else Bs, dA, HG, starts, h)
-            H = HG[0]
-            if Cs is not None:
-                torch.matmul(Cs[s].unsqueeze(-2), H, out=ys[s].unsqueeze(-2))
-            else:
-                torch.sum(torch.mul(H, Ct, out=tmp), dim=-2, out=ys[s])
-            if keep > 0:
-                _collect(kept, H, s, K, M, L, keep)
-        ctx.save_for_backward(delta, du, A, B, C, torch.stack(starts_all))
-        ctx.has_h0 = h0 is not None
+    def forward(ctx, u, delta_raw, A, B, C, D, z, delta_bias, softplus, h0, keep):
+        ctx.device_type = u.device.type
+        with torch.autocast(u.device.type, enabled=False):  # fp32 (or fp64) throughout, whatever the autocast
+            cd = _compute_dtype(u, delta_raw, A, B, C)
+            delta, _ = _step_sizes(delta_raw, delta_bias, softplus, cd)
+            uc = u.to(cd)
+            y, last, kept, starts = _scan_forward(delta, delta * uc, A.to(cd), B.to(cd), C.to(cd),
+                                                  None if h0 is None else h0.to(cd), keep)
+            out = _gate(y, uc, D, z, cd)
+        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, starts)
+        ctx.softplus, ctx.has_h0 = softplus, h0 is not None
         ctx.mark_non_differentiable(kept)
-        return _from_segments(ys, L), h, kept
+        return out.to(u.dtype), last, kept
 
     @staticmethod
-    def _backward(ctx, gy, glast, _gkept):
-        delta, du, A, B, C, seg_starts = ctx.saved_tensors
-        b, L, d = du.shape
-        N = A.shape[1]
-        if L == 0:
-            zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
-            g_h0 = (glast if glast is not None else du.new_zeros(b, N, d)) if ctx.has_h0 else None
-            return zeros(delta), zeros(du), zeros(A), zeros(B), zeros(C), g_h0, None
-        K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
-        variable_B, variable_C = B.dim() == 3, C.dim() == 3
-        A2 = (A * LOG2E).t().contiguous()
-        At = A.t().contiguous()
-        gy = gy if gy is not None else du.new_zeros(b, L, d)
-        ds = _to_segments(delta, Lp, nseg, K, M)
-        dus = _to_segments(du, Lp, nseg, K, M)
-        gs = _to_segments(gy.to(du.dtype), Lp, nseg, K, M)
-        Bs = _to_segments(B, Lp, nseg, K, M) if variable_B else B.t().contiguous()
-        Cs = _to_segments(C, Lp, nseg, K, M) if variable_C else C.t().contiguous()
+    def backward(ctx, g_out, g_last, _g_kept):
+        u, delta_raw, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            cd = _compute_dtype(u, delta_raw, A, B, C)
+            delta, slope = _step_sizes(delta_raw, delta_bias, ctx.softplus, cd)  # slope: d delta / d delta_raw
+            uc = u.to(cd)
+            g = g_out.to(cd) if g_out is not None else uc.new_zeros(uc.shape)
+            sz = None if z is None else F.silu(z.to(cd))
+            g_pre = g if sz is None else g * sz  # gradient of the scan's output plus the skip
+            g_delta, g_du, g_A, g_B, g_C, g_h0, y = _scan_backward(
+                delta, delta * uc, A.to(cd), B.to(cd), C.to(cd), starts, ctx.has_h0, g_pre, g_last,
+                want_y=z is not None)
+            g_D = None if D is None else (g_pre * uc).sum((0, 1)).to(D.dtype)
+            g_u = g_du * delta
+            if D is not None:
+                g_u.addcmul_(g_pre, D.to(cd))
+            g_delta.addcmul_(g_du, uc)
+            del g_du
+            g_z = None
+            if z is not None:
+                if D is not None:
+                    y.addcmul_(uc, D.to(cd))
+                zc = z.to(cd)
+                sig = torch.sigmoid(zc)
+                g_z = (g * y * sig * (1 + zc * (1 - sig))).to(z.dtype)  # d silu(z) / dz = s (1 + z (1 - s))
+            g_raw = g_delta if slope is None else g_delta.mul_(slope)
+            g_bias = None if delta_bias is None else g_raw.sum((0, 1)).to(delta_bias.dtype)
+        return (g_u.to(u.dtype), g_raw.to(delta_raw.dtype), g_A.to(A.dtype), g_B.to(B.dtype), g_C.to(C.dtype), g_D,
+                g_z, g_bias, None, g_h0, None)
 
-        g_delta = du.new_empty(nseg, K, b, M, d)
-        g_du = du.new_empty(nseg, K, b, M, d)
-        g_At = torch.zeros_like(At)
-        g_B = du.new_empty(nseg, K, b, M, N) if variable_B else torch.zeros_like(Bs)
-        g_C = du.new_empty(nseg, K, b, M, N) if variable_C else torch.zeros_like(Cs)
-        mu = du.new_zeros(b, N, d) if glast is None else glast.to(du.dtype).contiguous()
-        dA, tmp = du.new_empty(K, b, M, N, d), du.new_empty(K, b, M, N, d)
-        HG, LR = du.new_empty(2, K, b, M, N, d), du.new_empty(2, K, b, M, N, d)
-        starts, mus = du.new_empty(b, M + 1, N, d), du.new_empty(b, M + 1, N, d)
-        for s in reversed(range(nseg)):
-            Bseg = Bs[s] if variable_B else Bs
-            # recompute the states of this segment from the state it started from
-            _segment_states(ds[s], dus[s], A2, Bseg, dA, HG, starts, seg_starts[s])
-            H = HG[0]
-            # adjoint lam_t = dL/dh_t = C_t g_t + exp(delta_{t+1} A) lam_{t+1}: the same chunked scan, reversed,
-            # with R_t = exp((delta_{t+1} + ... + delta_{end of chunk}) A) carried alongside
-            g = gs[s].unsqueeze(-2)  # (K, b, M, 1, d)
-            Lam, R = LR[0], LR[1]
-            torch.mul(g, Cs[s].unsqueeze(-1) if variable_C else Cs, out=Lam)
-            R[K - 1].fill_(1.0)
-            R[:K - 1].zero_()
-            for k in range(K - 2, -1, -1):
-                LR[:, k].addcmul_(dA[k + 1], LR[:, k + 1])
-            # carry across chunks: mus[:, m] = exp(delta A) lam at the first step of chunk m
-            mus[:, M] = mu
-            for m in range(M - 1, -1, -1):
-                lam0 = torch.addcmul(Lam[0][:, m], R[0][:, m], mus[:, m + 1])
-                torch.mul(dA[0][:, m], lam0, out=mus[:, m])
-            Lam.addcmul_(R, mus[:, 1:])
-            mu = mus[:, 0].clone()
-            # X = lam_t * exp(delta_t A) * h_{t-1} = dL/d(delta_t A)
-            X = R
-            torch.mul(H[:-1], dA[1:], out=X[1:])
-            torch.mul(starts[:, :M], dA[0], out=X[0])
-            X.mul_(Lam)
-            g_At.add_(torch.mul(X, ds[s].unsqueeze(-2), out=tmp).sum(dim=(0, 1, 2)))
-            torch.sum(torch.mul(X, At, out=tmp), dim=-2, out=g_delta[s])
-            # through (delta u)_t B_t: dL/d(delta u)_t = lam_t . B_t
-            if variable_B:
-                torch.matmul(Bseg.unsqueeze(-2), Lam, out=g_du[s].unsqueeze(-2))
-                torch.matmul(dus[s].unsqueeze(-2), Lam.transpose(-1, -2), out=g_B[s].unsqueeze(-2))
-            else:
-                torch.sum(torch.mul(Lam, Bseg, out=tmp), dim=-2, out=g_du[s])
-                g_B.add_(torch.mul(Lam, dus[s].unsqueeze(-2), out=tmp).sum(dim=(0, 1, 2)))
-            # through y_t = C_t . h_t
-            if variable_C:
-                torch.matmul(g, H.transpose(-1, -2), out=g_C[s].unsqueeze(-2))
-            else:
-                g_C.add_(torch.mul(H, g, out=tmp).sum(dim=(0, 1, 2)))
-        g_h0 = mu if ctx.has_h0 else None
-        g_B = _from_segments(g_B, L) if variable_B else g_B.t()
-        g_C = _from_segments(g_C, L) if variable_C else g_C.t()
-        return (_from_segments(g_delta, L), _from_segments(g_du, L), g_At.t(), g_B, g_C, g_h0, None)
+
+def _step_sizes(delta_raw, delta_bias, softplus, cd):
+    """(delta, d delta / d delta_raw or None): delta_raw + delta_bias, through softplus when asked."""
+    x = delta_raw.to(cd)
+    if delta_bias is not None:
+        x = x + delta_bias.to(cd)
+    if not softplus:
+        return x, None
+    return F.softplus(x), torch.sigmoid(x)
+
+
+def _gate(y, u, D, z, cd):
+    """(y + D u) * silu(z), in place on y."""
+    if D is not None:
+        y.addcmul_(u, D.to(cd))
+    if z is not None:
+        y.mul_(F.silu(z.to(cd)))
+    return y
+
+
+def _scan_forward(delta, du, A, B, C, h0, keep):
+    """The chunked scan h_t = exp(delta_t A) h_{t-1} + du_t B_t, y_t = C_t . h_t (time-major; see the module
+    docstring). Returns y (b, L, d), the last state (b, N, d), the states of the last `keep` positions
+    (keep, b, N, d) and the state each segment starts from (nseg, b, N, d), which is all the backward keeps."""
+    b, L, d = du.shape
+    N = A.shape[1]
+    h = du.new_zeros(b, N, d) if h0 is None else h0.contiguous()
+    if L == 0:
+        return du.new_zeros(b, 0, d), h.clone(), du.new_empty(0, b, N, d), h.new_empty(0, b, N, d)
+    K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
+    A2 = (A * LOG2E).t().contiguous()  # (N, d): exp(delta A) = exp2(delta A log2 e), and exp2 is faster
+    ds = _to_segments(delta, Lp, nseg, K, M)
+    dus = _to_segments(du, Lp, nseg, K, M)
+    Bs = _to_segments(B, Lp, nseg, K, M) if B.dim() == 3 else B.t().contiguous()
+    Cs = _to_segments(C, Lp, nseg, K, M) if C.dim() == 3 else C.t().contiguous()
+    ys = du.new_empty(nseg, K, b, M, d)
+    starts_all = []  # the state each segment starts from, for the backward pass
+    keep = min(keep, L)
+    kept = du.new_empty(max(keep, 0), b, N, d)
+    # working buffers reused by every segment: fresh large allocations are slow (page faults)
+    dA, tmp = du.new_empty(K, b, M, N, d), du.new_empty(K, b, M, N, d)
+    HG, starts = du.new_empty(2, K, b, M, N, d), du.new_empty(b, M + 1, N, d)
+    for s in range(nseg):
+        starts_all.append(h)
+        h = _segment_states(ds[s], dus[s], A2, Bs[s] if B.dim() == 3 else Bs, dA, HG, starts, h)
+        _outputs(HG[0], Cs[s] if C.dim() == 3 else Cs, ys[s], tmp)
+        if keep > 0:
+            _collect(kept, HG[0], s, K, M, L, keep)
+    return _from_segments(ys, L), h, kept, torch.stack(starts_all)
+
+
+def _outputs(H, Cseg, out, tmp):
+    """y = C . h for one segment's states H (K, b, M, N, d): Cseg (K, b, M, N) or (N, d) constant."""
+    if Cseg.dim() == 4:
+        torch.matmul(Cseg.unsqueeze(-2), H, out=out.unsqueeze(-2))
+    else:
+        torch.sum(torch.mul(H, Cseg, out=tmp), dim=-2, out=out)
+
+
+def _scan_backward(delta, du, A, B, C, seg_starts, has_h0, gy, glast, want_y=False):
+    """Gradients of `_scan_forward` from the saved segment starts: (g_delta, g_du, g_A, g_B, g_C, g_h0, y), with
+    the scan's output y (b, L, d) recomputed on the way when `want_y` (else None)."""
+    b, L, d = du.shape
+    N = A.shape[1]
+    if L == 0:
+        g_h0 = (glast if glast is not None else du.new_zeros(b, N, d)) if has_h0 else None
+        return (torch.zeros_like(delta), torch.zeros_like(du), torch.zeros_like(A), torch.zeros_like(B),
+                torch.zeros_like(C), g_h0, du.new_zeros(b, 0, d) if want_y else None)
+    K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
+    variable_B, variable_C = B.dim() == 3, C.dim() == 3
+    A2 = (A * LOG2E).t().contiguous()
+    At = A.t().contiguous()
+    ds = _to_segments(delta, Lp, nseg, K, M)
+    dus = _to_segments(du, Lp, nseg, K, M)
+    gs = _to_segments(gy.to(du.dtype), Lp, nseg, K, M)
+    Bs = _to_segments(B, Lp, nseg, K, M) if variable_B else B.t().contiguous()
+    Cs = _to_segments(C, Lp, nseg, K, M) if variable_C else C.t().contiguous()
+
+    g_delta = du.new_empty(nseg, K, b, M, d)
+    g_du = du.new_empty(nseg, K, b, M, d)
+    ys = du.new_empty(nseg, K, b, M, d) if want_y else None
+    g_At = torch.zeros_like(At)
+    g_B = du.new_empty(nseg, K, b, M, N) if variable_B else torch.zeros_like(Bs)
+    g_C = du.new_empty(nseg, K, b, M, N) if variable_C else torch.zeros_like(Cs)
+    mu = du.new_zeros(b, N, d) if glast is None else glast.to(du.dtype).contiguous()
+    dA, tmp = du.new_empty(K, b, M, N, d), du.new_empty(K, b, M, N, d)
+    HG, LR = du.new_empty(2, K, b, M, N, d), du.new_empty(2, K, b, M, N, d)
+    starts, mus = du.new_empty(b, M + 1, N, d), du.new_empty(b, M + 1, N, d)
+    for s in reversed(range(nseg)):
+        Bseg = Bs[s] if variable_B else Bs
+        # recompute the states of this segment from the state it started from
+        _segment_states(ds[s], dus[s], A2, Bseg, dA, HG, starts, seg_starts[s])
+        H = HG[0]
+        if want_y:
+            _outputs(H, Cs[s] if variable_C else Cs, ys[s], tmp)
+        # adjoint lam_t = dL/dh_t = C_t g_t + exp(delta_{t+1} A) lam_{t+1}: the same chunked scan, reversed,
+        # with R_t = exp((delta_{t+1} + ... + delta_{end of chunk}) A) carried alongside
+        g = gs[s].unsqueeze(-2)  # (K, b, M, 1, d)
+        Lam, R = LR[0], LR[1]
+        torch.mul(g, Cs[s].unsqueeze(-1) if variable_C else Cs, out=Lam)
+        R[K - 1].fill_(1.0)
+        R[:K - 1].zero_()
+        for k in range(K - 2, -1, -1):
+            LR[:, k].addcmul_(dA[k + 1], LR[:, k + 1])
+        # carry across chunks: mus[:, m] = exp(delta A) lam at the first step of chunk m
+        mus[:, M] = mu
+        for m in range(M - 1, -1, -1):
+            lam0 = torch.addcmul(Lam[0][:, m], R[0][:, m], mus[:, m + 1])
+            torch.mul(dA[0][:, m], lam0, out=mus[:, m])
+        Lam.addcmul_(R, mus[:, 1:])
+        mu = mus[:, 0].clone()
+        # X = lam_t * exp(delta_t A) * h_{t-1} = dL/d(delta_t A)
+        X = R
+        torch.mul(H[:-1], dA[1:], out=X[1:])
+        torch.mul(starts[:, :M], dA[0], out=X[0])
+        X.mul_(Lam)
+        g_At.add_(torch.mul(X, ds[s].unsqueeze(-2), out=tmp).sum(dim=(0, 1, 2)))
+        torch.sum(torch.mul(X, At, out=tmp), dim=-2, out=g_delta[s])
+        # through (delta u)_t B_t: dL/d(delta u)_t = lam_t . B_t
+        if variable_B:
+            torch.matmul(Bseg.unsqueeze(-2), Lam, out=g_du[s].unsqueeze(-2))
+            torch.matmul(dus[s].unsqueeze(-2), Lam.transpose(-1, -2), out=g_B[s].unsqueeze(-2))
+        else:
+            torch.sum(torch.mul(Lam, Bseg, out=tmp), dim=-2, out=g_du[s])
+            g_B.add_(torch.mul(Lam, dus[s].unsqueeze(-2), out=tmp).sum(dim=(0, 1, 2)))
+        # through y_t = C_t . h_t
+        if variable_C:
+            torch.matmul(g, H.transpose(-1, -2), out=g_C[s].unsqueeze(-2))
+        else:
+            g_C.add_(torch.mul(H, g, out=tmp).sum(dim=(0, 1, 2)))
+    g_h0 = mu if has_h0 else None
+    g_B = _from_segments(g_B, L) if variable_B else g_B.t()
+    g_C = _from_segments(g_C, L) if variable_C else g_C.t()
+    return (_from_segments(g_delta, L), _from_segments(g_du, L), g_At.t(), g_B, g_C, g_h0,
+            _from_segments(ys, L) if want_y else None)
 
 
 def _segment_states(ds, dus, A2, Bseg, dA, HG, starts, h):
@@ -458,12 +501,16 @@ def _collect(kept, H, s, K, M, L, keep):
 class MambaCache:
     """Decoding state of one Mamba block: the last d_conv conv inputs and the SSM state, O(1) in the length.
 
-    `conv_state` (batch, d_inner, d_conv) holds the raw conv inputs of the last d_conv positions (oldest
-    first); `ssm_state` (batch, d_inner, d_state) is fp32. A ring buffer also keeps both for the last `history`
-    positions, so `crop(n)` can go back to any length n >= length - history (a recurrent state cannot be
-    rewound further; that raises a ValueError). `snapshot()` / `restore(snap)` save and bring back the state
-    (O(1): the ring is not copied; after a restore, crops reach back as far as the ring still holds states of
-    the snapshot's continuation).
+    `conv_state` (batch, d_inner, d_conv) holds the raw conv inputs of each row's last d_conv positions (oldest
+    first); `ssm_state` (batch, d_inner, d_state) is fp32; `lengths` [batch] counts each row's positions (rows
+    of a ragged batch differ). A ring buffer also keeps both states for each row's last `history` positions,
+    so `crop(n)` (an int, or a [batch] tensor of per-row lengths) can take row b back to any length
+    n_b >= lengths_b - history (a recurrent state cannot be rewound further; that raises a ValueError).
+    `snapshot()` / `restore(snap)` save and bring back the state (O(1): the ring is not copied; after a restore,
+    crops reach back as far as the ring still holds states of the snapshot's continuation); `fork(index)` copies
+    rows into a new cache. The states are replaced, never written in place, so a forward over several passes
+    through the cache can be trained (the ring keeps detached copies: a crop back in a trained forward
+    continues from a constant state).
     """
 
     def __init__(self, batch_size: int, d_inner: int, d_state: int, d_conv: int, device=None, dtype=None,
@@ -474,67 +521,105 @@ class MambaCache:
         self.history = history
         self.conv_state = torch.zeros(batch_size, d_inner, d_conv, device=device, dtype=dtype)
         self.ssm_state = torch.zeros(batch_size, d_inner, d_state, device=device, dtype=torch.float32)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._conv_ring = self.conv_state.new_zeros(history + 1, *self.conv_state.shape)
         self._ssm_ring = self.ssm_state.new_zeros(history + 1, *self.ssm_state.shape)
-        self._slot_ids = [-1] * (history + 1)  # which write filled each ring slot
+        self._slot_ids = torch.full((history + 1, batch_size), -1, dtype=torch.long, device=device)  # which write
         self._writes = 0
-        self.length = 0
-        self._oldest = 0  # the oldest length whose state the ring still holds
-        self._record(0, self.conv_state, self.ssm_state)
+        self._oldest = torch.zeros_like(self.lengths)  # per row, the oldest length whose state the ring holds
+        self._record(self.lengths, self.conv_state, self.ssm_state)
 
-    def _slot(self, length: int) -> int:
-        return length % (self.history + 1)
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
 
-    def _record(self, length: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        slot = self._slot(length)
-        self._conv_ring[slot].copy_(conv)
-        self._ssm_ring[slot].copy_(ssm)
-        self._slot_ids[slot] = self._writes
+    def _slot(self, lengths: torch.Tensor) -> torch.Tensor:
+        return lengths % (self.history + 1)
+
+    @torch.no_grad()
+    def _record(self, lengths: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
+                rows: torch.Tensor | None = None) -> None:
+        """Keep the states of rows (a bool [batch], default all) as those of their given lengths."""
+        r = torch.arange(len(lengths), device=lengths.device) if rows is None else rows.nonzero()[:, 0]
+        slots = self._slot(lengths[r])
+        self._conv_ring[slots, r] = conv[r].to(self._conv_ring.dtype)
+        self._ssm_ring[slots, r] = ssm[r].float()
+        self._slot_ids[slots, r] = self._writes
         self._writes += 1
 
-    def _advance(self, T: int, conv_tail: torch.Tensor, ssm_tail: torch.Tensor) -> None:
-        """Advance by T positions; conv_tail / ssm_tail (T', batch, d_inner, .) hold the states after the last
-        T' <= history + 1 of them, oldest first."""
-        tail = conv_tail.shape[0]
-        for i in range(tail):
-            self._record(self.length + T - tail + 1 + i, conv_tail[i], ssm_tail[i])
-        self.conv_state.copy_(conv_tail[-1])
-        self.ssm_state.copy_(ssm_tail[-1])
-        self.length += T
-        self._oldest = max(self._oldest, self.length - self.history)
-        if T > tail:  # the lengths before the recorded tail were never kept
-            self._oldest = max(self._oldest, self.length - tail + 1)
+    def _advance(self, advance: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor, conv_tail: torch.Tensor,
+                 ssm_tail: torch.Tensor, tail_end: int, full: bool) -> None:
+        """Row b advances by advance[b] positions (every row by tail_end when `full`) to the new states conv,
+        ssm. conv_tail / ssm_tail (keep, batch, d_inner, .) hold the states after chunk positions
+        tail_end - keep .. tail_end - 1 (oldest first); a row keeps those of its own real positions."""
+        keep = conv_tail.shape[0]
+        first = tail_end - keep  # the chunk position of the first kept state
+        old = self.lengths
+        for i in range(keep - 1):  # the last one is each row's new state, recorded below
+            p = first + i
+            self._record(old + p + 1, conv_tail[i], ssm_tail[i], None if full else p < advance)
+        self.lengths = old + advance
+        self.conv_state, self.ssm_state = conv, ssm
+        self._record(self.lengths, conv, ssm)
+        oldest = torch.maximum(self._oldest, self.lengths - self.history)
+        if first > 0:  # the lengths before the kept tail were never recorded
+            oldest = torch.where(advance > 0, torch.maximum(oldest, torch.minimum(old + first + 1, self.lengths)),
+                                 oldest)
+        self._oldest = oldest
 
-    def crop(self, length: int) -> None:
-        if length == self.length:
-            return
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a Mamba cache of {self.length} positions to {length}")
-        if length < self._oldest:
+    def crop(self, length: int | torch.Tensor) -> None:
+        n = as_lengths(length, self.lengths)
+        bad = (n < 0) | (n > self.lengths)
+        if bool(bad.any()):
+            raise ValueError(f"cannot crop a Mamba cache of {self.lengths.tolist()} positions to {n.tolist()}")
+        lost = n < self._oldest
+        if bool(lost.any()):
+            b = int(lost.nonzero()[0, 0])
             raise ValueError(
-                f"cannot crop the Mamba cache back to {length} positions: a recurrent state cannot be rewound "
-                f"and this cache holds the states of lengths {self._oldest}..{self.length} only (the last "
-                f"{self.history} positions at most); make the cache with a larger history, or snapshot() "
-                f"before advancing and restore() to go back")
-        self.conv_state.copy_(self._conv_ring[self._slot(length)])
-        self.ssm_state.copy_(self._ssm_ring[self._slot(length)])
-        self.length = length
+                f"cannot crop the Mamba cache back to {int(n[b])} positions: a recurrent state cannot be rewound "
+                f"and this cache holds the states of lengths {int(self._oldest[b])}..{int(self.lengths[b])} only "
+                f"(the last {self.history} positions at most); make the cache with a larger history, or "
+                f"snapshot() before advancing and restore() to go back")
+        same = n == self.lengths
+        if bool(same.all()):
+            return
+        r = torch.arange(len(n), device=n.device)
+        slots = self._slot(n)
+        self.conv_state = torch.where(same[:, None, None], self.conv_state, self._conv_ring[slots, r])
+        self.ssm_state = torch.where(same[:, None, None], self.ssm_state, self._ssm_ring[slots, r])
+        self.lengths = n
+
+    def fork(self, index) -> "MambaCache":
+        """A new cache whose rows are copies of the rows `index` (ints or a LongTensor [N], repeats allowed)."""
+        index = as_index(index, self.lengths.device)
+        new = object.__new__(MambaCache)
+        new.history, new._writes = self.history, self._writes
+        new.conv_state, new.ssm_state = self.conv_state[index], self.ssm_state[index]
+        new.lengths, new._oldest = self.lengths[index], self._oldest[index]
+        new._conv_ring, new._ssm_ring = self._conv_ring[:, index], self._ssm_ring[:, index]
+        new._slot_ids = self._slot_ids[:, index]
+        return new
 
     def snapshot(self) -> dict:
-        return {"length": self.length, "oldest": self._oldest, "ids": tuple(self._slot_ids),
+        return {"lengths": self.lengths.clone(), "oldest": self._oldest.clone(), "ids": self._slot_ids.clone(),
                 "conv_state": self.conv_state.clone(), "ssm_state": self.ssm_state.clone()}
 
     def restore(self, snapshot: dict) -> None:
-        n = self.length = snapshot["length"]
-        self.conv_state.copy_(snapshot["conv_state"])
-        self.ssm_state.copy_(snapshot["ssm_state"])
+        n = self.lengths = snapshot["lengths"].clone()
+        self.conv_state, self.ssm_state = snapshot["conv_state"].clone(), snapshot["ssm_state"].clone()
         ids = snapshot["ids"]
-        if self._slot_ids[self._slot(n)] != ids[self._slot(n)]:
-            self._record(n, self.conv_state, self.ssm_state)
-        oldest = n  # keep the ring slots that nothing has overwritten since the snapshot
-        while oldest > snapshot["oldest"] and self._slot_ids[self._slot(oldest - 1)] == ids[self._slot(oldest - 1)]:
-            oldest -= 1
-        self._oldest = oldest
+        r = torch.arange(len(n), device=n.device)
+        overwritten = self._slot_ids[self._slot(n), r] != ids[self._slot(n), r]
+        if bool(overwritten.any()):
+            self._record(n, self.conv_state, self.ssm_state, overwritten)
+        # per row, keep the ring slots that nothing has overwritten since the snapshot
+        now, then, floor = self._slot_ids.tolist(), ids.tolist(), snapshot["oldest"].tolist()
+        oldest = n.tolist()
+        for b in range(len(oldest)):
+            while oldest[b] > floor[b] and now[(oldest[b] - 1) % (self.history + 1)][b] \
+                    == then[(oldest[b] - 1) % (self.history + 1)][b]:
+                oldest[b] -= 1
+        self._oldest = torch.tensor(oldest, dtype=torch.long, device=n.device)
 
 
 class MambaBlock(nn.Module):
@@ -601,15 +686,23 @@ class MambaBlock(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, as in mamba_ssm
         return dt, Bm, Cm
 
-    def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
-        """x (b, T, d_model) -> (b, T, d_model); with a cache, x holds the T positions after cache.length."""
+    def forward(self, x: torch.Tensor, cache: MambaCache | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, T, d_model) -> (b, T, d_model); with a cache, x holds the T positions after each row's end.
+
+        padding_mask (b, T) bool, True = a real token. Padding leaves the state as it was: its conv inputs are
+        zero (the zeros a sequence's start is padded with, so left padding is exact) and its step size delta is
+        zero, so exp(delta A) = 1 and delta B u = 0: h passes through unchanged. With a cache, padding comes after
+        each row's real tokens, and row b advances by its real tokens only."""
         b, T, _ = x.shape
         if T == 0:
             return self.out_proj(x.new_zeros(b, 0, self.d_inner))
         if cache is not None and T == 1:
-            return self.step(x, cache)
+            return self.step(x, cache, padding_mask)
         xz = self.in_proj(x)
         xi, z = xz.chunk(2, dim=-1)  # (b, T, d_inner) each
+        if padding_mask is not None:
+            xi = xi * padding_mask[..., None].to(xi.dtype)
         if cache is None:
             xpad = F.pad(xi, (0, 0, self.d_conv - 1, 0))
         else:
@@ -617,27 +710,38 @@ class MambaBlock(nn.Module):
         xc = F.silu(self._conv(xpad, T))
         dt, Bm, Cm = self._ssm_inputs(xc)
         A = -torch.exp(self.A_log.float())
-        if cache is None and _mamba_ssm_selective_scan_fn is not None and x.is_cuda:
+        delta, bias, softplus = dt, self.dt_proj.bias.float(), True
+        if padding_mask is not None:  # delta = 0 at padding: the state passes through
+            delta, bias, softplus = F.softplus(dt.float() + bias) * padding_mask[..., None], None, False
+        if cache is None and padding_mask is None and _mamba_ssm_selective_scan_fn is not None and x.is_cuda:
             y = _mamba_ssm_selective_scan_fn(xc.transpose(1, 2), dt.transpose(1, 2), A, Bm.transpose(1, 2),
                                              Cm.transpose(1, 2), self.D.float(), z.transpose(1, 2),
                                              self.dt_proj.bias.float(), True).transpose(1, 2)
             return self.out_proj(y)
         keep = 0 if cache is None else min(T, cache.history + 1)
         y, last, kept = selective_scan_time_major(
-            xc, dt, A, Bm, Cm, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            xc, delta, A, Bm, Cm, D=self.D.float(), z=z, delta_bias=bias, delta_softplus=softplus,
             initial_state=None if cache is None else cache.ssm_state, keep_states=keep)
         if cache is not None:
+            # the raw conv inputs with the cached ones before them: (b, d_inner, d_conv + T)
+            raw = torch.cat([cache.conv_state, xi.transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
+            if padding_mask is None:
+                advance, conv = torch.full_like(cache.lengths, T), raw[:, :, T:]
+            else:  # each row's last d_conv real inputs
+                advance = padding_mask.sum(1)
+                index = (advance[:, None] + torch.arange(self.d_conv, device=x.device))[:, None, :]
+                conv = raw.gather(2, index.expand(b, self.d_inner, self.d_conv))
             with torch.no_grad():
-                raw = torch.cat([cache.conv_state, xi.detach().transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
-                conv_tail = raw.unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)  # (keep, b, d, d_conv)
-                cache._advance(T, conv_tail, kept.float())
+                conv_tail = raw.detach().unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)
+            cache._advance(advance, conv, last, conv_tail, kept, T, full=padding_mask is None)
         return self.out_proj(y)
 
-    def step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
-        """One decoding step, x (b, 1, d_model): O(1) time and memory in the length (Gu & Dao 2023, sec. 3.3)."""
+    def step(self, x: torch.Tensor, cache: MambaCache, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoding step, x (b, 1, d_model): O(1) time and memory in the length (Gu & Dao 2023, sec. 3.3).
+        A row whose padding_mask is False keeps its state and length."""
         xz = self.in_proj(x[:, 0])
         xi, z = xz.chunk(2, dim=-1)  # (b, d_inner)
-        conv = torch.cat([cache.conv_state[:, :, 1:], xi.detach().unsqueeze(-1).to(cache.conv_state.dtype)], dim=2)
+        conv = torch.cat([cache.conv_state[:, :, 1:], xi.unsqueeze(-1).to(cache.conv_state.dtype)], dim=2)
         window = torch.cat([cache.conv_state[:, :, 1:].to(xi.dtype), xi.unsqueeze(-1)], dim=2)  # (b, d, d_conv)
         xc = (window * self.conv1d.weight[:, 0, :].to(xi.dtype)).sum(-1)
         if self.conv1d.bias is not None:
@@ -646,12 +750,15 @@ class MambaBlock(nn.Module):
         dt, Bm, Cm = self._ssm_inputs(xc)
         A = -torch.exp(self.A_log.float())
         delta = F.softplus(dt.float() + self.dt_proj.bias.float())  # (b, d)
+        if padding_mask is not None:
+            delta = delta * padding_mask[:, :1]
+            conv = torch.where(padding_mask[:, :1, None], conv, cache.conv_state)
         dA = torch.exp(delta.unsqueeze(-1) * A)  # (b, d, N)
         h = cache.ssm_state * dA + (delta * xc.float()).unsqueeze(-1) * Bm.float().unsqueeze(1)
         y = torch.matmul(h, Cm.float().unsqueeze(-1)).squeeze(-1) + self.D.float() * xc.float()
         y = (y * F.silu(z.float())).to(x.dtype)
-        with torch.no_grad():
-            cache._advance(1, conv.unsqueeze(0), h.detach().unsqueeze(0))
+        advance = torch.ones_like(cache.lengths) if padding_mask is None else padding_mask[:, 0].long()
+        cache._advance(advance, conv, h, conv.unsqueeze(0), h.unsqueeze(0), 1, full=padding_mask is None)
         return self.out_proj(y).unsqueeze(1)
 
 
@@ -675,9 +782,12 @@ class MambaResidualBlock(nn.Module):
         self.norm = RMSNorm(d_model, norm_eps)
         self.mixer = MambaBlock(d_model, d_state, d_conv, expand, dt_rank)
 
-    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaCache | None = None,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_mask(mask, "Mamba block")
-        return x + self.mixer(self.norm(x), cache=cache)
+        if padding_mask is not None:
+            padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
+        return x + self.mixer(self.norm(x), cache=cache, padding_mask=padding_mask)
 
     def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> MambaCache:
         return self.mixer.make_cache(batch_size, device, dtype, history)
@@ -734,10 +844,22 @@ class Mamba(nn.Module):
     def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> MambaDecodingCache:
         return MambaDecodingCache([b.make_cache(batch_size, device, dtype, history) for b in self.blocks])
 
-    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingCache | None = None,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> hidden states [B, T, D], the trunk contract of models/transformer.py.
+
+        mask: "causal" only (anything else is refused, naming it). cache: the T positions follow each row's
+        cached ones. positions: accepted and unused (a recurrent scan has no position tables: order is the
+        sequence's). padding_mask [B, T] bool, True = a real token: padding leaves the state unchanged (see
+        MambaBlock.forward); padding at either end of a row, or, with a cache, after the real tokens only.
+        """
         _check_mask(mask)
         check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
+        if padding_mask is not None:
+            padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
+            owner = "Mamba trunk's decoding cache" if cache is not None else "Mamba trunk"
+            check_padding(padding_mask, owner, at_the_end=cache is not None)
         layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches):
-            x = block(x, mask=mask, cache=layer_cache)
+            x = block(x, mask=mask, cache=layer_cache, padding_mask=padding_mask)
         return self.norm(x)
