@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import quickstart, run_cli
+from ntp_checkpoint import ntp_checkpoint
 from objectives import NextTokenPrediction
 from objectives.checkpoints import FrozenCompanion, load_checkpoint, load_objective, weights_sha256
 
@@ -37,8 +38,7 @@ class WithCompanion(NextTokenPrediction):
 def trained(tmp_path_factory, corpus_files):
     """(NTP checkpoint, the CLI run of WithCompanion trained 2 steps against it)."""
     tmp = tmp_path_factory.mktemp("companion")
-    ntp = run_cli(tmp / "ntp", *quickstart(corpus_files), steps=2)
-    ntp_ckpt = Path(ntp.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    ntp_ckpt = ntp_checkpoint(tuple(corpus_files))
     cli = run_cli(tmp / "with", *quickstart(corpus_files, "--model", "test_companions.WithCompanion",
                                             "--model.init_args.companion", str(ntp_ckpt)), steps=2)
     return ntp_ckpt, cli

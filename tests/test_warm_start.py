@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, quickstart, run_cli
+from ntp_checkpoint import ntp_checkpoint as shared_ntp_checkpoint
 from models import Transformer
 from objectives import NextTokenPrediction
 from objectives.checkpoints import load_checkpoint, warm_start
@@ -23,16 +24,14 @@ class ThreeTokenNTP(NextTokenPrediction):
 
 
 @pytest.fixture(scope="module")
-def ntp_checkpoint(tmp_path_factory, corpus_files) -> Path:
-    tmp = tmp_path_factory.mktemp("ntp")
-    cli = run_cli(tmp, *quickstart(corpus_files), steps=2)
-    return Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+def ntp_checkpoint(corpus_files) -> Path:
+    return shared_ntp_checkpoint(tuple(corpus_files))
 
 
 def test_init_from_loads_weights_adds_token_rows_and_starts_at_step_0(tmp_path, corpus_files, ntp_checkpoint,
                                                                        capsys):
     saved = load_checkpoint(ntp_checkpoint)
-    assert saved["global_step"] == 2
+    assert saved["global_step"] == 3
     # lr 0: the one training step leaves the weights as the warm start set them
     cli = run_cli(tmp_path, *quickstart(corpus_files, "--model", "test_warm_start.ThreeTokenNTP", *TINY_MODEL,
                                         "--model.init_args.init_from", str(ntp_checkpoint),
@@ -42,7 +41,7 @@ def test_init_from_loads_weights_adds_token_rows_and_starts_at_step_0(tmp_path, 
     assert "row 512 copied from token 0, row 513 usual init, row 514 copied from token 5" in out
     assert "optimizer, schedule and step start fresh" in out
     model = cli.model
-    assert cli.trainer.global_step == 1  # started at 0, not at the checkpoint's 2
+    assert cli.trainer.global_step == 1  # started at 0, not at the checkpoint's 3
     assert int(next(iter(cli.trainer.optimizers[0].state.values()))["step"]) == 1
     state, weights = model.state_dict(), saved["state_dict"]
     for name, value in weights.items():

@@ -1,0 +1,149 @@
+"""The retrofit of an NTP model into a multi-token predictor (objectives/distill.py): the next-token path stays the
+teacher's bit for bit, the adapters learn only from mask positions, the rollouts are the teacher's greedy ones, the
+masks sit at the continuation's positions, and both decodings behave as promised."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import quickstart, run_cli
+from ntp_checkpoint import ntp_checkpoint
+from objectives.checkpoints import load_checkpoint
+from objectives.distill import SelfDistillation, mask_layout
+
+
+@pytest.fixture(scope="module")
+def retrofit(tmp_path_factory, corpus_files):
+    """(the NTP checkpoint, the SelfDistillation run warm-started from it and trained 3 steps through the CLI)."""
+    tmp = tmp_path_factory.mktemp("distill")
+    ckpt = ntp_checkpoint(tuple(corpus_files))
+    cli = run_cli(tmp / "retrofit", *quickstart(corpus_files, "--model", "configs/objectives/distill.yaml",
+                                                "--model.init_args.init_from", str(ckpt),
+                                                "--model.init_args.regions", "6",
+                                                "--model.init_args.optimizer.init_args.lr", "0.01"), steps=3)
+    return ckpt, cli
+
+
+def batch_of(model, B=2, L=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, model.vocab_size, (B, L), generator=g)
+    return {"tokens": tokens, "loss_mask": torch.ones(B, L)}
+
+
+def test_retrofit_trains_adapters_and_keeps_the_teacher_out_of_its_checkpoint(retrofit):
+    ckpt, cli = retrofit
+    model = cli.model
+    assert cli.trainer.global_step == 3 and model.teacher is not None
+    assert any(a.b.abs().sum() > 0 for a in model.adapters.values())  # B starts at zero: the adapters trained
+    saved = load_checkpoint(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
+    assert not [k for k in saved["state_dict"] if k.startswith("teacher.")]
+    assert saved["companions"]["teacher"]["path"] == str(ckpt)
+    teacher = load_checkpoint(ckpt)["state_dict"]
+    for name, value in teacher.items():  # the student's network is the teacher's, frozen
+        assert torch.equal(saved["state_dict"][name], value), name
+
+
+def test_gate_closed_logits_equal_the_teacher_exactly(retrofit):
+    _, cli = retrofit
+    model = cli.model.eval()
+    teacher = model.teacher.model
+    tokens = batch_of(model)["tokens"]
+    with torch.no_grad():
+        assert torch.equal(model.logits(model.hidden(tokens)), teacher.logits(teacher.hidden(tokens)))
+
+
+def test_adapters_get_gradients_only_from_mask_positions(retrofit):
+    _, cli = retrofit
+    model = cli.model.train()
+    tokens = batch_of(model)["tokens"]
+    B, L = tokens.shape
+    layout = mask_layout(torch.full((B,), L), L, torch.tensor([[5, 20], [11, 30]]), model.k - 1)
+    adapters = [p for a in model.adapters.values() for p in (a.a, a.b)]
+
+    def grads(select):
+        for p in adapters:
+            p.grad = None
+        model.masked_hidden(tokens, layout)[:, select].pow(2).sum().backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in adapters]
+
+    assert all(g.abs().sum() == 0 for g in grads(slice(0, L)))  # real positions: nothing reaches the adapters
+    assert sum(g.abs().sum() for g in grads(slice(L, None))) > 0
+    for p in adapters:
+        p.grad = None
+
+
+def test_training_rollouts_are_the_teachers_greedy_continuations(retrofit):
+    _, cli = retrofit
+    model = cli.model.eval()
+    teacher = model.teacher.model
+    tokens = batch_of(model, B=2, L=30, seed=1)["tokens"]
+    anchors = torch.tensor([[3, 17, 29], [0, 9, 22]])
+    rollout, _ = model.teacher_rollouts(tokens, anchors, model.k)
+    for b in range(2):
+        for r, t in enumerate(anchors[b].tolist()):
+            greedy = teacher.generate(tokens[b : b + 1, : t + 1], model.k)[0, t + 1 :]
+            assert rollout[b, r].tolist() == greedy.tolist(), (b, t)
+
+
+def test_masks_keep_the_continuations_positions(retrofit):
+    """A region's masks in the training layout read what masks appended right after that prefix read."""
+    _, cli = retrofit
+    model = cli.model.eval()
+    tokens = batch_of(model, B=1, L=32, seed=2)["tokens"]
+    slots, anchors = model.k - 1, torch.tensor([[6, 19]])
+    layout = mask_layout(torch.tensor([32]), 32, anchors, slots)
+    assert layout.positions[0, 32:].tolist() == [t + s for t in (6, 19) for s in range(1, slots + 1)]
+    with torch.no_grad():
+        packed = model.masked_hidden(tokens, layout)[:, 32:].view(1, 2, slots, -1)
+        for r, t in enumerate(anchors[0].tolist()):
+            alone = mask_layout(torch.tensor([t + 1]), t + 1, torch.tensor([[t]]), slots)  # prefix, then the masks
+            plain = model.masked_hidden(tokens[:, : t + 1], alone)[:, t + 1 :]
+            torch.testing.assert_close(packed[:, r], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_verify_decodes_the_teachers_greedy_output_batch_1_and_ragged_3(retrofit):
+    _, cli = retrofit
+    model = cli.model.eval()
+    teacher = model.teacher.model
+    prompts = batch_of(model, B=3, L=12, seed=3)["tokens"]
+    alone = teacher.generate(prompts[:1], 24)
+    assert torch.equal(model.generate(prompts[:1], 24, decoding="verify"), alone)
+    assert model.decode_stats["steps"] <= 23
+    lengths = torch.tensor([12, 5, 9])
+    ragged = model.generate(prompts, 16, decoding="verify", prompt_lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert ragged[b, : n + 16].tolist() == teacher.generate(prompts[b : b + 1, :n], 16)[0].tolist(), b
+
+
+def test_confidence_at_tau_1_is_greedy_one_token_per_forward(retrofit):
+    _, cli = retrofit
+    model = cli.model.eval()
+    teacher = model.teacher.model
+    prompts = batch_of(model, B=3, L=10, seed=4)["tokens"]
+    lengths = torch.tensor([10, 4, 7])
+    out = model.generate(prompts, 12, decoding="confidence", tau=1.0, prompt_lengths=lengths)
+    assert model.decode_stats["steps"] == 11  # the prompt's forward gives the first token, then one per forward
+    for b, n in enumerate(lengths.tolist()):
+        assert out[b, : n + 12].tolist() == teacher.generate(prompts[b : b + 1, :n], 12)[0].tolist(), b
+    model.generate(prompts[:1], 12, decoding="confidence", tau=0.0)  # every draft kept: k tokens per forward
+    assert model.decode_stats["steps"] == -(-12 // model.k) - 1
+    with pytest.raises(ValueError, match="tau"):
+        model.generate(prompts[:1], 4, decoding="confidence", tau=1.5)
+
+
+def test_generate_py_decodes_a_retrofit_by_confidence(retrofit, capsys):
+    import generate
+    _, cli = retrofit
+    ckpt = Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    generate.main(["--ckpt_path", str(ckpt), "--prompt", "def f(x):", "--max_new_tokens", "8",
+                   "--options", '{"decoding": "confidence", "tau": 0.0}'])
+    out = capsys.readouterr().out
+    assert out.startswith("def f(x):") and "tokens per forward" in out
+
+
+def test_a_trunk_without_tensor_masks_is_refused():
+    from models import Mamba
+    with pytest.raises(ValueError, match="tensor"):
+        SelfDistillation(Mamba(d_model=32, n_layers=1), vocab_size=50)
