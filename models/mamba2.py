@@ -40,9 +40,10 @@ Where `mamba_ssm`'s Triton kernels are installed and the tensors live on a GPU, 
 `mamba_chunk_scan_combined` computes the SSD layer instead (same equations); nothing needs it.
 
 Decoding keeps, per block, the last d_conv conv inputs and the (H, P, N) state per row: O(1) time and memory
-per token, in the Mamba trunk's cache (`models.mamba.MambaCache`, which also keeps the last `history` states
-for `crop` and can `snapshot` / `restore`). A padding mask sets dt = 0 at padded positions, so they neither
-decay nor write the state.
+per token, in the Mamba trunk's cache (`models.mamba.MambaCache`: per-row `lengths`, the last `history`
+states for `crop`, `snapshot` / `restore`, `fork`). A padding mask feeds the convolution zeros and sets dt = 0
+at padded positions, so they neither decay nor write the state: left padding is exact, and in a cache each
+row advances by its own real tokens.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import RMSNorm, check_length
+from models.layers import RMSNorm, check_length, check_padding
 from models.mamba import MambaCache, MambaDecodingCache, _check_mask
 
 try:  # the reference's fused Triton kernel, used as a drop-in where it is installed
@@ -316,13 +317,14 @@ class Mamba2Block(nn.Module):
         if cache is None:
             y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size)
         else:
-            y = self._cached_ssd(x, dt, A, B, C, xBC_raw, cache)
+            y = self._cached_ssd(x, dt, A, B, C, xBC_raw, cache, padding_mask)
         y = y + x * self.D.to(x.dtype).unsqueeze(-1)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
-    def _cached_ssd(self, x, dt, A, B, C, xBC_raw, cache: Mamba2Cache) -> torch.Tensor:
+    def _cached_ssd(self, x, dt, A, B, C, xBC_raw, cache: Mamba2Cache, padding_mask) -> torch.Tensor:
         """The SSD from the cache's state, advancing the cache: the chunked algorithm over all but the last
-        `keep` positions, then the closed form over those, whose states the cache keeps for crop()."""
+        `keep` positions, then the closed form over those, whose states the cache keeps for crop(). With a
+        padding mask (padding after each row's real tokens), row b advances by its real tokens only."""
         b, T, H, P = x.shape
         keep = min(T, cache.history + 1)
         h0 = cache.ssm_state.view(b, H, P, self.d_state)
@@ -334,10 +336,18 @@ class Mamba2Block(nn.Module):
         states = ssd_states(x[:, T - keep:], dt[:, T - keep:], A, B[:, T - keep:], h0)  # (keep, b, H, P, N)
         Cg = C[:, T - keep:].float().repeat_interleave(H // self.ngroups, dim=2)  # (b, keep, H, N)
         ys.append(torch.einsum("tbhpn,bthn->bthp", states, Cg).to(x.dtype))
+        # the raw conv inputs with the cached ones before them: (b, conv_dim, d_conv + T)
+        raw = torch.cat([cache.conv_state, xBC_raw.transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
+        if padding_mask is None:
+            advance, conv = torch.full_like(cache.lengths, T), raw[:, :, T:]
+        else:  # each row's last d_conv real inputs
+            advance = padding_mask.sum(1)
+            index = (advance[:, None] + torch.arange(self.d_conv, device=x.device))[:, None, :]
+            conv = raw.gather(2, index.expand(b, self.conv_dim, self.d_conv))
         with torch.no_grad():
-            raw = torch.cat([cache.conv_state, xBC_raw.detach().transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
-            conv_tail = raw.unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)  # (keep, b, conv_dim, w)
-            cache._advance(T, conv_tail, states.detach().flatten(2, 3))
+            conv_tail = raw.detach().unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)
+        cache._advance(advance, conv, states[-1].flatten(1, 2), conv_tail, states.detach().flatten(2, 3), T,
+                       full=padding_mask is None)
         return torch.cat(ys, 1)
 
 
@@ -400,9 +410,14 @@ class Mamba2(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaDecodingCache | None = None,
                 positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, d_model) -> hidden states (B, T, d_model). `positions` is accepted for the trunk contract and
-        unused (a recurrence has no positional encoding); `padding_mask` (B, T) True at real tokens."""
+        unused (a recurrence has no positional encoding); `padding_mask` (B, T) True at real tokens: padding
+        at either end of a row, or, with a cache, after each row's real tokens only (row b advances by its own)."""
         _check_mask(mask, "Mamba-2 trunk")
         check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
+        if padding_mask is not None:
+            padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
+            owner = "Mamba-2 trunk's decoding cache" if cache is not None else "Mamba-2 trunk"
+            check_padding(padding_mask, owner, at_the_end=cache is not None)
         layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches):
             x = block(x, mask=mask, cache=layer_cache, padding_mask=padding_mask)

@@ -135,6 +135,31 @@ def test_left_padding_leaves_the_rows_as_they_are_alone():
     assert rel_err(out[:, 7:], alone) < 1e-5
 
 
+def test_ragged_rows_in_one_cache_and_fork():
+    """Right-padded prompts of 12 and 7 tokens prefill one cache; each row then decodes as it does alone, and
+    a fork of the cache continues the rows it copied."""
+    trunk = tiny_trunk()
+    x = torch.randn(2, 20, 32)
+    lengths = [12, 7]
+    mask = torch.arange(12)[None] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        alone = [trunk(x[i:i + 1, :lengths[i] + 5]) for i in range(2)]
+        cache = trunk.make_cache(2)
+        prompt = torch.where(mask[..., None], x[:, :12], torch.zeros(()))
+        out = trunk(prompt, cache=cache, padding_mask=mask)
+        assert cache.lengths.tolist() == lengths
+        for i in range(2):
+            assert rel_err(out[i, :lengths[i]], alone[i][0, :lengths[i]]) < 1e-5
+        forked = cache.fork([1, 0, 1])
+        for t in range(5):
+            step = torch.stack([x[i, lengths[i] + t] for i in range(2)])[:, None]
+            y = trunk(step, cache=cache)
+            for i in range(2):
+                assert rel_err(y[i, 0], alone[i][0, lengths[i] + t]) < 1e-5
+        y = trunk(torch.stack([x[1, 7], x[0, 12], x[1, 7]])[:, None], cache=forked)
+        assert rel_err(y[0, 0], alone[1][0, 7]) < 1e-5 and rel_err(y[1, 0], alone[0][0, 12]) < 1e-5
+
+
 @pytest.mark.parametrize("mask", ["full", torch.ones(5, 5, dtype=torch.bool)])
 def test_a_non_causal_mask_is_a_clear_error(mask):
     trunk = tiny_trunk()
