@@ -45,6 +45,9 @@ import lightning as L
 import torch
 import yaml
 
+from objectives import metrics as M
+from objectives.checkpoints import load_checkpoint
+
 ROOT = Path(__file__).resolve().parent
 TRAIN = ROOT / "train.py"
 BASE_CONFIG = ROOT / "configs" / "base.yaml"
@@ -68,11 +71,12 @@ FUTURE_LENS = "future_lens/k{}_acc"  # held-out accuracy of the probe h_t -> x_(
 REPORT_LENS_KS = (2, 4)
 
 # the family's own headline figure: a scalar tag, or hparams.<name> for a setting (sampling steps)
-HEADLINES = {"MultiTokenPrediction": ("val/accept_len", "accepted length"),
-             "DeepSeekMTP": ("val/accept_len", "accepted length"),
+HEADLINES = {"MultiTokenPrediction": (M.ACCEPT_LEN_TEACHER_FORCED, "accepted length (teacher-forced)"),
+             "DeepSeekMTP": (M.ACCEPT_LEN_TEACHER_FORCED, "accepted length (teacher-forced)"),
+             "Coconut": ("train/coconut_stage", "latent stage"),
              "MaskedDiffusion": ("hparams.sampling_steps", "sampling steps"),
              "DiffusionLM": ("hparams.sampling_steps", "sampling steps")}
-REASONING_HEADLINE = ("val/answer_tokens", "answer tokens")
+REASONING_HEADLINE = (M.VAL_ANSWER_TOKENS, "answer tokens")
 
 
 class ExperimentError(ValueError):
@@ -308,7 +312,7 @@ def train_all(runs_dir: Path, experiment: dict, names: list[str], seeds: list[in
         if status == "new":  # an attempt that died before its first checkpoint starts over, without its old events
             for stale in glob.glob(str(out / "events.out.tfevents.*")):
                 os.remove(stale)
-        start_step = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"]) if last else 0
+        start_step = int(load_checkpoint(last)["global_step"]) if last else 0
         print(f"[{experiment['name']} {i + 1}/{len(todo)}] {name} seed{seed}: "
               f"{'resuming from ' + str(last) + f' (step {start_step})' if last else 'training'}", flush=True)
         (out / "progress.json").unlink(missing_ok=True)
@@ -401,9 +405,9 @@ def seed_figures(folder: Path, run: dict) -> dict:
     scalars = read_scalars(folder)
     last = lambda tag: scalars[tag][-1][1] if scalars.get(tag) else None  # noqa: E731
     best = lambda tag: min(v for _, v in scalars[tag]) if scalars.get(tag) else None  # noqa: E731
-    throughput = [v for _, v in scalars.get("perf/tokens_per_sec", [])]
-    figures = {"val/bpb": last("val/bpb"), "best val/bpb": best("val/bpb"), "val/ntp_loss": last("val/ntp_loss"),
-               "val/nll_bound": last("val/nll_bound"), "val/accuracy": last("val/accuracy"),
+    throughput = [v for _, v in scalars.get(M.TOKENS_PER_SEC, [])]
+    figures = {M.VAL_BPB: last(M.VAL_BPB), "best val/bpb": best(M.VAL_BPB), M.VAL_NTP_LOSS: last(M.VAL_NTP_LOSS),
+               M.VAL_NLL_BOUND: last(M.VAL_NLL_BOUND), M.VAL_ACCURACY: last(M.VAL_ACCURACY),
                "tokens seen": last(TOKENS_SEEN), "tokens/s": statistics.median(throughput) if throughput else None,
                "peak memory MiB": last(PEAK_MEMORY), "wall-clock s": last(WALL_CLOCK),
                "steps": max((s for values in scalars.values() for s, _ in values), default=0)}
@@ -444,11 +448,11 @@ def collect(runs_dir: Path, experiment: dict, names: list[str], seeds: list[int]
             "d_model": info.get("d_model"), "n_layers": info.get("n_layers"), "parameters": info.get("parameters"),
             "causal": info.get("causal"), "seeds": sorted(per_seed),
             "finished": all((p["info"] or {}).get("finished") for p in per_seed.values()),
-            "likelihood": "bound" if any(p["figures"]["val/nll_bound"] is not None for p in per_seed.values())
+            "likelihood": "bound" if any(p["figures"][M.VAL_NLL_BOUND] is not None for p in per_seed.values())
             else "likelihood",
             "headline_tag": tag, "headline_label": label,
             "figures": {k: summarise([p["figures"].get(k) for p in per_seed.values()]) for k in keys},
-            "curves": {str(s): {t: p["scalars"].get(t, []) for t in ("val/bpb", "val/accuracy", TOKENS_SEEN)}
+            "curves": {str(s): {t: p["scalars"].get(t, []) for t in (M.VAL_BPB, M.VAL_ACCURACY, TOKENS_SEEN)}
                        for s, p in per_seed.items()},
         })
     return rows
@@ -465,7 +469,7 @@ def cell(summary: dict | None, digits: int = 3, prefix: str = "") -> str:
 
 def markdown(experiment: dict, rows: list[dict]) -> str:
     columns = ["run", "family", "trunk", "params", "tokens seen", "final val/bpb", "best val/bpb",
-               "val/ntp_loss", "val/nll_bound (bound)", "val/accuracy", "tokens/s", "peak MiB", "wall-clock",
+               M.VAL_NTP_LOSS, "val/nll_bound (bound)", M.VAL_ACCURACY, "tokens/s", "peak MiB", "wall-clock",
                "future lens k=2", "future lens k=4", "family's figure"]
     lines = [f"# {experiment['name']}", "", experiment["description"], "",
              "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -478,9 +482,9 @@ def markdown(experiment: dict, rows: list[dict]) -> str:
                   if row["headline_tag"] else "-")
         values = [row["label"] + ("" if row["finished"] else " (unfinished)"), row["family"] or "-", trunk,
                   f"{row['parameters'] / 1e6:.2f}M" if row["parameters"] else "-",
-                  cell(f["tokens seen"], 0), cell(f["val/bpb"], 3, "≤ " if bound else ""),
-                  cell(f["best val/bpb"], 3, "≤ " if bound else ""), cell(f["val/ntp_loss"]),
-                  cell(f["val/nll_bound"], 3, "≤ " if bound else ""), cell(f["val/accuracy"]),
+                  cell(f["tokens seen"], 0), cell(f[M.VAL_BPB], 3, "≤ " if bound else ""),
+                  cell(f["best val/bpb"], 3, "≤ " if bound else ""), cell(f[M.VAL_NTP_LOSS]),
+                  cell(f[M.VAL_NLL_BOUND], 3, "≤ " if bound else ""), cell(f[M.VAL_ACCURACY]),
                   cell(f["tokens/s"], 0), cell(f["peak memory MiB"], 0),
                   clock(wall["mean"]) if wall else "-", cell(f["future lens k=2"]), cell(f["future lens k=4"]),
                   figure]
@@ -527,7 +531,7 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str) -> boo
         grid = np.array(series[0][0])
         values = np.array([np.interp(grid, x, y) for x, y in series])
         line, = ax.plot(grid, values.mean(0), marker="o", markersize=3,
-                        label=row["label"] + (" (bound)" if row["likelihood"] == "bound" and tag == "val/bpb" else ""))
+                        label=row["label"] + (" (bound)" if row["likelihood"] == "bound" and tag == M.VAL_BPB else ""))
         if len(series) > 1:
             ax.fill_between(grid, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
         drawn = True
@@ -574,10 +578,10 @@ def write_report(runs_dir: Path, experiment: dict, names: list[str], seeds: list
         raise SystemExit(f"no runs of {experiment['name']} under {runs_dir / experiment['name']}: train them first "
                          f"(python compare.py EXPERIMENT without --report-only)")
     plots = []
-    if plot(rows, "val/bpb", "val/bpb (bits per byte)", folder / "val_bpb.png",
+    if plot(rows, M.VAL_BPB, "val/bpb (bits per byte)", folder / "val_bpb.png",
             f"{experiment['name']}: val/bpb against training tokens"):
         plots.append("val_bpb.png")
-    if plot(rows, "val/accuracy", "val/accuracy (exact match)", folder / "val_accuracy.png",
+    if plot(rows, M.VAL_ACCURACY, "val/accuracy (exact match)", folder / "val_accuracy.png",
             f"{experiment['name']}: val/accuracy against training tokens"):
         plots.append("val_accuracy.png")
     text = markdown(experiment, rows) + "".join(f"\n![{p}]({p})\n" for p in plots)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import parser, report
+from objectives.checkpoints import load_checkpoint
 
 
 def is_causal(model) -> bool:
@@ -99,7 +100,7 @@ def load_run(ckpt_path: str):
     """The objective of a project checkpoint (eval mode) and its datamodule, rebuilt from the stored settings."""
     from generate import load
     model, _ = load(ckpt_path)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(ckpt_path)  # weights_only, the project allowlist
     settings = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     class_path = settings.pop("_class_path", None)
     if class_path is None:
