@@ -3,7 +3,7 @@ step budget (the quickstart's trunk and data; the budget of configs/experiments/
 
     python -m benchmarks.diffusion [--ntp_ckpt P] [--mdlm_ckpt P] [--diffusion_lm_ckpt P] [--prompts 16]
                                    [--new_tokens 64] [--sampling_steps 8,32,128] [--path_star] [--json out.json]
-                                   [--families mdlm,diffusion_lm]
+                                   [--families mdlm,diffusion_lm] [--max_steps N]
 
 (a) Likelihood: MDLM's and Diffusion-LM's `val/nll_bound` beside NTP's `val/ntp_loss` (nats per token, the same
     val windows) and the unigram entropy. For scale, on OpenWebText MDLM's bound is 23.2 perplexity against
@@ -16,7 +16,8 @@ step budget (the quickstart's trunk and data; the budget of configs/experiments/
 (c) With --path_star: the MDLM row of the path-star table (benchmarks.path_star,
     configs/experiments/path_star_mdlm.yaml).
 
-`--families` picks the diffusion families to train and sample (NTP, the scorer, always runs).
+`--families` picks the diffusion families to train and sample (NTP, the scorer, always runs); `--max_steps` trains
+every model for N steps instead of the recipes' budget (a reduced budget; each run then validates once, at the end).
 Models not given as checkpoints are trained by their recipes: configs/experiments/mdlm_code.yaml,
 configs/experiments/diffusion_lm_code.yaml, and configs/quickstart.yaml (NTP) with the MDLM recipe's max_steps.
 """
@@ -47,12 +48,17 @@ def recipe_steps(name: str) -> int:
     return int(yaml.safe_load(open(RECIPES[name]))["trainer"]["max_steps"])
 
 
-def trained(name: str, ckpt: str | None, save_dir: str) -> tuple[object, object, float, float]:
+def trained(name: str, ckpt: str | None, save_dir: str, max_steps: int | None = None
+            ) -> tuple[object, object, float, float]:
     """(model, tokenizer, nats per token on the val split, unigram entropy), from a checkpoint or by training."""
     if ckpt is None:  # the recipes validate at their last step, so the run's own final metrics serve
-        budget = ["--trainer.max_steps", str(recipe_steps("mdlm")), "--trainer.logger.init_args.name", "ntp_code"]
+        budget = ["--trainer.max_steps", str(recipe_steps("mdlm"))] if name == "ntp" else []
+        if max_steps:
+            budget = ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps)]
+        if name == "ntp":
+            budget += ["--trainer.logger.init_args.name", "ntp_code"]
         cli = train.main(["fit", "-c", RECIPES[name], "--trainer.logger.init_args.save_dir", save_dir,
-                          "--trainer.enable_progress_bar", "false", *(budget if name == "ntp" else [])])
+                          "--trainer.enable_progress_bar", "false", *budget])
         ckpt = f"{cli.trainer.log_dir}/checkpoints/final.ckpt"  # last.ckpt is only as new as the last interval
         cli.trainer.save_checkpoint(ckpt)
     else:
@@ -96,6 +102,7 @@ def main() -> None:
     p.add_argument("--path_star", action="store_true", help="also train and test MDLM on path-star (up to 10 min)")
     p.add_argument("--save_dir", default="runs")
     p.add_argument("--families", default="mdlm,diffusion_lm", help="diffusion families to run, comma-separated")
+    p.add_argument("--max_steps", type=int, help="train every model for this many steps (default: the recipes')")
     args = p.parse_args()
     precision = auto_precision()
     families = args.families.split(",")
@@ -105,11 +112,12 @@ def main() -> None:
 
     models, likelihood_rows = {}, []
     for name in ("ntp", *families):
-        model, tokenizer, nats, unigram = trained(name, getattr(args, f"{name}_ckpt"), args.save_dir)
+        model, tokenizer, nats, unigram = trained(name, getattr(args, f"{name}_ckpt"), args.save_dir, args.max_steps)
         models[name] = model
         likelihood_rows.append({"objective": type(model).__name__, "metric": LIKELIHOOD[name], "nats/token": nats,
                                 "perplexity": math.exp(min(nats, 50)), "unigram entropy": unigram})
-    report(likelihood_rows, f"(a) likelihood on the stdlib val split, quickstart trunk, {recipe_steps('mdlm')} steps "
+    report(likelihood_rows, f"(a) likelihood on the stdlib val split, quickstart trunk, "
+                            f"{args.max_steps or recipe_steps('mdlm')} steps "
                             f"each ({precision})",
            args.json and args.json.replace(".json", "_likelihood.json"))
 
@@ -123,8 +131,16 @@ def main() -> None:
         runs.append(("MDLM ancestral", steps, lambda s=steps: mdlm.generate(
             prompts, args.new_tokens, temperature=1.0, steps=s, sampler="ancestral"), None))
     if diffusion_lm is not None:
-        runs.append(("Diffusion-LM (clamped)", diffusion_lm.hparams.sampling_steps,
+        def dot_product_clamp():  # the clamp this code had before: the largest dot product, not the L2-nearest word
+            diffusion_lm.nearest = diffusion_lm.round
+            try:
+                return diffusion_lm.generate(prompts, args.new_tokens, temperature=1.0)
+            finally:
+                del diffusion_lm.nearest
+        runs.append(("Diffusion-LM (clamped, L2)", diffusion_lm.hparams.sampling_steps,
                      lambda: diffusion_lm.generate(prompts, args.new_tokens, temperature=1.0),
+                     diffusion_lm.hparams.sampling_steps))
+        runs.append(("Diffusion-LM (clamped, dot product)", diffusion_lm.hparams.sampling_steps, dot_product_clamp,
                      diffusion_lm.hparams.sampling_steps))
     sample_rows = []
     for label, steps, sample, calls in runs:

@@ -18,16 +18,19 @@ def decay_groups(module: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
-    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`.
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`: a
+    `LambdaLR` whose multiplier is `factor(step)`.
 
-    `total_steps` left unset is filled in from the trainer (`estimated_stepping_batches`) by the objective.
+    `total_steps` left unset is filled in from the trainer (`estimated_stepping_batches`) by the objective's
+    `configure_optimizers`: the CLI builds the schedule from its config before the trainer knows the run's step
+    budget, and neither torch nor Lightning has a schedule that reads it, so that one line stays.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 100, total_steps: int | None = None,
                  min_lr_ratio: float = 0.1, last_epoch: int = -1):
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, self.factor, last_epoch)
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -36,6 +39,3 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def get_lr(self) -> list[float]:
-        return [base * self.factor(self.last_epoch) for base in self.base_lrs]

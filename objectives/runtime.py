@@ -46,7 +46,14 @@ def flops_per_step(module: L.LightningModule, batch: dict) -> int | None:
 
 
 class Throughput(L.Callback):
-    """Logs perf/tokens_per_sec (all devices, over the last `window` steps) and perf/mfu where the peak is known."""
+    """Logs perf/tokens_per_sec (all devices, over the last `window` steps) and perf/mfu where the peak is known.
+
+    Lightning's `ThroughputMonitor` measures the same rolling window (with the same `measure_flops` and
+    `get_available_flops` used here), but it writes its figures straight to the loggers under its own fixed names
+    (`train|device/items_per_sec`, `train|device/mfu`, ...): not the shared `perf/` names, and not through
+    `self.log`, so they never reach `trainer.callback_metrics`, where the benchmarks and tests read them. Renaming
+    them would mean overriding its private `_compute`; this callback is the few lines that do it directly.
+    """
 
     def __init__(self, window: int = 20):
         self.window = window
