@@ -39,7 +39,9 @@ class Objective(L.LightningModule):
         ce_chunk_size: positions per chunk of the chunked cross-entropy.
         eval_examples: val examples per validation whose generated answer is scored (reasoning data).
         sample_tokens: tokens of a greedy sample written to TensorBoard each validation (text data).
-        check_finite: stop at the first non-finite training loss, naming the step.
+        check_finite: stop at the first non-finite training loss, naming the step. It raises in the step itself,
+            before the optimizer applies it, so every checkpoint holds finite weights; Lightning's
+            EarlyStopping(check_finite=True) looks at a monitored metric only at validation or epoch end.
         init_from: a project checkpoint whose weights a new fit starts from (optimizer, schedule and step fresh;
             rows for this family's extra tokens initialised by `extra_token_sources`); `--ckpt_path` resumes instead.
     """
@@ -347,10 +349,7 @@ class Objective(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
-        # Under FSDP each trunk block becomes its own shard unit; elsewhere `wrap` returns the block unchanged.
-        from torch.distributed.fsdp.wrap import wrap
-        for i, block in enumerate(self.trunk.blocks):
-            self.trunk.blocks[i] = wrap(block)
+        # FSDP's shard units come from the strategy's auto_wrap_policy (configs/strategies/fsdp.yaml)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.trunk.compile()
             self._compiled = True

@@ -28,3 +28,25 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights(objective, tmp_pat
     assert [r["world"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [3, 3]
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), f"{name} differs between ranks"
+
+
+def test_the_fsdp_config_makes_each_block_of_every_trunk_its_own_shard_unit():
+    # FSDP needs an accelerator, so on CPU the check is on the strategy the config builds: its wrap policy picks
+    # exactly the trunk's blocks (Lightning wraps each picked module in its own FSDP unit, the root in another)
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+
+    from models import Mamba, Mamba2, Transformer
+    from objectives import NextTokenPrediction
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    config = parser.parse_object({"strategy": yaml.safe_load((ROOT / "configs/strategies/fsdp.yaml").read_text())})
+    strategy = parser.instantiate(config).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    for trunk in (Transformer(d_model=16, n_layers=2, n_heads=2, max_seq_len=16), Mamba(d_model=16, n_layers=2),
+                  Mamba2(d_model=16, n_layers=2, d_state=8, headdim=8)):
+        model = NextTokenPrediction(trunk, vocab_size=11)
+        picked = [m for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
+        assert picked == list(trunk.blocks), type(trunk).__name__
