@@ -1,4 +1,5 @@
-"""The Mamba trunk's speed: the chunked selective scan and the Mamba block.
+"""The state-space trunks' speed, memory and length generalisation: Mamba's chunked selective scan, and the Mamba
+and Mamba-2 trunks against the transformer.
 
     python -m benchmarks.ssm [--parts a b c d] [--repeats 5] [--threads N] [--json out.json]
 
@@ -8,14 +9,16 @@
     `mambapy`'s block (its parallel scan; optional dependency: pip install mambapy), in the same process
     (goal: >= 2x its tokens/s).
 (b) train: NTP training tokens/s (one forward+backward+AdamW step, median of --repeats after a warm-up; bf16
-    autocast where `auto_precision()` says bf16-mixed) and peak memory of a Mamba trunk (d 256 x 7, 3.07M) against
-    the transformer (d 256 x 4, 3.2M; configs/models/mamba-quickstart.yaml), V 4096, T in {256, 1024, 4096}, batch
-    8192 / T. CPU: each case in a fresh subprocess reporting its peak RSS; GPU: max memory allocated.
-(c) decode: per-token greedy decode latency at batch 1 after 128, 512, 2048 tokens of context (prefill not
-    timed), both trunks, random weights (goal: flat for Mamba).
-(d) induction: both trunks at 2 layers x d_model 64, NTP, trained on induction heads (vocab 16, seq_len 256,
-    batch 32, AdamW lr 1e-3) for --train_seconds each, then the answer-token accuracy by one forward pass (the
-    prediction at the last prompt position) on --eval_examples test examples at 256 and 1024 (4x).
+    autocast where `auto_precision()` says bf16-mixed) and peak memory of the transformer (d 256 x 4, 3.21M),
+    Mamba (d 256 x 7, 3.07M; configs/models/mamba-quickstart.yaml) and Mamba-2 (d 256 x 7, 3.26M;
+    configs/models/mamba2-quickstart.yaml), V 4096, T in --train_lengths (default {1024, 4096, 16384}), batch
+    --train_tokens / T (equal tokens per step). CPU: each case in a fresh subprocess reporting its peak RSS; GPU:
+    max memory allocated.
+(c) decode: per-token greedy decode latency at batch 1 after --contexts tokens of context (default up to 16384;
+    prefill not timed), the three trunks, random weights (goal: flat for the state-space trunks).
+(d) induction: configs/experiments/induction_heads_{transformer,mamba,mamba2}.yaml (2 layers, vocab 16, trained
+    at 256) trained through the CLI, then the answer-token accuracy by one forward pass (the prediction at the
+    last prompt position) on --eval_examples test examples at 1x, 4x, 16x and 64x the training length.
 
 Timings are the best of `--repeats` runs after a warm-up, the compared implementations alternating, so that
 other load on the machine disturbs both alike. On a machine whose cores other processes also use, pass
@@ -127,21 +130,23 @@ def part_a(args) -> list[tuple[str, list[dict]]]:
 
 
 # ---------------------------------------------------------------- (b) training speed and memory vs the transformer
-TRUNKS = {"transformer": "Transformer d256 x4", "mamba": "Mamba d256 x7"}
+TRUNKS = {"transformer": "Transformer d256 x4", "mamba": "Mamba d256 x7", "mamba2": "Mamba-2 d256 x7"}
 TRAIN_VOCAB = 4096
+QUICKSTART_LAYERS = {"transformer": 4, "mamba": 7, "mamba2": 7}  # equal parameters (configs/models/*-quickstart)
 
 
 def make_trunk(kind: str, d_model: int, n_layers: int, max_seq_len: int):
-    from models import Mamba, Transformer
+    from models import Mamba, Mamba2, Transformer
     if kind == "transformer":
         return Transformer(d_model=d_model, n_layers=n_layers, n_heads=max(1, d_model // 64), max_seq_len=max_seq_len)
+    if kind == "mamba2":  # configs/models/mamba2-quickstart.yaml
+        return Mamba2(d_model=d_model, n_layers=n_layers, d_state=128, headdim=min(64, 2 * d_model), chunk_size=64)
     return Mamba(d_model=d_model, n_layers=n_layers, d_state=16)
 
 
 def quickstart_model(kind: str, vocab: int, max_seq_len: int, d_model: int = 256):
     from objectives import NextTokenPrediction
-    layers = {"transformer": 4, "mamba": 7}[kind]
-    return NextTokenPrediction(make_trunk(kind, d_model, layers, max_seq_len), vocab_size=vocab)
+    return NextTokenPrediction(make_trunk(kind, d_model, QUICKSTART_LAYERS[kind], max_seq_len), vocab_size=vocab)
 
 
 def train_step_rate(kind: str, seq_len: int, batch: int, steps: int, device: str = "cpu", d_model: int = 256,
@@ -197,8 +202,11 @@ def part_b(args) -> list[tuple[str, list[dict]]]:
             rows.append({"T": seq_len, "batch": batch, "trunk": TRUNKS[kind], "trunk params M": r["params"] / 1e6,
                          "step s": r["seconds"], "tokens/s": r["tokens/s"], "peak GiB": r["peak"] / 2**30,
                          "precision": r["precision"]})
-        rows[-1]["mamba/transformer tok/s"] = rows[-1]["tokens/s"] / rows[-2]["tokens/s"]
-        rows[-1]["mamba/transformer mem"] = rows[-1]["peak GiB"] / rows[-2]["peak GiB"]
+        base = rows[-len(TRUNKS)]
+        for row in rows[-len(TRUNKS) + 1:]:
+            row["x transformer tok/s"] = row["tokens/s"] / base["tokens/s"]
+            row["x transformer mem"] = row["peak GiB"] / base["peak GiB"]
+        print(json.dumps(rows[-len(TRUNKS):]), flush=True)
     what = "max memory allocated" if device == "cuda" else "peak RSS of a fresh process per case"
     return [(f"(b) NTP training step, V {TRAIN_VOCAB}, {args.train_tokens} tokens per batch, median of "
              f"{args.repeats} steps ({what}, {device}, {torch.get_num_threads()} threads)", rows)]
@@ -235,6 +243,7 @@ def part_c(args) -> list[tuple[str, list[dict]]]:
         row = {"context": context}
         for kind, name in TRUNKS.items():
             row[f"{name} ms/token"] = 1e3 * decode_latency(kind, context, args.new_tokens, repeats=args.repeats // 2 + 1)
+        print(json.dumps(row), flush=True)
         rows.append(row)
     for row in rows:
         for name in TRUNKS.values():
@@ -306,9 +315,9 @@ def main() -> None:
                    % ",".join(PARTS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    p.add_argument("--train_lengths", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--train_tokens", type=int, default=8192, help="(b) tokens per batch: batch = this / T")
-    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--train_lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--train_tokens", type=int, default=16384, help="(b) tokens per batch: batch = this / T")
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
     p.add_argument("--new_tokens", type=int, default=8)
     p.add_argument("--decode_threads", type=int, default=1, help="(c) torch threads while decoding")
     p.add_argument("--induction_trunks", nargs="+", default=list(INDUCTION_RECIPES), help="(d) which recipes")

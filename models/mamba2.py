@@ -301,6 +301,8 @@ class Mamba2Block(nn.Module):
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         if T == 0:
             return self.out_proj(u.new_zeros(b, 0, self.d_inner))
+        if cache is not None and T == 1:
+            return self.step(u, cache, padding_mask)
         z, xBC_raw, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, H], dim=-1)
         if padding_mask is not None:  # padded positions feed the convolution zeros, as before a sequence starts
             xBC_raw = xBC_raw * padding_mask.to(xBC_raw.dtype).unsqueeze(-1)
@@ -320,6 +322,31 @@ class Mamba2Block(nn.Module):
             y = self._cached_ssd(x, dt, A, B, C, xBC_raw, cache, padding_mask)
         y = y + x * self.D.to(x.dtype).unsqueeze(-1)
         return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def step(self, u: torch.Tensor, cache: Mamba2Cache, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoding step, u (b, 1, d_model), O(1) in the length: h = exp(dt A) h + dt x B^T, y = h C + D x
+        per head (SSD paper, eq. (2)). A row whose padding_mask is False keeps its state and length."""
+        b = u.shape[0]
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = torch.split(self.in_proj(u[:, 0]), [self.d_inner, self.conv_dim, H], dim=-1)
+        conv = torch.cat([cache.conv_state[:, :, 1:], xBC.unsqueeze(-1).to(cache.conv_state.dtype)], dim=2)
+        xBC = (conv.to(xBC.dtype) * self.conv1d.weight[:, 0].to(xBC.dtype)).sum(-1)
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias.to(xBC.dtype)
+        x, B, C = torch.split(F.silu(xBC), [self.d_inner, G * N, G * N], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, H)
+        if padding_mask is not None:
+            dt = dt * padding_mask[:, :1]
+            conv = torch.where(padding_mask[:, :1, None], conv, cache.conv_state)
+        x = x.float().view(b, H, P)
+        Bh, Ch = (t.float().view(b, G, 1, N).expand(b, G, H // G, N).reshape(b, H, N) for t in (B, C))
+        h = cache.ssm_state.view(b, H, P, N) * torch.exp(dt * -torch.exp(self.A_log.float()))[..., None, None]
+        h = h + (dt[..., None] * x).unsqueeze(-1) * Bh.unsqueeze(2)
+        y = torch.matmul(h, Ch.unsqueeze(-1)).squeeze(-1) + self.D.float()[:, None] * x  # (b, H, P)
+        advance = torch.ones_like(cache.lengths) if padding_mask is None else padding_mask[:, 0].long()
+        h = h.flatten(1, 2)
+        cache._advance(advance, conv, h, conv.unsqueeze(0), h.detach().unsqueeze(0), 1, full=padding_mask is None)
+        return self.out_proj(self.norm(y.flatten(1).to(u.dtype), z)).unsqueeze(1)
 
     def _cached_ssd(self, x, dt, A, B, C, xBC_raw, cache: Mamba2Cache, padding_mask) -> torch.Tensor:
         """The SSD from the cache's state, advancing the cache: the chunked algorithm over all but the last
