@@ -102,9 +102,10 @@ def speculative_cases(args, device: torch.device, precision: str) -> list[dict]:
 
 
 def ssm_cases(args, device: torch.device, precision: str) -> list[dict]:
-    """Mamba: the selective scan's forward at L=4096 (the chunked pure-PyTorch scan, and mamba_ssm's kernel where
-    it is importable) and NTP training tokens/s of the Mamba and transformer trunks of configs/models/
-    mamba-quickstart.yaml at T=4096 (benchmarks/ssm.py parts (a) and (b)); `--tiny`: tiny shapes."""
+    """State-space trunks: the selective scan's forward at L=4096 (the chunked pure-PyTorch scan, and mamba_ssm's
+    kernel where it is importable), Mamba-2's SSD forward (`ssd_cases`), and NTP training tokens/s and memory of
+    the transformer, Mamba and Mamba-2 trunks of configs/models/*-quickstart.yaml at T in {1024, 4096, 16384}
+    with equal tokens per step (benchmarks/ssm.py parts (a) and (b)); `--tiny`: tiny shapes."""
     from benchmarks.ssm import TRUNKS, scan_inputs, train_step_rate
     from models import mamba as mamba_module
     length, batch, dim = (64, 1, 32) if args.tiny else (4096, 2, 512)
@@ -130,15 +131,52 @@ def ssm_cases(args, device: torch.device, precision: str) -> list[dict]:
             mamba_module._mamba_ssm_selective_scan_fn = saved
         rows.append({"case": f"selective scan fwd L={length} d_inner {dim} N 16 batch {batch}", "loop": name,
                      "tokens/s": batch * length / s})
-    seq_len, tokens = (64, 128) if args.tiny else (4096, 8192 * 4)
-    for kind, name in TRUNKS.items():
-        r = train_step_rate(kind, seq_len, max(1, tokens // seq_len), args.steps, device.type,
-                            d_model=64 if args.tiny else 256, vocab=512 if args.tiny else 4096,
-                            warmup=args.warmup)
-        rows.append({"case": f"NTP {name}{' tiny' if args.tiny else ''} T={seq_len}", "loop": "bare",
-                     "tokens/s": r["tokens/s"], "GiB": r["peak"] / 2**30 if device.type == "cuda" else None})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows += ssd_cases(args, device)
+    lengths, tokens = ((64,), 128) if args.tiny else ((1024, 4096, 16384), 32768)
+    for seq_len in lengths:  # equal tokens per step at every length
+        for kind, name in TRUNKS.items():
+            r = train_step_rate(kind, seq_len, max(1, tokens // seq_len), args.steps, device.type,
+                                d_model=64 if args.tiny else 256, vocab=512 if args.tiny else 4096,
+                                warmup=args.warmup)
+            rows.append({"case": f"NTP {name}{' tiny' if args.tiny else ''} T={seq_len}", "loop": "bare",
+                         "tokens/s": r["tokens/s"], "GiB": r["peak"] / 2**30 if device.type == "cuda" else None})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def ssd_cases(args, device: torch.device) -> list[dict]:
+    """Mamba-2's SSD layer forward at L=4096 (models/mamba2.py): the chunked pure-PyTorch algorithm, and
+    mamba_ssm's fused Triton kernel where it is importable."""
+    from models import mamba2
+    length, batch, heads, P, N = (64, 1, 2, 16, 16) if args.tiny else (4096, 4, 8, 64, 128)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(x=torch.randn(batch, length, heads, P, generator=g), dt=torch.randn(batch, length, heads, generator=g),
+              A=-torch.rand(heads, generator=g) * 15 - 1, B=torch.randn(batch, length, 1, N, generator=g),
+              C=torch.randn(batch, length, 1, N, generator=g))
+    kw = {k: v.to(device) for k, v in kw.items()}
+    bias = torch.full((heads,), -4.0, device=device)
+    kernels = {"chunked pure-PyTorch": None}
+    if device.type == "cuda" and mamba2._mamba_ssm_chunk_scan is not None:
+        kernels["mamba_ssm Triton kernel"] = mamba2._mamba_ssm_chunk_scan
+    rows = []
+    for name, kernel in kernels.items():
+        saved = mamba2._mamba_ssm_chunk_scan
+        mamba2._mamba_ssm_chunk_scan = kernel
+        try:
+            with torch.no_grad():
+                for _ in range(args.warmup):
+                    mamba2.ssd_scan(**kw, chunk_size=64, dt_bias=bias, dt_softplus=True)
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    mamba2.ssd_scan(**kw, chunk_size=64, dt_bias=bias, dt_softplus=True)
+                synchronize(device)
+                s = (time.perf_counter() - start) / args.steps
+        finally:
+            mamba2._mamba_ssm_chunk_scan = saved
+        rows.append({"case": f"SSD fwd L={length} heads {heads} x {P} N {N} batch {batch}", "loop": name,
+                     "tokens/s": batch * length / s})
     return rows
 
 
