@@ -109,9 +109,10 @@ def test_the_vocabulary_comes_from_the_train_split_and_unknown_held_out_words_ar
     train = [{"question": f"Is {w} a cat or a dog?", "steps": [f"{w} barks."], "answer": "dog"}
              for w in ("Rex", "Fido", "Max", "Bo")]
     val = [{"question": "Is Zorro a cat or a dog?", "steps": ["Zorro meows."], "answer": "cat"}]
-    (tmp_path / "train.json").write_text(json.dumps(train))
-    (tmp_path / "val.json").write_text(json.dumps(val))
-    d = ReasoningDataModule(task="file", train_file=str(tmp_path / "train.json"), val_file=str(tmp_path / "val.json"))
+    for split, records in (("train", train), ("val", val), ("test", val)):
+        (tmp_path / f"{split}.json").write_text(json.dumps(records))
+    d = ReasoningDataModule(task="file", train_file=str(tmp_path / "train.json"), val_file=str(tmp_path / "val.json"),
+                            test_file=str(tmp_path / "test.json"))
     vocab = d.tokenizer.get_vocab()
     assert "Rex" in vocab and "barks" in vocab
     assert not {"Zorro", "meows"} & set(vocab)  # "cat" is in the train questions, so it stays known
