@@ -18,6 +18,7 @@ An experiment file names a shared base and the runs:
       ntp: {model: configs/objectives/ntp.yaml}
       mtp2: {model: configs/objectives/mtp.yaml, args: {model.init_args.n_future: 2}, label: "MTP n=2"}
       mamba: {model: configs/objectives/ntp.yaml, trunk: configs/models/mamba-quickstart.yaml}
+      bow: {model: configs/objectives/ntp.yaml, summaries: [configs/summaries/bow.yaml]}
 
 Each run trains in its own process through train.py (the same Lightning CLI path as a user's run), with the
 experiment's callback `RunRecord` added: it logs tokens seen, peak memory and training wall-clock beside the
@@ -61,6 +62,7 @@ BASE_KEYS = {"configs": "train.py config files every run starts from", "args": "
              "future_lens": "probe settings for causal runs (train_windows, val_windows, epochs, max_k) or false"}
 RUN_KEYS = {"model": "an objective config (configs/objectives/*.yaml)", "trunk": "a trunk config (configs/models/)",
             "data": "a data config (configs/data/)", "configs": "more train.py config files",
+            "summaries": "future-summary configs to attach (configs/summaries/*.yaml)",
             "args": "train.py flags of this run", "label": "the run's name in the report",
             "headline": "the family's own figure: a scalar tag, or hparams.<name>"}
 LENS_KEYS = {"train_windows", "val_windows", "epochs", "max_k"}
@@ -125,7 +127,7 @@ def load_experiment(path: str) -> dict:
         "checkpoint_every": int(base.get("checkpoint_every", max(1, int(base["steps"]) // 4))),
         "future_lens": ({"train_windows": 64, "val_windows": 16, "epochs": 6, "max_k": 8, **lens}
                         if lens is not False else None),
-        "runs": {},
+        "runs": {}, "overrides": [],
     }
     for name, run in runs.items():
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
@@ -141,6 +143,7 @@ def load_experiment(path: str) -> dict:
             "trunk": config_file(f"{where}: run {name!r}: trunk", run["trunk"]) if "trunk" in run else None,
             "data": config_file(f"{where}: run {name!r}: data", run["data"]) if "data" in run else None,
             "configs": [config_file(f"{where}: run {name!r}: configs", c) for c in as_list(run.get("configs"))],
+            "summaries": [config_file(f"{where}: run {name!r}: summaries", c) for c in as_list(run.get("summaries"))],
             "args": run.get("args") or {}, "label": run.get("label", name), "headline": run.get("headline"),
         }
     return experiment
@@ -189,6 +192,8 @@ def train_command(runs_dir: Path, experiment: dict, name: str, seed: int, resume
         cmd += ["--model.init_args.trunk", run["trunk"]]
     if run["data"]:
         cmd += ["--data", run["data"]]
+    for summary in run["summaries"]:
+        cmd += [f"--model.init_args.summaries+={summary}"]
     for key, value in run["args"].items():
         cmd += [f"--{key}", flag_value(value)]
     cmd += ["--trainer.callbacks", json.dumps(callbacks(experiment, configs)),
@@ -471,7 +476,9 @@ def markdown(experiment: dict, rows: list[dict]) -> str:
     columns = ["run", "family", "trunk", "params", "tokens seen", "final val/bpb", "best val/bpb",
                M.VAL_NTP_LOSS, "val/nll_bound (bound)", M.VAL_ACCURACY, "tokens/s", "peak MiB", "wall-clock",
                "future lens k=2", "future lens k=4", "family's figure"]
-    lines = [f"# {experiment['name']}", "", experiment["description"], "",
+    reduced = (f"Run with {' '.join(experiment['overrides'])} on top of the experiment file (a reduced budget)."
+               if experiment.get("overrides") else "")
+    lines = [f"# {experiment['name']}", "", experiment["description"], "", *([reduced, ""] if reduced else []),
              "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         f, bound = row["figures"], row["likelihood"] == "bound"
@@ -588,6 +595,7 @@ def write_report(runs_dir: Path, experiment: dict, names: list[str], seeds: list
     (folder / "report.md").write_text(text)
     (folder / "report.json").write_text(json.dumps(
         {"experiment": experiment["name"], "description": experiment["description"], "steps": experiment["steps"],
+         "overrides": experiment.get("overrides", []),
          "plots": plots, "rows": rows}, indent=1))
     write_layout(folder, experiment)
     return folder
@@ -603,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the existing runs")
     p.add_argument("--steps", type=int, help="a smaller (or larger) budget than the experiment's, in steps")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a train.py flag for every run on top of the experiment's base (repeatable), e.g. "
+                        "--set data.init_args.batch_size=8; the report names it")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between progress lines")
     args = p.parse_args(argv)
     try:
@@ -618,6 +629,13 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else experiment["seeds"]
     if args.steps:
         experiment["steps"] = args.steps
+        experiment["overrides"].append(f"--steps {args.steps}")
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--set takes KEY=VALUE (a train.py flag without its dashes), got {item!r}")
+        experiment["args"][key] = yaml.safe_load(value)
+        experiment["overrides"].append(f"--set {item}")
     runs_dir = Path(args.runs_dir).resolve()
     if args.dry_run:
         for name in names:
