@@ -5,48 +5,179 @@ Embeddings in, hidden states out. The token embedding and unembedding belong to 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import DecodingCache, RMSNorm, Rotary, SwiGLU, check_length
+from models.layers import (DecodingCache, RMSNorm, Rotary, SwiGLU, as_index, as_lengths, check_length,
+                           check_padding, padded_at_the_end)
 
 Mask = str | torch.Tensor  # "causal", "full", or a boolean tensor broadcastable to [B, H, T, S], True = attend
 
 
 class KVCache:
-    """Keys and values of one attention layer, preallocated to `max_len`; `length` positions are valid."""
+    """Keys and values of one attention layer; row b holds `lengths[b]` valid positions, key index = position.
+
+    Without gradients the keys live in a buffer preallocated to `max_len` and are written in place. Under
+    `torch.enable_grad()` every append builds new tensors (a slice and `torch.cat`, or an out-of-place scatter
+    for ragged rows), so the keys an earlier pass's attention saved for its backward are never overwritten and
+    a forward over several passes through the cache can be trained.
+    """
 
     def __init__(self, batch_size: int, n_heads: int, head_dim: int, max_len: int, device, dtype):
         shape = (batch_size, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.max_len = max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._owned = True  # k and v are the preallocated buffers (no autograd graph holds them)
+        self._bounds = (0, 0)  # (shortest, longest) row, kept on the host so that uniform decoding never syncs
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        check_length(end, self.k.shape[2], "decoding cache")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.length = end
+    @property
+    def length(self) -> int:
+        return self._bounds[1]
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(shortest, longest) row length."""
+        return self._bounds
+
+    def _set_lengths(self, lengths: torch.Tensor, bounds: tuple[int, int] | None = None) -> None:
+        self.lengths = lengths
+        if bounds is None:
+            lo, hi = torch.aminmax(lengths) if lengths.numel() else (0, 0)
+            bounds = (int(lo), int(hi))
+        self._bounds = bounds
+
+    def _reserve(self) -> None:
+        """Write in place from now on: move the keys into preallocated buffers of `max_len` positions."""
+        if self._owned:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            buffer = old.new_zeros(old.shape[0], old.shape[1], self.max_len, old.shape[3])
+            buffer[:, :, : old.shape[2]] = old.detach()
+            setattr(self, name, buffer)
+        self._owned = True
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, advance: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, head_dim] at each row's own end; the rows grow by T (or by `advance` [B], the
+        real tokens of right-padded rows). Returns the keys and values of positions 0 .. longest row + T."""
+        T = k.shape[2]
+        lo, hi = self._bounds
+        end = hi + T
+        check_length(end, self.max_len, "decoding cache")
+        grad = torch.is_grad_enabled()
+        if lo == hi:  # every row at the same length: one slice
+            if grad:
+                self.k, self.v = torch.cat([self.k[:, :, :lo], k], 2), torch.cat([self.v[:, :, :lo], v], 2)
+                self._owned = False
+            else:
+                self._reserve()
+                self.k[:, :, lo:end] = k
+                self.v[:, :, lo:end] = v
+        else:
+            index = (self.lengths[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand_as(k)
+            if grad:
+                width = self.k.shape[2]
+                base_k = self.k[:, :, :end] if width >= end else F.pad(self.k, (0, 0, 0, end - width))
+                base_v = self.v[:, :, :end] if width >= end else F.pad(self.v, (0, 0, 0, end - width))
+                self.k, self.v = base_k.scatter(2, index, k), base_v.scatter(2, index, v)
+                self._owned = False
+            else:
+                self._reserve()
+                self.k.scatter_(2, index, k)
+                self.v.scatter_(2, index, v)
+        if advance is None:
+            self._set_lengths(self.lengths + T, (lo + T, hi + T))
+        else:
+            self._set_lengths(self.lengths + advance)
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def crop(self, length: int) -> None:
-        self.length = length
+    def crop(self, length: int | torch.Tensor) -> None:
+        """Forget every position of a row from `length` on (an int for every row, or a [B] tensor)."""
+        n = as_lengths(length, self.lengths)
+        if bool(((n < 0) | (n > self.lengths)).any()):
+            raise ValueError(f"cannot crop a cache of {self.lengths.tolist()} positions to {n.tolist()}")
+        self._set_lengths(n, (int(length), int(length)) if isinstance(length, int) else None)
+
+    def fork(self, index) -> "KVCache":
+        """A new cache whose rows are copies of the rows `index` (ints or a LongTensor [N], repeats allowed)."""
+        index = as_index(index, self.lengths.device)
+        new = object.__new__(KVCache)
+        new.k, new.v, new.max_len, new._owned = self.k[index], self.v[index], self.max_len, self._owned
+        new._set_lengths(self.lengths[index])
+        return new
 
 
-def _attention_mask(mask: Mask, start: int, T: int, device) -> tuple[torch.Tensor | None, bool]:
-    """(explicit boolean mask or None, is_causal) for queries at positions start..start+T-1 over start+T keys."""
-    if isinstance(mask, torch.Tensor):
-        return mask.to(device=device, dtype=torch.bool), False
-    if mask == "full" or T == 1:
-        return None, False
-    if start == 0:
-        return None, True
-    # causal with a cache: SDPA's is_causal aligns to the top-left corner, so the offset needs a mask
-    rows = torch.arange(start, start + T, device=device)[:, None]
-    return torch.arange(start + T, device=device)[None, :] <= rows, False
+class AttentionInputs(NamedTuple):
+    """What every layer of one trunk forward shares: the rotary positions (an int start for every row, or
+    [T] / [B, T]), the boolean mask or None, SDPA's is_causal, and how far each row's cache advances."""
+    positions: int | torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+    advance: torch.Tensor | None
+
+
+def attention_inputs(mask: Mask, T: int, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                     padding_mask: torch.Tensor | None = None, device=None) -> AttentionInputs:
+    """Positions and mask for T queries that follow each row's cached keys (made once per trunk forward).
+
+    Key index j of row b is that row's position j; the queries sit at indices lengths[b] .. lengths[b] + T - 1.
+    No mask tensor is made where SDPA needs none: a causal forward from position 0, one query after a cache
+    whose rows have equal lengths, full attention without padding. A causal forward after such a cache has its
+    queries in the lower right corner of the score matrix, while SDPA's is_causal aligns to the upper left, so it
+    gets one [1, 1, T, S] mask. Ragged rows and key padding get one [B, 1, T, S] mask. A padding query attends
+    every key (its output is never used, and a row with no key would turn into NaN and spread through the
+    padding keys' values). With a cache, padding must come after a row's real tokens (right padding).
+    """
+    if isinstance(mask, str) and mask not in ("causal", "full"):
+        raise ValueError(f"unknown mask {mask!r}: use 'causal', 'full' or a boolean tensor")
+    lo, hi = cache.bounds if cache is not None else (0, 0)
+    real, advance, right_padded = None, None, True
+    if padding_mask is not None:
+        real = padding_mask.to(device=device, dtype=torch.bool)
+        right_padded = padded_at_the_end(real)
+        if cache is not None:
+            check_padding(real, "transformer's decoding cache", at_the_end=True)
+            advance = real.sum(1)
+    if positions is None:
+        if real is not None:  # real tokens numbered consecutively, whatever padding is before them
+            offsets = (real.long().cumsum(1) - 1).clamp(min=0)
+            positions = offsets + (cache.lengths[:, None] if cache is not None else 0)
+        elif lo != hi:
+            positions = cache.lengths[:, None] + torch.arange(T, device=device)
+        else:
+            positions = lo
+    S = hi + T
+    if lo == hi and (real is None or (right_padded and mask == "causal")):
+        # equal rows; right padding is harmless under a causal mask (real queries never reach a later key)
+        if isinstance(mask, torch.Tensor):
+            return AttentionInputs(positions, mask.to(device=device, dtype=torch.bool), False, advance)
+        if mask == "full" or T == 1:
+            return AttentionInputs(positions, None, False, advance)
+        if lo == 0:
+            return AttentionInputs(positions, None, True, advance)
+        rows = torch.arange(lo, S, device=device)[:, None]
+        return AttentionInputs(positions, (torch.arange(S, device=device) <= rows)[None, None], False, advance)
+    starts = (cache.lengths if cache is not None else torch.zeros(real.shape[0], dtype=torch.long, device=device))
+    starts = starts[:, None, None, None]  # [B, 1, 1, 1]
+    key = torch.arange(S, device=device)[None, None, None, :]
+    if mask == "causal":
+        allowed = key <= starts + torch.arange(T, device=device)[None, None, :, None]
+    else:
+        allowed = key < starts + T  # every written key of the row
+        if isinstance(mask, torch.Tensor):
+            m = mask.to(device=device, dtype=torch.bool)
+            allowed = allowed & (m[:, None] if m.dim() == 3 else m)
+    if real is not None:
+        in_chunk = (key - starts).clamp(0, T - 1)[:, 0, 0]  # [B, S]: the chunk index of each key
+        key_real = (key[:, 0, 0] < starts[:, 0, 0]) | real.gather(1, in_chunk)
+        allowed = (allowed & key_real[:, None, None, :]) | ~real[:, None, :, None]
+    return AttentionInputs(positions, allowed, False, advance)
 
 
 class Attention(nn.Module):
@@ -59,15 +190,13 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.rotary = Rotary(self.head_dim, max_len, rope_base)
 
-    def forward(self, x: torch.Tensor, mask: Mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        start = cache.length if cache is not None else 0
-        q, k = self.rotary(q, start), self.rotary(k, start)
+        q, k = self.rotary(q, inputs.positions), self.rotary(k, inputs.positions)
         if cache is not None:
-            k, v = cache.append(k, v)
-        attn_mask, is_causal = _attention_mask(mask, start, T, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            k, v = cache.append(k, v, inputs.advance)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -83,7 +212,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d_model, mlp_hidden)
         self.max_len = max_len
 
-    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, mask: Mask | AttentionInputs = "causal", cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(mask, AttentionInputs):  # a block used on its own (a multi-token head)
+            mask = attention_inputs(mask, x.shape[1], cache, positions, padding_mask, x.device)
         x = x + self.attn(self.attn_norm(x), mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -138,11 +270,25 @@ class Transformer(nn.Module):
     def make_cache(self, batch_size: int, device=None, dtype=None) -> DecodingCache:
         return DecodingCache([b.make_cache(batch_size, device, dtype) for b in self.blocks])
 
-    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingCache | None = None) -> torch.Tensor:
-        if isinstance(mask, str) and mask not in ("causal", "full"):
-            raise ValueError(f"unknown mask {mask!r}: use 'causal', 'full' or a boolean tensor")
-        check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingCache | None = None,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> hidden states [B, T, D].
+
+        mask: "causal", "full" or a boolean tensor broadcastable to [B, H, T, S] (True = attend; S = the cached
+            keys plus T; `models.layers.block_mask` makes the block-causal one from segment ids).
+        cache: a decoding cache (`make_cache`): the T positions follow each row's cached ones, and the cache
+            advances by them (by each row's real tokens when padded).
+        positions: rotary positions [B, T] or [T]; default each row's next positions (real tokens numbered
+            consecutively when padded).
+        padding_mask: [B, T] bool, True = a real token: padding is never attended to; with a cache it must come
+            after each row's real tokens.
+        """
         layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
+        check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
+        if positions is not None and positions.numel():
+            check_length(int(positions.max()) + 1, self.max_seq_len, "trunk")
+        inputs = attention_inputs(mask, x.shape[1], layer_caches[0] if layer_caches else None, positions,
+                                  padding_mask, x.device)
         for block, layer_cache in zip(self.blocks, layer_caches):
-            x = block(x, mask=mask, cache=layer_cache)
+            x = block(x, mask=inputs, cache=layer_cache)
         return self.norm(x)
