@@ -296,10 +296,30 @@ def induction_recipe(kind: str, lengths=(256, 1024, 4096, 16384), eval_examples:
     return row
 
 
+def score_checkpoint(path: str, lengths=(256, 1024, 4096, 16384), eval_examples: int = 128, vocab: int = 16,
+                     train_len: int = 256) -> dict:
+    """The answer accuracy of a saved induction-heads model (e.g. the recipe's last.ckpt) at each prompt length."""
+    from datamodules.synthetic import SyntheticTaskDataset
+    from objectives.checkpoints import load_checkpoint, load_objective
+    checkpoint = load_checkpoint(path)
+    model = load_objective(path, checkpoint=checkpoint)
+    row = {"trunk": f"{type(model.trunk).__name__} {model.trunk.n_layers} x d{model.trunk.d_model}",
+           "params K": sum(p.numel() for p in model.parameters()) / 1e3, "steps": checkpoint.get("global_step")}
+    for n in lengths:
+        data = SyntheticTaskDataset("induction_heads", n, num_examples=eval_examples, vocab=vocab, split="test")
+        row[f"acc @{n} ({n // train_len}x)"] = answer_accuracy(model, data, batch_size=max(1, 8192 // n))
+    return row
+
+
 def part_d(args) -> list[tuple[str, list[dict]]]:
     rows = []
-    for kind in args.induction_trunks:
-        rows.append(induction_recipe(kind, args.induction_lengths, args.eval_examples, tuple(shlex.split(args.induction_args))))
+    if args.induction_ckpt:  # score saved models instead of training the recipes
+        for path in args.induction_ckpt:
+            rows.append(score_checkpoint(path, args.induction_lengths, args.eval_examples))
+            print(json.dumps(rows[-1]), flush=True)
+    for kind in [] if args.induction_ckpt else args.induction_trunks:
+        rows.append(induction_recipe(kind, args.induction_lengths, args.eval_examples,
+                                     tuple(shlex.split(args.induction_args))))
         print(json.dumps(rows[-1]), flush=True)
     return [("(d) induction heads (vocab 16), trained at 256 by configs/experiments/induction_heads_*.yaml "
              f"(bf16-mixed where the CPU has bf16), answer accuracy on {args.eval_examples} test examples per length "
@@ -322,6 +342,7 @@ def main() -> None:
     p.add_argument("--decode_threads", type=int, default=1, help="(c) torch threads while decoding")
     p.add_argument("--induction_trunks", nargs="+", default=list(INDUCTION_RECIPES), help="(d) which recipes")
     p.add_argument("--induction_lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    p.add_argument("--induction_ckpt", nargs="+", default=[], help="(d) score these saved models instead of training")
     p.add_argument("--induction_args", default="", help='(d) extra train.py flags for every recipe, one string: '
                    '--induction_args="--trainer.max_steps 500"')
     p.add_argument("--eval_examples", type=int, default=256)
