@@ -114,7 +114,9 @@ def overhead(rounds: int, steps: int, precision: str) -> list[dict]:
     from objectives import BagOfWordsSummary, NextTokenPrediction
     loader = torch.utils.data.DataLoader(RandomTokens(4096, 257), batch_size=16)
     models = {}
-    for name, summaries in (("ntp", []), ("ntp + bag-of-words (window 16)", [BagOfWordsSummary(window=16)])):
+    cases = (("ntp", []), ("ntp + bag-of-words (window 16)", [BagOfWordsSummary(window=16)]),
+             ("ntp + bag-of-words (window 16, 512 sampled negatives)", [BagOfWordsSummary(window=16, negatives=512)]))
+    for name, summaries in cases:
         torch.manual_seed(0)
         models[name] = NextTokenPrediction(Transformer(d_model=256, n_layers=4, n_heads=4, max_seq_len=512),
                                            vocab_size=4096, summaries=summaries)
