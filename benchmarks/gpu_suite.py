@@ -79,25 +79,27 @@ def mtp_memory_cases(args, device: torch.device, precision: str) -> list[dict]:
 
 
 def speculative_cases(args, device: torch.device, precision: str) -> list[dict]:
-    """Greedy decoding at batch 1 on the GPT-2 shape with four heads: plain against head drafts (random weights,
-    so acceptance here says nothing about a trained model; the figure is the cost of a step)."""
+    """Greedy decoding on the GPT-2 shape with four heads of each type, chain and tree drafts, batch 1 and 8,
+    against plain greedy (benchmarks/speculative.py's cases). Random weights: acceptance here says nothing about
+    a trained model; the figure is the cost of a verify step in plain steps."""
+    from benchmarks.speculative import decoding_cases, measure, rows_of
     from objectives import MultiTokenPrediction
     trunk_args, vocab, _, _ = gpt2_shape(args.tiny)
-    torch.manual_seed(0)
-    model = MultiTokenPrediction(Transformer(**trunk_args), vocab_size=vocab, n_future=4).to(device).eval()
-    prompt = torch.randint(0, vocab, (1, 32), device=device)
     new = 16 if args.tiny else 128
     rows = []
-    for speculative in (False, True):
-        model.generate(prompt, 4, speculative=speculative)
-        synchronize(device)
-        start = time.perf_counter()
-        model.generate(prompt, new, speculative=speculative)
-        synchronize(device)
-        rate = new / (time.perf_counter() - start)
-        rows.append({"case": f"greedy decode batch 1, {'speculative heads' if speculative else 'plain'}",
-                     "tokens/s": rate, "loop": f"{model.decode_stats['tokens'] / model.decode_stats['steps']:.2f} "
-                     "tokens/step" if speculative else "1 token/step"})
+    for head_type in ("block", "mlp"):
+        torch.manual_seed(0)
+        model = MultiTokenPrediction(Transformer(**trunk_args), vocab_size=vocab, n_future=4,
+                                     head_type=head_type).to(device).eval()
+        cases = [c for c in decoding_cases(model, 3, [[3, 2, 1]]) if c[0].split(",")[0] in ("plain greedy", "heads")]
+        for batch_size in (1, 8):
+            batches = [torch.randint(0, vocab, (batch_size, 32), device=device) for _ in range(2)]
+            results = measure(model, batches, cases, new)
+            for row in rows_of(results, batch_size, new, f"MTP {head_type} heads"):
+                rows.append({"case": f"greedy decode batch {batch_size}, {row['model']}, {row['decoding']}",
+                             "tokens/s": row["tokens/s"], "loop": f"{row['accepted/step']:.2f} tokens/step, "
+                             f"step {row['step cost (plain steps)']:.2f} plain steps"})
+        del model
     return rows
 
 

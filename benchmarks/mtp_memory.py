@@ -1,6 +1,6 @@
 """Peak memory of one training step: NTP, MTP computed naively, and MTP as built (per-head backward), n=4.
 
-    python -m benchmarks.mtp_memory [--vocab 32768 131072] [--json out.json]
+    python -m benchmarks.mtp_memory [--vocab 32768 131072] [--cases NTP "MTP as built"] [--json out.json]
 
 CPU: each case runs in a fresh subprocess and reports its peak resident memory. GPU: max memory allocated.
 "MTP naive" keeps every head's full logits alive until one backward (no chunking, no per-head backward), the
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--d_model", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="the cases to run (NTP first)")
     p.add_argument("--case", help="internal: run one case in this process and print its peak")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,7 +69,7 @@ def main() -> None:
     rows = []
     for vocab in args.vocab:
         peaks = {}
-        for case in CASES:
+        for case in args.cases:
             if device == "cuda":
                 peaks[case] = one_step(case, vocab, *shape, device)
                 torch.cuda.empty_cache()

@@ -1,16 +1,20 @@
 """Self-speculative decoding on held-out code: plain greedy against speculative greedy with each drafter the
-checkpoint's objective offers (multi-token heads or DeepSeek modules, prompt lookup, both), alternating prompt by
-prompt in one process, at batch 1.
+checkpoint's objective offers (multi-token heads of either type or DeepSeek modules, prompt lookup, both), as
+chain drafts and as tree drafts, at batch 1 and batch 8, alternating case by case in one process.
 
-    python -m benchmarks.speculative --ckpt_path runs/mtp_code/version_0/checkpoints/last.ckpt [--prompts 16]
+    python -m benchmarks.speculative --ckpt_path runs/mtp_mlp_code/version_0/checkpoints/last.ckpt \
+        [more checkpoints] [--prompts 16] [--batch 1 8] [--trees 3,2,1 4,2]
 
-For each drafter: tokens/s, speedup over plain greedy, mean accepted length (tokens per forward), whether every
-output equals plain greedy output, and the share of repeated 4-grams in the outputs (a weak model's loops are
-easy to draft and inflate acceptance without meaning anything). Goals on the mtp_code model: speedup >= 2.0x,
-mean accepted length >= 2.5.
+For each case: tokens/s, speedup over plain greedy at the same batch, accepted tokens per verify forward (per
+row), the cost of one verify forward in plain decoding steps (the speedup is the first over the second),
+whether every output equals plain greedy output row by row, and at batch 1 the speedup on the prompts whose
+plain outputs repeat under 40% of their 4-grams (a weak model's loops are easy to draft and flatter lookup).
+Goals on the mtp_code models: speedup >= 2.0x with accepted length >= 2.5 at batch 1, >= 1.5x at batch 8,
+DeepSeek modules >= 1.3x.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import statistics
@@ -20,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import parser, report
-from datamodules.text import _bucket
-from generate import load
+from benchmarks.common import parser, report, synchronize
 
 
 def held_out_prompts(tokenizer, count: int, length: int, seed: int = 0) -> list[list[int]]:
     """Windows of `length` tokens from standard-library files in the test split (never trained on)."""
+    from datamodules.text import _bucket
     root = sysconfig.get_paths()["stdlib"]
     files = sorted(p for p in Path(root).rglob("*.py") if "site-packages" not in str(p)
                    and _bucket(os.path.relpath(p, root), 0.02, 0.02) == "test")
@@ -45,51 +48,95 @@ def repeated_4gram_share(ids: list[int]) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def decoding_cases(model, num_drafts: int, trees: list[list[int]]) -> list[tuple[str, dict]]:
+    """(label, generate options): plain, then every drafter as a chain and, where it ranks candidates, as trees."""
+    cases = [("plain greedy", {})]
+    for name, propose in model.drafters(num_drafts).items():
+        cases.append((f"{name}, chain", dict(speculative=True, drafter=name, num_drafts=num_drafts)))
+        if "width" in inspect.signature(propose).parameters and "tensor" in model.trunk.supported_masks:
+            for widths in trees:
+                cases.append((f"{name}, tree {'x'.join(map(str, widths))}",
+                              dict(speculative=True, drafter=name, num_drafts=num_drafts, tree=widths)))
+    return cases
+
+
+def measure(model, batches: list[torch.Tensor], cases: list[tuple[str, dict]], max_new_tokens: int) -> dict:
+    """Runs every case on every batch, alternating; per case: seconds per batch, verify forwards, outputs."""
+    device = batches[0].device
+    results = {label: {"seconds": [], "steps": 0, "outputs": []} for label, _ in cases}
+    for label, options in cases:  # warm up
+        model.generate(batches[0][:, :16], 4, **options)
+    for batch in batches:
+        for label, options in cases:
+            synchronize(device)
+            start = time.perf_counter()
+            out = model.generate(batch, max_new_tokens, **options)
+            synchronize(device)
+            results[label]["seconds"].append(time.perf_counter() - start)
+            results[label]["steps"] += model.decode_stats["steps"] if options else max_new_tokens
+            results[label]["outputs"].append(out)
+    return results
+
+
+def rows_of(results: dict, batch_size: int, max_new_tokens: int, model_name: str,
+            low_repeat: list[int] | None = None) -> list[dict]:
+    plain = results["plain greedy"]
+    tokens = max_new_tokens * batch_size * len(plain["seconds"])
+    plain_rate = tokens / sum(plain["seconds"])
+    plain_step = sum(plain["seconds"]) / plain["steps"]
+    rows = []
+    for label, r in results.items():
+        rate = tokens / sum(r["seconds"])
+        row = {"model": model_name, "decoding": label, "batch": batch_size, "tokens/s": rate,
+               "speedup": rate / plain_rate, "accepted/step": max_new_tokens * len(r["seconds"]) / r["steps"],
+               "step cost (plain steps)": sum(r["seconds"]) / r["steps"] / plain_step,
+               "identical": all(torch.equal(a, b) for a, b in zip(r["outputs"], plain["outputs"]))}
+        if low_repeat is not None:
+            chosen = low_repeat or [0]
+            row["speedup, <40% repeats"] = (sum(plain["seconds"][i] for i in chosen)
+                                            / sum(r["seconds"][i] for i in chosen)) if low_repeat else None
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--ckpt_path", nargs="+", required=True)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--num_drafts", type=int, default=4)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--trees", nargs="*", default=["3,2,1", "4,2"],
+                   help="tree shapes as widths per depth (Medusa-style product trees)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (batch-1 decoding is latency bound: a second thread mostly adds synchronisation)")
     args = p.parse_args()
+    from generate import load
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.ckpt_path)
-    model.eos_id = None  # measure full-length continuations
-    drafters = list(model.drafters(args.num_drafts))
-    prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
-    seconds = {"plain": [], **{d: [] for d in drafters}}
-    steps = {d: 0 for d in drafters}
-    identical = {d: True for d in drafters}
-    repeats = []
-    model.generate(torch.tensor([prompts[0]]), 8)  # warm up
-    for ids in prompts:
-        prompt = torch.tensor([ids])
-        start = time.perf_counter()
-        plain = model.generate(prompt, args.max_new_tokens)
-        seconds["plain"].append(time.perf_counter() - start)
-        repeats.append(repeated_4gram_share(plain[0, len(ids):].tolist()))
-        for drafter in drafters:
-            start = time.perf_counter()
-            out = model.generate(prompt, args.max_new_tokens, speculative=True, drafter=drafter,
-                                 num_drafts=args.num_drafts)
-            seconds[drafter].append(time.perf_counter() - start)
-            steps[drafter] += model.decode_stats["steps"]
-            identical[drafter] &= torch.equal(out, plain)
-    tokens = args.max_new_tokens * len(prompts)
-    plain_rate = tokens / sum(seconds["plain"])
-    rows = [{"decoding": "plain greedy", "tokens/s": plain_rate, "speedup": 1.0, "accepted/step": 1.0,
-             "identical": True, "repeated 4-grams": statistics.mean(repeats)}]
-    for drafter in drafters:
-        rate = tokens / sum(seconds[drafter])
-        rows.append({"decoding": f"speculative ({drafter})", "tokens/s": rate, "speedup": rate / plain_rate,
-                     "accepted/step": tokens / steps[drafter], "identical": identical[drafter],
-                     "repeated 4-grams": statistics.mean(repeats)})
-    report(rows, f"greedy decoding at batch 1, {len(prompts)} held-out code prompts of {args.prompt_tokens} tokens, "
-                 f"{args.max_new_tokens} new tokens each ({type(model).__name__}, {args.ckpt_path})", args.json)
+    trees = [[int(w) for w in t.split(",")] for t in args.trees]
+    rows = []
+    for ckpt in args.ckpt_path:
+        model, tokenizer = load(ckpt)
+        model.eos_id = None  # measure full-length continuations
+        name = f"{type(model).__name__}" + (f" ({model.head_type} heads)" if hasattr(model, "head_type") else "")
+        prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
+        cases = decoding_cases(model, args.num_drafts, trees)
+        for batch_size in args.batch:
+            batches = [torch.tensor(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+            batches = [b for b in batches if b.shape[0] == batch_size]
+            results = measure(model, batches, cases, args.max_new_tokens)
+            low = None
+            if batch_size == 1:
+                repeats = [repeated_4gram_share(o[0, args.prompt_tokens:].tolist())
+                           for o in results["plain greedy"]["outputs"]]
+                low = [i for i, share in enumerate(repeats) if share < 0.4]
+                print(f"{name}: repeated 4-gram share of the plain outputs {statistics.mean(repeats):.2f}; "
+                      f"{len(low)} of {len(repeats)} prompts under 40%")
+            rows += rows_of(results, batch_size, args.max_new_tokens, name, low)
+    report(rows, f"greedy decoding, {args.prompts} held-out code prompts of {args.prompt_tokens} tokens, "
+                 f"{args.max_new_tokens} new tokens each, {args.threads} thread(s)", args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from torch import nn
 from models.layers import DecodingCache, RMSNorm
 from objectives import metrics as M
 from objectives.base import Objective
-from objectives.decoding import CacheGroup, expected_accept_length, lookup_drafts, sample_token, token_probs
+from objectives.decoding import token_probs
+from objectives.speculative import CacheGroup, expected_accept_length, lookup_drafts
 from objectives.losses import chunked_cross_entropy
 
 
@@ -26,46 +27,88 @@ def shifted(tokens: torch.Tensor, mask: torch.Tensor, k: int, length: int) -> tu
     return F.pad(targets, (0, pad)), F.pad(valid, (0, pad))
 
 
+def head_cross_entropy_with_grads(hidden, weight, targets, mask, scale, grad_weight, chunk_size: int):
+    """Cross-entropy of one head over the tied unembedding with its gradients computed on the spot, chunk by chunk.
+
+    hidden [N, D] (the head's normalised output), weight [V, D], targets [N], mask [N]; the loss's gradient is
+    d(scale * sum mask * NLL): (softmax - onehot) * mask * scale per position. The unembedding's share is added in
+    place into grad_weight [V, D] (addmm_, no [V, D] temporary), so no embedding-sized buffer is ever allocated
+    per head or per chunk. Returns (summed NLL, correct count, argmax predictions [N], gradient for hidden [N, D]).
+    """
+    nll, correct = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden, predictions = torch.empty_like(hidden), torch.empty_like(targets)
+    w = weight.to(grad_weight.dtype)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t, m = (x[start : start + chunk_size] for x in (hidden, targets, mask))
+        h = h.to(grad_weight.dtype)
+        log_p = F.linear(h, w).float().log_softmax(-1)
+        picked = log_p.gather(-1, t[:, None])[:, 0]
+        nll = nll - (picked * m).sum()
+        predictions[start : start + chunk_size] = log_p.argmax(-1)
+        correct = correct + ((predictions[start : start + chunk_size] == t).float() * m).sum()
+        grad = log_p.exp_()  # softmax, in place
+        grad.scatter_add_(-1, t[:, None], torch.full_like(picked[:, None], -1.0))
+        grad.mul_((m * scale)[:, None])
+        grad = grad.to(grad_weight.dtype)
+        grad_hidden[start : start + chunk_size] = grad @ w
+        grad_weight.addmm_(grad.t(), h)
+    return nll, correct, predictions, grad_hidden
+
+
 class _PerHeadBackward(torch.autograd.Function):
     """The paper's memory order (Gloeckle et al. 2024, section 3.2 and Figure 2), inside one autograd node.
 
-    Forward: given the trunk's output, for each head run forward and loss and backward down to the head's input,
-    so only one head's logits (chunked, at that) are alive at a time; then one backward through the heads' blocks
-    to the trunk output. The gradients are kept and handed out in `backward`, so Lightning's automatic
-    optimization, gradient accumulation and DDP see a single ordinary backward per step.
+    Forward: given the trunk's output, for each head compute its loss and gradients on the spot (only one chunk of
+    one head's logits alive at a time), the unembedding's gradient accumulated in place into one buffer of the
+    compute dtype; then one backward through the heads' norm and blocks to the trunk output. The gradients are
+    handed out in `backward`, so Lightning's automatic optimization, gradient accumulation and DDP see a single
+    ordinary backward per step. Peak memory over NTP: that one buffer (half an fp32 gradient under bf16 autocast).
     """
 
     @staticmethod
     def forward(ctx, hidden, objective, targets, masks, stats, *params):
+        embed = objective.embed.weight
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else embed.dtype
+        grad_embed = torch.zeros(embed.shape, dtype=dtype, device=embed.device)
         with torch.enable_grad():
             h = hidden.detach().requires_grad_()
             states = objective.head_states(h)
             leaves = [z.detach().requires_grad_() for z in states]
-            output_params = [objective.embed.weight, *objective.head_norm.parameters()]
-            output_grads: list = [None] * len(output_params)
-            state_grads, total = [], hidden.new_zeros((), dtype=torch.float32)
-            for k, leaf in enumerate(leaves):
-                loss_k = objective.head_loss(k, leaf, targets[k], masks[k], stats)
-                grads = torch.autograd.grad(loss_k, [leaf, *output_params], allow_unused=True)
-                state_grads.append(grads[0])
-                # accumulate in place: one embedding-sized buffer, not one per head
-                output_grads = [new if old is None else old if new is None else old.add_(new)
-                                for old, new in zip(output_grads, grads[1:])]
-                total = total + loss_k.detach()
+            outputs = [objective.head_output(k, leaf) for k, leaf in enumerate(leaves)]
+        total, output_grads = hidden.new_zeros((), dtype=torch.float32), []
+        with torch.autocast(hidden.device.type, enabled=False):
+            for k, out in enumerate(outputs):
+                count = masks[k].sum()
+                scale = objective.loss_weights[k] / count.clamp(min=1)
+                nll, correct, predictions, grad = head_cross_entropy_with_grads(
+                    out.detach().flatten(0, 1), embed, targets[k].flatten(), masks[k].flatten().float(), scale,
+                    grad_embed, objective.hparams.ce_chunk_size)
+                stats[k] = (nll, count, correct, predictions.view(targets[k].shape))
+                output_grads.append(grad.view(out.shape).to(out.dtype))
+                total = total + scale * nll
+        with torch.enable_grad():
+            norm_params = list(objective.head_norm.parameters())
+            pairs = [(o, g) for o, g in zip(outputs, output_grads) if o.requires_grad]
+            normed = torch.autograd.grad([o for o, _ in pairs], [*leaves, *norm_params],
+                                         grad_outputs=[g for _, g in pairs], allow_unused=True)
+            state_grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(normed, leaves)]
             block_params = list(objective.heads.parameters())
             through_blocks = torch.autograd.grad(states, [h, *block_params], grad_outputs=state_grads,
                                                  allow_unused=True)
-        by_param = {id(p): g for p, g in zip(output_params + block_params, output_grads + list(through_blocks[1:]))}
-        grads = [by_param.get(id(p)) for p in params]
-        ctx.save_for_backward(through_blocks[0], *[g if g is not None else torch.zeros_like(p)
-                                                   for g, p in zip(grads, params)])
+        by_param = {id(embed): grad_embed,
+                    **{id(p): g for p, g in zip(norm_params, normed[len(leaves):])},
+                    **{id(p): g for p, g in zip(block_params, through_blocks[1:])}}
+        # kept on ctx, not saved: backward releases them, so the gradients it returns are taken over, not copied
+        ctx.grads = [through_blocks[0], *(by_param.get(id(p)) for p in params)]
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, *grads = ctx.saved_tensors
-        # scaled in place: the saved gradients are used once, and a copy would double their memory
-        return (grad_hidden.mul_(grad_output), None, None, None, None, *(g.mul_(grad_output) for g in grads))
+        grads, ctx.grads = ctx.grads, None
+        # scaled in place: the gradients are used once, and a copy would double their memory
+        return (None if grads[0] is None else grads[0].mul_(grad_output), None, None, None, None,
+                *(None if g is None else g.mul_(grad_output) for g in grads[1:]))
 
 
 class ResidualMLP(nn.Module):
@@ -129,13 +172,17 @@ class MultiTokenPrediction(Objective):
         self.head_norm = RMSNorm(self.trunk.d_model)
 
     # --- heads ----------------------------------------------------------------------------------------------------
-    def head_states(self, hidden: torch.Tensor, caches: list | None = None) -> list[torch.Tensor]:
-        """[z_1 .. z_n]: z_1 is the trunk output; z_k the output of head k's blocks (pre-norm)."""
+    def head_states(self, hidden: torch.Tensor, caches: list | None = None, **block_options) -> list[torch.Tensor]:
+        """[z_1 .. z_n]: z_1 is the trunk output; z_k the output of head k's blocks (pre-norm). `block_options`
+        (mask, positions, padding_mask) reach the blocks of transformer-layer heads."""
         states = [hidden]
         for k, blocks in enumerate(self.heads):
             x = states[-1] if self.topology == "causal" else hidden
             for j, block in enumerate(blocks):
-                x = block(x, cache=caches[k].layers[j] if caches else None)
+                if self.head_type == "mlp":
+                    x = block(x)
+                else:
+                    x = block(x, cache=caches[k].layers[j] if caches else None, **block_options)
             states.append(x)
         return states
 
@@ -173,24 +220,52 @@ class MultiTokenPrediction(Objective):
                  for blocks in self.heads if self.head_type == "block"]
         return CacheGroup(super().start_decoding(batch_size, device), *heads)
 
-    def decode_forward(self, tokens: torch.Tensor, state: CacheGroup):
-        states = self.head_states(self.hidden(tokens, cache=state.caches[0]), list(state.caches[1:]))
-        return self.logits(states[0]), torch.stack(states[1:], dim=2) if len(states) > 1 else states[0][:, :, None, :0]
+    def decode_forward(self, tokens: torch.Tensor, state: CacheGroup, **trunk_options):
+        """Next-token logits [B, m, V] and drafting features: the head blocks' states [B, m, n-1, D] (their caches
+        advance with the trunk's), or for MLP heads, which read one position, the trunk's hidden state [B, m, D]."""
+        hidden = self.hidden(tokens, cache=state.caches[0], **trunk_options)
+        if self.head_type == "mlp" or self.n_future == 1:
+            return self.logits(hidden), hidden
+        states = self.head_states(hidden, list(state.caches[1:]), **trunk_options)
+        return self.logits(hidden), torch.stack(states[1:], dim=2)
+
+    def draft_logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """Heads 2..k+1 at one position per row (features [B, ...] from `decode_forward`): logits [B, k, V],
+        guesses of the tokens 2..k+1 ahead. Only these k rows are unembedded."""
+        if self.head_type == "mlp":
+            states = torch.cat(self.head_states(features[:, None])[1 : k + 1], 1) if k else features[:, None, :][:, :0]
+        else:
+            states = features[:, :k]
+        return self.logits(self.head_norm(states))
 
     def drafters(self, num_drafts: int) -> dict:
-        def heads(tokens, state, features, temperature, top_k, max_drafts):
-            k = min(self.n_future - 1, max_drafts)
-            logits = self.logits(self.head_norm(features[:, :k]))  # [B, k, V]: guesses of tokens t+2 .. t+k+1
+        def heads(tokens, state, features, temperature, top_k, max_drafts, width=0):
+            logits = self.draft_logits(features, min(self.n_future - 1, max_drafts))
+            if width:  # ranked candidates for a tree
+                return logits.topk(min(width, logits.shape[-1]), -1).indices, None
             if temperature <= 0:
                 return logits.argmax(-1), None
             q = token_probs(logits, temperature, top_k)
             return torch.multinomial(q.flatten(0, 1), 1).view(q.shape[:2]), q
 
-        def heads_then_lookup(tokens, state, features, temperature, top_k, max_drafts):
-            found = lookup_drafts(tokens, min(num_drafts, max_drafts))
-            if found.shape[1] >= self.n_future - 1:
-                return found, None
-            return heads(tokens, state, features, temperature, top_k, max_drafts)
+        heads.reads_tokens = False  # the drafting loop need not give it the token history
+
+        def heads_then_lookup(tokens, state, features, temperature, top_k, max_drafts, width=0):
+            """Each row drafts the lookup continuation where it finds one as deep as the heads reach, else the
+            heads' drafts; in a tree the lookup continuation is every depth's first candidate."""
+            k = min(self.n_future - 1, max_drafts)
+            found, counts = lookup_drafts(tokens, min(num_drafts, max_drafts), counts=True)
+            drafts, q = heads(tokens, state, features, temperature, top_k, max_drafts, width)
+            if found.shape[1] < k or k == 0:
+                return drafts, q
+            use = counts >= k
+            found = found[:, :k]
+            if width:
+                ranked = torch.cat([found[..., None], drafts[..., : width - 1]], -1)
+                return torch.where(use[:, None, None], ranked, drafts), None
+            if q is not None:  # a row's lookup drafts are deterministic: their q is one-hot
+                q = torch.where(use[:, None, None], F.one_hot(found, q.shape[-1]).to(q.dtype), q)
+            return torch.where(use[:, None], found, drafts), q
 
         return {**super().drafters(num_drafts), "heads": heads, "heads+lookup": heads_then_lookup}
 
@@ -219,8 +294,9 @@ class MTPModule(nn.Module):
         self.merge = nn.Linear(2 * d_model, d_model, bias=False)
         self.block = block
 
-    def forward(self, previous: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
-        return self.block(self.merge(torch.cat([self.hidden_norm(previous), self.embed_norm(embedded)], -1)))
+    def forward(self, previous: torch.Tensor, embedded: torch.Tensor, cache=None) -> torch.Tensor:
+        merged = self.merge(torch.cat([self.hidden_norm(previous), self.embed_norm(embedded)], -1))
+        return self.block(merged) if cache is None else self.block(merged, cache=cache)
 
 
 class DeepSeekMTP(Objective):
@@ -241,7 +317,7 @@ class DeepSeekMTP(Objective):
         super().__init__(*args, **kwargs)
         if depth < 1 or mtp_weight < 0:
             raise ValueError(f"depth ({depth}) must be at least 1 and mtp_weight ({mtp_weight}) non-negative")
-        self.depth, self.mtp_weight, self.draft_window = depth, mtp_weight, 64
+        self.depth, self.mtp_weight = depth, mtp_weight
         self.mtp_modules = nn.ModuleList(MTPModule(self.trunk.make_block(), self.trunk.d_model) for _ in range(depth))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict:
@@ -267,34 +343,49 @@ class DeepSeekMTP(Objective):
             loss = loss + self.summary_loss(hidden, batch)
         return {"loss": loss, **head_metrics(stats)}
 
-    # --- decoding: the modules draft from the trunk's recent hidden states -----------------------------------------
-    def start_decoding(self, batch_size: int, device):
-        return HiddenHistory(super().start_decoding(batch_size, device))
+    # --- decoding: the modules draft, each with its own attention cache -------------------------------------------
+    def start_decoding(self, batch_size: int, device) -> "ModuleChainState":
+        dtype = self.embed.weight.dtype
+        return ModuleChainState(super().start_decoding(batch_size, device),
+                                [m.block.make_cache(batch_size, device, dtype) for m in self.mtp_modules])
 
-    def decode_forward(self, tokens: torch.Tensor, state: "HiddenHistory"):
-        hidden = self.hidden(tokens, cache=state.cache)
-        state.append(hidden)
+    def decode_forward(self, tokens: torch.Tensor, state: "ModuleChainState", **trunk_options):
+        hidden = self.hidden(tokens, cache=state.cache, **trunk_options)
         return self.logits(hidden), hidden
 
     def drafters(self, num_drafts: int) -> dict:
-        def modules(tokens, state, features, temperature, top_k, max_drafts):
-            # tokens: [B, S], the last one not yet through the trunk; state.hidden: [B, S-1, D]
-            window = min(self.draft_window, state.hidden.shape[1])
-            previous = state.hidden[:, -window:]
-            known = tokens[:, -window - 1 :]  # token i+1 for every window position i
-            drafts, dists = [], []
-            for module in self.mtp_modules[: max(0, max_drafts)]:
-                next_embedded = self.embed(known[:, 1:])
-                previous = module(previous, next_embedded)
-                logits = self.logits(module.out_norm(previous[:, -1]))
-                if temperature <= 0:
+        def modules(tokens, state, features, temperature, top_k, max_drafts, width=0):
+            """tokens [B, t+2]: the certain tokens, the last (t+1) not yet through the trunk."""
+            t = tokens.shape[1] - 2
+            drafts, ranked, dists, speculative = [], [], [], None
+            for k, module in enumerate(self.mtp_modules[: max(0, max_drafts)], start=1):
+                # module k at position i reads h_{k-1}(i) and token i+k; it commits the positions whose token
+                # i+k is certain (i <= t+1-k) and runs on past them with the drafts, then forgets those
+                start = state.committed[k - 1]
+                previous = state.pending[k - 1] if speculative is None else torch.cat([state.pending[k - 1],
+                                                                                       speculative], 1)
+                known = tokens[:, start + k :]
+                inputs = torch.cat([known, torch.stack(drafts, 1)], 1) if drafts else known
+                out = module(previous, self.embed(inputs[:, : previous.shape[1]]), cache=state.caches[k - 1])
+                commit = max(0, min(t + 2 - k - start, previous.shape[1]))
+                state.caches[k - 1].crop(start + commit)
+                state.committed[k - 1] = start + commit
+                state.pending[k - 1] = state.pending[k - 1][:, commit:]
+                if k < self.depth:
+                    state.pending[k] = torch.cat([state.pending[k], out[:, :commit]], 1)
+                speculative = out[:, commit:]
+                logits = self.logits(module.out_norm(out[:, -1]))  # a guess of token t+k+1
+                if temperature <= 0 or width:
                     token, q = logits.argmax(-1), None
                 else:
                     q = token_probs(logits, temperature, top_k)
                     token = torch.multinomial(q, 1)[:, 0]
+                if width:
+                    ranked.append(logits.topk(min(width, logits.shape[-1]), -1).indices)
                 drafts.append(token)
                 dists.append(q)
-                known = torch.cat([known[:, 1:], token[:, None]], 1)  # the next depth reads token i+k+1
+            if width:
+                return (torch.stack(ranked, 1) if ranked else tokens.new_zeros(tokens.shape[0], 0, width)), None
             if not drafts:
                 return tokens.new_zeros(tokens.shape[0], 0), None
             return torch.stack(drafts, 1), (torch.stack(dists, 1) if temperature > 0 else None)
@@ -302,19 +393,35 @@ class DeepSeekMTP(Objective):
         return {**super().drafters(num_drafts), "modules": modules}
 
 
-class HiddenHistory:
-    """The trunk's cache plus its output hidden states for every position, cropped together."""
+class ModuleChainState:
+    """The trunk's decoding cache and the MTP modules' own attention caches (DeepSeek-V3's modules are causal
+    over positions). `pending[k]` holds the committed outputs h_k (h_0: the trunk's) of the positions module k+1
+    has not read yet, a few positions, never the whole history; `committed[k]` counts the positions in module
+    k+1's cache. The modules draft for the whole batch at once (`per_row = False`)."""
 
-    def __init__(self, cache):
-        self.cache, self.hidden = cache, None
+    per_row = False
+
+    def __init__(self, cache, module_caches: list):
+        self.cache, self.caches = cache, module_caches
+        self.committed = [0] * len(module_caches)
+        self.pending: list = [None] * len(module_caches)
 
     @property
     def length(self) -> int:
         return self.cache.length
 
-    def append(self, hidden: torch.Tensor) -> None:
-        self.hidden = hidden if self.hidden is None else torch.cat([self.hidden, hidden], 1)
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cache.lengths
 
-    def crop(self, length: int) -> None:
+    def accept(self, hidden: torch.Tensor) -> None:
+        """The trunk's outputs at the positions just made certain."""
+        if self.pending[0] is None:  # the first call: every module's buffer starts empty
+            self.pending = [hidden[:, :0] for _ in self.pending]
+        self.pending[0] = torch.cat([self.pending[0], hidden], 1)
+
+    def crop(self, length) -> None:
         self.cache.crop(length)
-        self.hidden = self.hidden[:, :length]
+
+    def __iter__(self):
+        return iter(self.cache)

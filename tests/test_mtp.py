@@ -6,7 +6,7 @@ import torch
 
 from models import Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
-from objectives.decoding import lookup_drafts
+from objectives.speculative import lookup_drafts
 from objectives.mtp import shifted
 
 
@@ -29,11 +29,16 @@ def test_one_head_is_exactly_next_token_prediction():
     assert torch.equal(ntp.loss(b)["loss"], mtp.loss(b)["loss"])
 
 
-@pytest.mark.parametrize("topology", ["parallel", "causal"])
-def test_per_head_backward_gives_the_naive_gradients_with_accumulation(topology):
+@pytest.mark.parametrize("topology,head_type", [("parallel", "block"), ("causal", "block"), ("parallel", "mlp"),
+                                               ("causal", "mlp")])
+def test_per_head_backward_gives_the_naive_gradients_with_accumulation(topology, head_type):
     torch.manual_seed(0)
     model = MultiTokenPrediction(trunk(), vocab_size=50, n_future=4, topology=topology, head_layers=2,
-                                 loss_weights=[1, 0.5, 0.25, 0.25], ce_chunk_size=16)
+                                 head_type=head_type, loss_weights=[1, 0.5, 0.25, 0.25], ce_chunk_size=16)
+    if head_type == "mlp":  # away from the zero init, so that every head differs and its gradients flow
+        with torch.no_grad():
+            for p in model.heads.parameters():
+                p.normal_(std=0.1)
     micro = [batch(seed=1), batch(seed=2)]
 
     def accumulated(per_head: bool) -> dict[str, torch.Tensor]:
@@ -48,7 +53,17 @@ def test_per_head_backward_gives_the_naive_gradients_with_accumulation(topology)
     for name in naive:
         error = (efficient[name] - naive[name]).norm() / naive[name].norm().clamp(min=1e-12)
         assert error < 1e-5, f"{name}: relative error {error:.2e}"
-    assert naive["heads.0.0.attn.qkv.weight"].abs().sum() > 0 and naive["trunk.blocks.0.mlp.out.weight"].abs().sum() > 0
+    head = "heads.0.0.attn.qkv.weight" if head_type == "block" else "heads.0.0.linear.weight"
+    assert naive[head].abs().sum() > 0 and naive["trunk.blocks.0.mlp.out.weight"].abs().sum() > 0
+
+
+def test_mlp_heads_start_as_the_identity_and_need_no_cache():
+    model = MultiTokenPrediction(trunk(), vocab_size=50, n_future=3, head_type="mlp")
+    hidden = torch.randn(2, 5, 32)
+    assert all(torch.equal(z, hidden) for z in model.head_states(hidden))  # zero-initialised residual
+    assert len(model.start_decoding(2, "cpu").caches) == 1  # the trunk's cache only
+    with pytest.raises(ValueError, match="head_type"):
+        MultiTokenPrediction(trunk(), vocab_size=50, head_type="medusa")
 
 
 def test_match_params_moves_trunk_layers_into_the_heads():

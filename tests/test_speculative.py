@@ -1,0 +1,166 @@
+"""Speculative decoding: tree drafts, per-row acceptance on ragged batches, cache compaction, exact sampling,
+DeepSeek's module caches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import Mamba, Transformer
+from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
+from objectives.speculative import DraftTree, speculative_generate
+
+V = 50
+
+
+def transformer(max_len: int = 128) -> Transformer:
+    return Transformer(d_model=32, n_layers=2, n_heads=2, max_seq_len=max_len)
+
+
+def sharpened(model):
+    """An untrained model made confident, so that its heads agree with it some of the time."""
+    with torch.no_grad():
+        model.embed.weight.mul_(30)
+    return model.eval()
+
+
+def model(name: str, vocab: int = V, max_len: int = 128):
+    torch.manual_seed(0)
+    if name == "mtp-block":
+        return sharpened(MultiTokenPrediction(transformer(max_len), vocab_size=vocab, n_future=4))
+    if name == "mtp-mlp":
+        return sharpened(MultiTokenPrediction(transformer(max_len), vocab_size=vocab, n_future=4, head_type="mlp"))
+    if name == "mtp-mamba":
+        return sharpened(MultiTokenPrediction(Mamba(d_model=32, n_layers=2, d_state=8, max_seq_len=max_len),
+                                              vocab_size=vocab, n_future=3))
+    if name == "deepseek":
+        return sharpened(DeepSeekMTP(transformer(max_len), vocab_size=vocab, depth=2))
+    return sharpened(NextTokenPrediction(transformer(max_len), vocab_size=vocab))
+
+
+def prompt(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["mtp-block", "mtp-mlp", "deepseek"])
+@pytest.mark.parametrize("widths", [[3, 2, 1], [2, 2]])
+def test_tree_drafts_give_plain_greedy_output(name, widths):
+    m = model(name)
+    ids = prompt(1, 9)
+    plain = m.generate(ids, 30)
+    tree = m.generate(ids, 30, speculative=True, tree=widths)
+    assert torch.equal(plain, tree)
+    assert m.decode_stats["steps"] < 30  # drafts were accepted
+
+
+def test_a_sparse_tree_of_rank_paths_and_its_refusals():
+    tree = DraftTree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+    assert tree.depth.tolist() == [0, 1, 1, 2, 2, 2, 3] and tree.parent.tolist() == [-1, 0, 0, 1, 1, 2, 3]
+    assert tree.ancestor[6].nonzero().flatten().tolist() == [0, 1, 3, 6]
+    m = model("mtp-mlp")
+    ids = prompt(1, 9)
+    assert torch.equal(m.generate(ids, 20), m.generate(ids, 20, speculative=True, tree=tree.paths[1:]))
+    with pytest.raises(ValueError, match="prefixes"):
+        DraftTree([(0, 0)])
+    with pytest.raises(ValueError, match="ranks its candidates"):
+        model("ntp").generate(ids, 5, speculative=True, drafter="lookup", tree=[2, 2])
+    with pytest.raises(ValueError, match="chain drafts"):
+        model("mtp-mamba").generate(ids, 5, speculative=True, tree=[2, 2])
+
+
+def test_the_compacted_cache_equals_a_fresh_prefill_of_the_accepted_path():
+    m = model("mtp-block")
+    ids = prompt(2, 12, seed=3)
+    captured = {}
+    heads = m.drafters(3)["heads"]
+
+    def propose(tokens, state, features, temperature, top_k, max_drafts, width=0):
+        captured["state"], captured["tokens"] = state, tokens
+        return heads(tokens, state, features, temperature, top_k, max_drafts, width)
+
+    out, _ = speculative_generate(m, ids, 16, propose, tree=[3, 2, 2])
+    state = captured["state"]  # the state after the last step's compaction and crop
+    length = int(state.lengths[0])
+    assert state.lengths.tolist() == [length, length]
+    fresh = m.start_decoding(2, "cpu")
+    m.decode_forward(out[:, :length], fresh)
+    for rolled, new in zip(state, fresh):
+        torch.testing.assert_close(rolled.k[:, :, :length], new.k[:, :, :length], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rolled.v[:, :, :length], new.v[:, :, :length], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,drafter,tree", [("mtp-block", "heads", [2, 2]), ("mtp-mlp", "heads", [3, 1]),
+                                               ("deepseek", "modules", [3])])
+def test_tree_sampling_keeps_the_distribution(name, drafter, tree):
+    """Chi-square test of two sampled tokens against the model's exact joint distribution (V=5)."""
+    torch.manual_seed(0)
+    m = model(name, vocab=5)
+    with torch.no_grad():
+        m.embed.weight.mul_(40 / 30)
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    with torch.no_grad():
+        first = m.logits(m.hidden(ids))[0, -1].softmax(-1)
+        pairs = torch.cat([ids.repeat(5, 1), torch.arange(5)[:, None]], 1)
+        second = m.logits(m.hidden(pairs))[:, -1].softmax(-1)
+    expected = (first[:, None] * second).flatten()
+    n, steps = 1200, 0
+    torch.manual_seed(1)
+    counts = torch.zeros(25)
+    for _ in range(n):
+        out = m.generate(ids, 2, temperature=1.0, speculative=True, drafter=drafter, tree=tree)
+        counts[out[0, 5] * 5 + out[0, 6]] += 1
+        steps += m.decode_stats["steps"]
+    assert steps < 2 * n  # some drafts were accepted
+    keep = expected * n >= 5
+    chi2 = ((counts[keep] - n * expected[keep]) ** 2 / (n * expected[keep])).sum()
+    assert chi2 < 52, f"chi2 {chi2:.1f} over {int(keep.sum())} cells"  # 0.001 critical value, <= 24 dof
+
+
+def test_deepseek_module_cache_equals_its_recompute():
+    m = model("deepseek")
+    ids = prompt(2, 10, seed=5)
+    captured = {}
+    modules = m.drafters(2)["modules"]
+
+    def propose(tokens, state, features, temperature, top_k, max_drafts):
+        drafts = modules(tokens, state, features, temperature, top_k, max_drafts)
+        captured["state"], captured["tokens"] = state, tokens.clone()
+        return drafts
+
+    speculative_generate(m, ids, 25, propose)
+    state, tokens = captured["state"], captured["tokens"]
+    # module k has every position whose token k ahead was certain at its last run, drafts forgotten
+    assert 20 <= state.committed[1] < state.committed[0] <= tokens.shape[1] - 1
+    with torch.no_grad():  # the modules over the whole sequence at once, no cache
+        previous = m.hidden(tokens[:, :-1])
+        for k, module in enumerate(m.mtp_modules, start=1):
+            count = state.committed[k - 1]
+            cache = module.block.make_cache(2)
+            previous = module(previous[:, :count], m.embed(tokens[:, k : k + count]), cache=cache)
+            layer = state.caches[k - 1]
+            assert layer.length == count
+            torch.testing.assert_close(layer.k[:, :, :count], cache.k[:, :, :count], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.v[:, :, :count], cache.v[:, :, :count], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,drafter,tree", [("mtp-block", "heads", None), ("mtp-mlp", "heads", [2, 2, 1]),
+                                               ("mtp-mlp", "heads+lookup", None), ("ntp", "lookup", None)])
+def test_ragged_speculative_greedy_equals_each_row_alone(name, drafter, tree):
+    """Batch 5 of prompt lengths 3..40, each row advancing by its own accepted length."""
+    m = model(name)
+    lengths = torch.tensor([3, 40, 17, 9, 26])
+    ids = prompt(5, 40, seed=7)
+    ids = ids.masked_fill(torch.arange(40) >= lengths[:, None], 0)
+    out, info = speculative_generate(m, ids, 24, m.drafters(3)[drafter], tree=tree, prompt_lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        alone = m.generate(ids[b : b + 1, :n], 24)
+        assert torch.equal(out[b, : n + 24], alone[0]), f"row {b} (prompt of {n})"
+    assert info["steps"] < 24
+
+
+def test_speculative_greedy_on_the_mamba_trunk_and_a_batch_that_stops_at_eos():
+    m = model("mtp-mamba")
+    ids = prompt(3, 8)
+    plain = m.generate(ids, 20)
+    assert torch.equal(plain, m.generate(ids, 20, speculative=True))
+    m.eos_id = int(plain[1, 12])
+    assert torch.equal(m.generate(ids, 20), m.generate(ids, 20, speculative=True))
