@@ -116,9 +116,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
     h = (x.new_zeros(b, H, P, N, dtype=torch.float32) if initial_state is None
          else initial_state.float()).view(b, G, Hg, P, N)
     starts = []
-    for c in range(nc):
+    for S, a in zip(states.unbind(1), chunk_decay.unbind(1)):  # unbind: one backward for all the chunks
         starts.append(h)
-        h = torch.addcmul(states[:, c], chunk_decay[:, c], h)
+        h = torch.addcmul(S, a, h)
     starts = torch.stack(starts, 1)  # (b, c, G, Hg, P, N), fp32
     # 4. off-diagonal: Y_off = exp(cum_t) C_t H_c
     from_start = torch.exp(cum).view(b, nc, G, Hg, Q, 1)
