@@ -52,6 +52,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.layers import RMSNorm, check_length, check_padding
 from models.mamba import MambaCache, MambaDecodingCache, _check_mask
@@ -235,14 +236,17 @@ class Mamba2Block(nn.Module):
         dt_min, dt_max, dt_init_floor: dt at init, log-uniform in [dt_min, dt_max] (through dt_bias).
         conv_bias, bias: biases of the convolution and of the projections.
         norm_eps: epsilon of the gated RMSNorm.
+        recompute: in training, keep only the SSD layer's inputs and recompute its chunk tensors (decays, masked
+            scores, chunk states) in the backward: less memory for one more SSD forward.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, chunk_size: int = 64, A_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
-                 bias: bool = False, norm_eps: float = 1e-5):
+                 bias: bool = False, norm_eps: float = 1e-5, recompute: bool = False):
         super().__init__()
         d_inner = expand * d_model
+        self.recompute = recompute
         if d_inner % headdim:
             raise ValueError(f"headdim {headdim} does not divide d_inner = expand * d_model = {d_inner}")
         nheads = d_inner // headdim
@@ -311,7 +315,11 @@ class Mamba2Block(nn.Module):
         x, B, C = x.unflatten(-1, (H, P)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
         A = -torch.exp(self.A_log.float())
         if cache is None and padding_mask is None:
-            y = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+            args = (x, dt, A, B, C, self.chunk_size, self.D, None, self.dt_bias, True)
+            if self.recompute and torch.is_grad_enabled():  # keep the inputs only; the backward reruns the SSD
+                y = checkpoint(ssd_scan, *args, use_reentrant=False)
+            else:
+                y = ssd_scan(*args)
             return self.out_proj(self.norm(y.flatten(-2), z))
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, T, H), fp32
         if padding_mask is not None:
@@ -410,17 +418,19 @@ class Mamba2(nn.Module):
             size; the reference's GPU kernels use 256).
         max_seq_len: the longest sequence the trunk accepts (no positional tables: only a sanity bound).
         norm_eps: RMSNorm epsilon.
+        recompute: recompute the SSD layer's chunk tensors in the backward instead of keeping them (see
+            Mamba2Block).
     """
 
     supported_masks = ("causal",)
 
     def __init__(self, d_model: int = 256, n_layers: int = 4, d_state: int = 64, d_conv: int = 4, expand: int = 2,
                  headdim: int = 64, ngroups: int = 1, chunk_size: int = 64, max_seq_len: int = 1_000_000,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, recompute: bool = False):
         super().__init__()
         self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
         self._block_args = dict(d_model=d_model, norm_eps=norm_eps, d_state=d_state, d_conv=d_conv, expand=expand,
-                                headdim=headdim, ngroups=ngroups, chunk_size=chunk_size)
+                                headdim=headdim, ngroups=ngroups, chunk_size=chunk_size, recompute=recompute)
         self.blocks = nn.ModuleList(self.make_block() for _ in range(n_layers))
         self.norm = RMSNorm(d_model, norm_eps)
 

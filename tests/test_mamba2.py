@@ -197,3 +197,14 @@ def test_autocast_bfloat16_forward_and_backward_stay_close_to_fp32():
     y.float().square().mean().backward()
     assert rel_err(y.float(), ref) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in trunk.parameters())
+
+
+def test_recompute_gives_the_same_gradients():
+    x = torch.randn(2, 30, 32)
+    grads = []
+    for recompute in (False, True):
+        trunk = tiny_trunk(recompute=recompute).train()
+        trunk(x).square().mean().backward()
+        grads.append([p.grad for p in trunk.parameters()])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-6
