@@ -67,7 +67,7 @@ def generated_tokens(model, datamodule, n: int) -> float:
     return statistics.mean(counts)
 
 
-def generation_speed(model, datamodule, questions: int, repeats: int = 3) -> dict:
+def generation_speed(model, datamodule, questions: int, repeats: int = 2) -> dict:
     """Questions per second of one batched ragged `generate` call against one question at a time."""
     model.eval()
     items = [datamodule.test_set[i] for i in range(questions)]
@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--test_size", type=int, default=200)
     p.add_argument("--token_questions", type=int, default=50, help="test questions whose generation is counted")
     p.add_argument("--speed_questions", type=int, default=64)
+    p.add_argument("--precision", default=None, help="the trainer's precision (default: the hardware's pick)")
     p.add_argument("--save_dir", default="runs/latent")
     args = p.parse_args()
     rows, coconut = [], None
@@ -114,6 +115,8 @@ def main() -> None:
                  "--data.init_args.val_size", "64", "--model.init_args.eval_examples", "32",
                  "--trainer.val_check_interval", str(args.steps), "--trainer.limit_val_batches", "1",
                  "--trainer.num_sanity_val_steps", "0"]
+        if args.precision:
+            extra += ["--trainer.precision", args.precision]
         if "coconut" in run or run == "pause":
             if run != "coconut_no_curriculum":
                 extra += ["--model.init_args.stage_every", str(args.stage_every)]
@@ -130,7 +133,7 @@ def main() -> None:
         print(row, flush=True)
         if run == "coconut":
             coconut = cli
-    context = {"steps": args.steps, "stage_every": args.stage_every, "d_model": args.d_model,
+    context = {"precision": args.precision or "auto", "steps": args.steps, "stage_every": args.stage_every, "d_model": args.d_model,
                "n_layers": args.n_layers, "num_nodes": args.num_nodes, "test_size": args.test_size}
     if coconut is not None and args.speed_questions:
         context["generation"] = generation_speed(coconut.model, coconut.datamodule, args.speed_questions)

@@ -266,6 +266,8 @@ class Coconut(Objective):
         if unknown:
             raise ValueError(f"Coconut generates thoughts then the answer left to right; it has no "
                              f"{', '.join(sorted(unknown))} decoding")
+        if isinstance(max_new_tokens, torch.Tensor):  # per-row budgets: decode the largest, callers cut each row
+            max_new_tokens = int(max_new_tokens.max())
         B, P = prompt_ids.shape
         device = prompt_ids.device
         lengths = (torch.full((B,), P, dtype=torch.long, device=device) if prompt_lengths is None
