@@ -185,7 +185,8 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
         room = limit - (max(host_n) - 1)  # positions left in the cache of the longest row
         depth = min(max(e - x for e, x, a in zip(end, host_n, active) if a) - 1, room - 1)
         context = out[:, : max(host_n)]
-        if ragged and reads_tokens:  # right-aligned, so that every row ends with its next token; -1 matches nothing
+        if reads_tokens and len(set(host_n)) > 1:  # rows of different lengths (ragged prompts, or rows that
+            # accepted different lengths): right-aligned, so that every row ends with its next token; -1 matches nothing
             shift = context.shape[1] - n[:, None]
             column = arange[: context.shape[1]]
             context = context.gather(1, (column - shift).clamp(min=0)).masked_fill(column < shift, -1)
