@@ -188,7 +188,7 @@ class Coconut(Objective):
         ids, first, lengths, n = lb["ids"], lb["first"], lb["lengths"], int(lb["n_thoughts"][0])
         B, T, D = embeds.shape
         arange = torch.arange(T, device=ids.device)
-        cache = self.trunk.make_cache(B, device=ids.device, dtype=embeds.dtype)
+        cache = self.trunk.make_cache(B, device=ids.device, dtype=self.cache_dtype(ids.device))
         prefix = int(first.max())
         hidden = self.trunk(embeds[:, :prefix], cache=cache, padding_mask=arange[:prefix] < first[:, None])
         rows = torch.arange(B, device=ids.device)
@@ -210,6 +210,12 @@ class Coconut(Objective):
         at = first[:, None] + torch.arange(n, device=ids.device)
         embeds = embeds.index_put((rows[:, None].expand(B, n), at), torch.stack(thoughts, 1))
         return hidden, ids.gather(1, target_index), weights, embeds
+
+    def cache_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the trunk's keys and states come in: autocast's where it is on (bf16-mixed), else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.embed.weight.dtype
 
     # --- training ---------------------------------------------------------------------------------------------------
     def current_stage(self) -> int:
@@ -295,7 +301,7 @@ class Coconut(Objective):
         rows = torch.arange(B, device=device)
         ids = torch.cat([prompt_ids, prompt_ids.new_zeros(B, 1)], 1)
         ids[rows, lengths] = self.bot_id
-        cache = self.trunk.make_cache(B, device=device, dtype=self.embed.weight.dtype)
+        cache = self.trunk.make_cache(B, device=device, dtype=self.cache_dtype(device))
         if self.ragged_trunk and bool((lengths != P).any()):
             real = torch.arange(P + 1, device=device) <= lengths[:, None]
             last = self.trunk(self.embed(ids), cache=cache, padding_mask=real)[rows, lengths]

@@ -141,6 +141,17 @@ def test_ragged_generation_at_batch_3_equals_each_row_alone(kind, thought):
         assert (alone[len(p) + 4 :] < V).all()  # then words of the data's vocabulary only
 
 
+@pytest.mark.parametrize("kind", ["transformer", "mamba"])
+def test_cached_passes_and_ragged_generation_run_under_bf16_autocast(kind):
+    # the bf16-mixed default of CPUs with bf16: the cache takes autocast's dtype, not the weights'
+    m = model(kind, start_stage=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.loss(hand_batch())["loss"].backward()
+        m.eval()
+        out = m.generate(torch.tensor([[6, 7, 8, 9], [6, 7, 0, 0]]), 8, prompt_lengths=torch.tensor([4, 2]))
+    assert out[0, 4:9].tolist() == [V] + [V + 2] * 3 + [V + 1] and out[1, 2:7].tolist() == [V] + [V + 2] * 3 + [V + 1]
+
+
 def tiny_prosqa(**kw) -> ReasoningDataModule:
     return ReasoningDataModule(task="prosqa_alg1", num_nodes=18, train_size=64, val_size=4, test_size=4,
                                batch_size=4, **kw)
