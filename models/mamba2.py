@@ -236,14 +236,16 @@ class Mamba2Block(nn.Module):
         dt_min, dt_max, dt_init_floor: dt at init, log-uniform in [dt_min, dt_max] (through dt_bias).
         conv_bias, bias: biases of the convolution and of the projections.
         norm_eps: epsilon of the gated RMSNorm.
-        recompute: in training, keep only the SSD layer's inputs and recompute its chunk tensors (decays, masked
-            scores, chunk states) in the backward: less memory for one more SSD forward.
+        recompute: in training, keep only the inputs of the SSD layer and the gated norm, and recompute their
+            intermediate tensors (decays, masked scores, chunk states, the fp32 norm) in the backward: much less
+            memory (3.86 -> 2.64 GiB peak at T=4096 before the norm joined it, BENCHMARKS.md) for one more SSD
+            forward.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, chunk_size: int = 64, A_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
-                 bias: bool = False, norm_eps: float = 1e-5, recompute: bool = False):
+                 bias: bool = False, norm_eps: float = 1e-5, recompute: bool = True):
         super().__init__()
         d_inner = expand * d_model
         self.recompute = recompute
@@ -315,12 +317,9 @@ class Mamba2Block(nn.Module):
         x, B, C = x.unflatten(-1, (H, P)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
         A = -torch.exp(self.A_log.float())
         if cache is None and padding_mask is None:
-            args = (x, dt, A, B, C, self.chunk_size, self.D, None, self.dt_bias, True)
             if self.recompute and torch.is_grad_enabled():  # keep the inputs only; the backward reruns the SSD
-                y = checkpoint(ssd_scan, *args, use_reentrant=False)
-            else:
-                y = ssd_scan(*args)
-            return self.out_proj(self.norm(y.flatten(-2), z))
+                return self.out_proj(checkpoint(self._ssd_and_norm, x, dt, A, B, C, z, use_reentrant=False))
+            return self.out_proj(self._ssd_and_norm(x, dt, A, B, C, z))
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, T, H), fp32
         if padding_mask is not None:
             dt = dt * padding_mask.to(dt.dtype).unsqueeze(-1)
@@ -330,6 +329,11 @@ class Mamba2Block(nn.Module):
             y = self._cached_ssd(x, dt, A, B, C, xBC_raw, cache, padding_mask)
         y = y + x * self.D.to(x.dtype).unsqueeze(-1)
         return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _ssd_and_norm(self, x, dt, A, B, C, z) -> torch.Tensor:
+        """norm(SSD(x) * silu(z)), dt still before its softplus: the part that `recompute` rebuilds."""
+        y = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        return self.norm(y.flatten(-2), z)
 
     def step(self, u: torch.Tensor, cache: Mamba2Cache, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding step, u (b, 1, d_model), O(1) in the length: h = exp(dt A) h + dt x B^T, y = h C + D x
@@ -426,7 +430,7 @@ class Mamba2(nn.Module):
 
     def __init__(self, d_model: int = 256, n_layers: int = 4, d_state: int = 64, d_conv: int = 4, expand: int = 2,
                  headdim: int = 64, ngroups: int = 1, chunk_size: int = 64, max_seq_len: int = 1_000_000,
-                 norm_eps: float = 1e-5, recompute: bool = False):
+                 norm_eps: float = 1e-5, recompute: bool = True):
         super().__init__()
         self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
         self._block_args = dict(d_model=d_model, norm_eps=norm_eps, d_state=d_state, d_conv=d_conv, expand=expand,
