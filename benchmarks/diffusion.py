@@ -3,7 +3,7 @@ step budget (the quickstart's trunk and data; the budget of configs/experiments/
 
     python -m benchmarks.diffusion [--ntp_ckpt P] [--mdlm_ckpt P] [--diffusion_lm_ckpt P] [--prompts 16]
                                    [--new_tokens 64] [--sampling_steps 8,32,128] [--path_star] [--json out.json]
-                                   [--families mdlm,diffusion_lm] [--max_steps N]
+                                   [--families mdlm,diffusion_lm] [--max_steps N] [--train_args "FLAGS"]
 
 (a) Likelihood: MDLM's and Diffusion-LM's `val/nll_bound` beside NTP's `val/ntp_loss` (nats per token, the same
     val windows) and the unigram entropy. For scale, on OpenWebText MDLM's bound is 23.2 perplexity against
@@ -17,13 +17,15 @@ step budget (the quickstart's trunk and data; the budget of configs/experiments/
     configs/experiments/path_star_mdlm.yaml).
 
 `--families` picks the diffusion families to train and sample (NTP, the scorer, always runs); `--max_steps` trains
-every model for N steps instead of the recipes' budget (a reduced budget; each run then validates once, at the end).
+every model for N steps instead of the recipes' budget (a reduced budget; each run then validates once, at the end);
+`--train_args` adds CLI flags to every training run (e.g. a smaller trunk, for a reduced budget).
 Models not given as checkpoints are trained by their recipes: configs/experiments/mdlm_code.yaml,
 configs/experiments/diffusion_lm_code.yaml, and configs/quickstart.yaml (NTP) with the MDLM recipe's max_steps.
 """
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections import Counter
 
@@ -48,7 +50,7 @@ def recipe_steps(name: str) -> int:
     return int(yaml.safe_load(open(RECIPES[name]))["trainer"]["max_steps"])
 
 
-def trained(name: str, ckpt: str | None, save_dir: str, max_steps: int | None = None
+def trained(name: str, ckpt: str | None, save_dir: str, max_steps: int | None = None, extra: tuple = ()
             ) -> tuple[object, object, float, float]:
     """(model, tokenizer, nats per token on the val split, unigram entropy), from a checkpoint or by training."""
     if ckpt is None:  # the recipes validate at their last step, so the run's own final metrics serve
@@ -58,7 +60,7 @@ def trained(name: str, ckpt: str | None, save_dir: str, max_steps: int | None = 
         if name == "ntp":
             budget += ["--trainer.logger.init_args.name", "ntp_code"]
         cli = train.main(["fit", "-c", RECIPES[name], "--trainer.logger.init_args.save_dir", save_dir,
-                          "--trainer.enable_progress_bar", "false", *budget])
+                          "--trainer.enable_progress_bar", "false", *budget, *extra])
         ckpt = f"{cli.trainer.log_dir}/checkpoints/final.ckpt"  # last.ckpt is only as new as the last interval
         cli.trainer.save_checkpoint(ckpt)
     else:
@@ -103,6 +105,7 @@ def main() -> None:
     p.add_argument("--save_dir", default="runs")
     p.add_argument("--families", default="mdlm,diffusion_lm", help="diffusion families to run, comma-separated")
     p.add_argument("--max_steps", type=int, help="train every model for this many steps (default: the recipes')")
+    p.add_argument("--train_args", default="", help="extra CLI flags for every training run")
     args = p.parse_args()
     precision = auto_precision()
     families = args.families.split(",")
@@ -112,7 +115,8 @@ def main() -> None:
 
     models, likelihood_rows = {}, []
     for name in ("ntp", *families):
-        model, tokenizer, nats, unigram = trained(name, getattr(args, f"{name}_ckpt"), args.save_dir, args.max_steps)
+        model, tokenizer, nats, unigram = trained(name, getattr(args, f"{name}_ckpt"), args.save_dir, args.max_steps,
+                                                  tuple(shlex.split(args.train_args)))
         models[name] = model
         likelihood_rows.append({"objective": type(model).__name__, "metric": LIKELIHOOD[name], "nats/token": nats,
                                 "perplexity": math.exp(min(nats, 50)), "unigram entropy": unigram})
