@@ -92,7 +92,8 @@ def code(runs: list[str], steps: int, seeds: list[int], save_dir: str, flags: li
         budget = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                   "--seed_everything", str(seed), *flags]
         for run in runs:
-            extra = {"ntp": [], "bow": [attach("bow")], "bow_tfidf": [attach("bow_tfidf")]}.get(run)
+            extra = {"ntp": [], "bow": [attach("bow")], "bow_tfidf": [attach("bow_tfidf")],
+                     "bow_w0.1": [attach("bow"), "--model.init_args.summaries.init_args.weight", "0.1"]}.get(run)
             if run == "revlm":
                 extra = [revlm(final_checkpoint(EXPERIMENTS / "reverse_lm_code.yaml", budget, save_dir,
                                                 f"reverse_lm_code_s{seed}"))]
@@ -115,7 +116,8 @@ def overhead(rounds: int, steps: int, precision: str) -> list[dict]:
     loader = torch.utils.data.DataLoader(RandomTokens(4096, 257), batch_size=16)
     models = {}
     cases = (("ntp", []), ("ntp + bag-of-words (window 16)", [BagOfWordsSummary(window=16)]),
-             ("ntp + bag-of-words (window 16, 512 sampled negatives)", [BagOfWordsSummary(window=16, negatives=512)]))
+             ("ntp + bag-of-words (window 16, a quarter of the positions)",
+              [BagOfWordsSummary(window=16, positions=0.25)]))
     for name, summaries in cases:
         torch.manual_seed(0)
         models[name] = NextTokenPrediction(Transformer(d_model=256, n_layers=4, n_heads=4, max_seq_len=512),

@@ -43,25 +43,21 @@ def source_positions(batch: dict, T: int) -> torch.Tensor:
     return batch["loss_mask"][:, 1 : T + 1] > 0
 
 
-def _bow_chunk(z, unembedding, bias, idf, ids, first, ok, columns, scale):
+def _bow_chunk(z, unembedding, bias, idf, ids, first, ok):
     """BCE summed over positions and vocabulary, without building the [n, V] multi-hot target.
 
     For logits l and a target set S with counts c_v (c_v = 1 unweighted), weights w_v (1 unweighted, idf_v tf-idf):
         sum_v w_v * (c_v softplus(-l_v) if v in S else softplus(l_v))
       = sum_v w_v softplus(l_v) + sum_{v in S} w_v (c_v - 1) softplus(l_v) - sum_{v in S} w_v c_v l_v
     using softplus(-l) = softplus(l) - l. Unweighted, only first occurrences in the window count (a set); with
-    tf-idf every occurrence does (tf = the count). The first sum runs over the vocabulary `columns` (all of it, or a
-    uniform sample scaled by `scale` = V / sample size, an unbiased estimate); the others read the window's tokens.
+    tf-idf every occurrence does (tf = the count).
     """
-    rows = unembedding if columns is None else unembedding[columns]
-    logits = (F.linear(z, rows) + (bias if columns is None else bias[columns])).float()      # [n, V or S]
-    at = (torch.einsum("nd,nkd->nk", z, unembedding[ids]) + bias[ids]).float()              # [n, K] future tokens
+    logits = (F.linear(z, unembedding) + bias).float()                      # [n, V]
+    at = logits.gather(1, ids)                                               # [n, K] logits of the future tokens
     if idf is None:
-        return scale * F.softplus(logits).sum() - (at * first.float()).sum()
-    w = idf[ids]                                                                              # [n, K]
-    spread = idf if columns is None else idf[columns]
-    return (scale * (F.softplus(logits) * spread).sum() + (F.softplus(at) * w * (ok & ~first)).sum()
-            - (at * w * ok).sum())
+        return F.softplus(logits).sum() - (at * first.float()).sum()
+    w = idf[ids]                                                              # [n, K]
+    return ((F.softplus(logits) * idf).sum() + (F.softplus(at) * w * (ok & ~first)).sum() - (at * w * ok).sum())
 
 
 class BagOfWordsSummary(nn.Module):
@@ -80,33 +76,33 @@ class BagOfWordsSummary(nn.Module):
     checkpoints and never recomputed on resume.
 
     The [n, V] logits are computed `chunk_size` positions at a time (the objective's `ce_chunk_size` by default) and
-    recomputed in the backward pass when there are several chunks, like the chunked cross-entropy. With `negatives`
-    set, training reads the logits of the window's tokens and of that many vocabulary entries drawn uniformly
-    without replacement per step (shared by the batch), the vocabulary sum scaled by V / negatives: an unbiased
-    estimate of the same loss at a fraction of the [n, V] cost. Evaluation always computes the exact loss.
+    recomputed in the backward pass when there are several chunks, like the chunked cross-entropy. With `positions`
+    set, each training step computes the loss at that fraction of the positions, drawn uniformly without
+    replacement: an unbiased estimate of the same mean at that fraction of the [n, V] cost. Evaluation always
+    computes it at every position.
 
     Args:
         window: the last offset summarised (x[t+2 .. t+window]); at least 2.
         weighting: "none" or "tfidf".
         weight: lambda, the loss weight.
         chunk_size: positions per chunk of logits (default: the objective's ce_chunk_size).
-        negatives: vocabulary entries sampled per training step for the sum over the vocabulary (None: all).
+        positions: fraction of the positions a training step computes the loss at (None: all).
         idf_documents: training sequences the idf counts read.
     """
 
     name = "fsp_bow"
 
     def __init__(self, window: int = 16, weighting: str = "none", weight: float = 1.0, chunk_size: int | None = None,
-                 negatives: int | None = None, idf_documents: int = 4096):
+                 positions: float | None = None, idf_documents: int = 4096):
         super().__init__()
         if window < 2:
             raise ValueError(f"window {window} must be at least 2: the bag covers x[t+2 .. t+window]")
         if weighting not in ("none", "tfidf"):
             raise ValueError(f"weighting {weighting!r} is unknown: use 'none' or 'tfidf'")
         self.window, self.weighting, self.weight = window, weighting, weight
-        if negatives is not None and negatives < 1:
-            raise ValueError(f"negatives {negatives} must be at least 1, or null for the whole vocabulary")
-        self.chunk_size, self.negatives, self.idf_documents = chunk_size, negatives, idf_documents
+        if positions is not None and not 0 < positions <= 1:
+            raise ValueError(f"positions {positions} must be a fraction in (0, 1], or null for every position")
+        self.chunk_size, self.positions, self.idf_documents = chunk_size, positions, idf_documents
 
     def attach(self, objective) -> None:
         d, vocab = objective.embedding_width(), objective.vocab_size
@@ -163,21 +159,20 @@ class BagOfWordsSummary(nn.Module):
         self.ensure_idf(objective)
         T = hidden.shape[1]
         ids, first, ok, src = self.targets(batch, T)
-        z = self.proj(hidden[src])                                            # [n, D]
-        ids, first, ok = ids[src], first[src], ok[src]
-        vocab = objective.vocab_size
-        unembedding = objective.unembedding[:vocab]
+        ids, first, ok, z = ids[src], first[src], ok[src], hidden[src]
+        if self.training and self.positions is not None and self.positions < 1:
+            keep = torch.randperm(z.shape[0], device=z.device)[: max(1, round(self.positions * z.shape[0]))]
+            ids, first, ok, z = ids[keep], first[keep], ok[keep], z[keep]
+        z = self.proj(z)                                                      # [n, D]
+        unembedding = objective.unembedding[: objective.vocab_size]
         idf = self.idf if self.weighting == "tfidf" else None
-        columns, scale = None, 1.0
-        if self.training and self.negatives is not None and self.negatives < vocab:
-            columns, scale = torch.randperm(vocab, device=z.device)[: self.negatives], vocab / self.negatives
         size = self.chunk_size or objective.hparams.get("ce_chunk_size", 4096)
         total = hidden.new_zeros((), dtype=torch.float32)
         chunks = range(0, z.shape[0], size)
         recompute = len(chunks) > 1 and torch.is_grad_enabled()
         for s in chunks:
             piece = (z[s : s + size], unembedding, self.bias, idf, ids[s : s + size], first[s : s + size],
-                     ok[s : s + size], columns, scale)
+                     ok[s : s + size])
             total = total + (checkpoint(_bow_chunk, *piece, use_reentrant=False) if recompute else _bow_chunk(*piece))
         return total / (max(z.shape[0], 1) * (self.window - 1))
 
