@@ -53,13 +53,14 @@ def final_checkpoint(config: Path, args: list[str], save_dir: str, name: str) ->
 
 
 # --- (a) path-star ------------------------------------------------------------------------------------------------
+WEIGHT_1 = ["--model.init_args.summaries.init_args.weight", "1.0"]  # the weight of path_star_fsp_bow.yaml
 PATH_STAR_RUNS = {  # name: (experiment config, extra flags); "revlm" also gets its companion's checkpoint
     "ntp": ("path_star_ntp", []),
     "bow": ("path_star_fsp_bow", []),
-    "bow_tfidf": ("path_star_ntp", [attach("bow_tfidf")]),
+    "bow_tfidf": ("path_star_ntp", [attach("bow_tfidf"), *WEIGHT_1]),
     "revlm": ("path_star_ntp", []),
     "mtp": ("path_star_mtp", []),
-    "mtp_bow": ("path_star_mtp", [attach("bow")]),
+    "mtp_bow": ("path_star_mtp", [attach("bow"), *WEIGHT_1]),
 }
 
 
@@ -83,7 +84,7 @@ def path_star(graphs: list[int], runs: list[str], steps: int, minutes: float, sa
 
 
 # --- (b) the code corpus ---------------------------------------------------------------------------------------------
-CODE_RUNS = ["ntp", "bow", "bow_tfidf", "revlm"]
+CODE_RUNS = ["ntp", "bow", "bow_tfidf", "bow_w1", "bow_tfidf_w1", "revlm"]
 
 
 def code(runs: list[str], steps: int, seeds: list[int], save_dir: str, flags: list[str]) -> list[dict]:
@@ -92,8 +93,8 @@ def code(runs: list[str], steps: int, seeds: list[int], save_dir: str, flags: li
         budget = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                   "--seed_everything", str(seed), *flags]
         for run in runs:
-            extra = {"ntp": [], "bow": [attach("bow")], "bow_tfidf": [attach("bow_tfidf")],
-                     "bow_w0.1": [attach("bow"), "--model.init_args.summaries.init_args.weight", "0.1"]}.get(run)
+            extra = {"ntp": [], "bow": [attach("bow")], "bow_tfidf": [attach("bow_tfidf")],  # weight 0.1
+                     "bow_w1": [attach("bow"), *WEIGHT_1], "bow_tfidf_w1": [attach("bow_tfidf"), *WEIGHT_1]}.get(run)
             if run == "revlm":
                 extra = [revlm(final_checkpoint(EXPERIMENTS / "reverse_lm_code.yaml", budget, save_dir,
                                                 f"reverse_lm_code_s{seed}"))]
