@@ -18,8 +18,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from objectives import metrics as M
+from objectives import scoring
 from objectives.checkpoints import check_companions, companion_records, companions, format_report, warm_start
-from objectives.decoding import lookup_drafts, sample_token, speculative_generate
+from objectives.decoding import left_to_right
+from objectives.speculative import lookup_drafts, speculative_generate
 from objectives.optim import WarmupCosine, decay_groups
 
 
@@ -89,6 +91,7 @@ class Objective(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.generated_examples: list[tuple[list[int], list[int], list[int] | None]] = []
         self._scored = 0
+        self.answer_scores = scoring.AnswerScores()
 
     # --- the pieces families compose -------------------------------------------------------------------------
     def embedding_width(self) -> int:
@@ -100,8 +103,8 @@ class Objective(L.LightningModule):
         """The output projection [V, D], tied to the input embedding."""
         return self.embed.weight
 
-    def hidden(self, tokens: torch.Tensor, *, mask="causal", cache=None) -> torch.Tensor:
-        return self.trunk(self.embed(tokens), mask=mask, cache=cache)
+    def hidden(self, tokens: torch.Tensor, *, mask="causal", cache=None, **trunk_options) -> torch.Tensor:
+        return self.trunk(self.embed(tokens), mask=mask, cache=cache, **trunk_options)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.unembedding)
@@ -203,15 +206,22 @@ class Objective(L.LightningModule):
     default_drafter = "lookup"
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int | torch.Tensor, temperature: float = 0.0,
                  top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
-                 num_drafts: int = 4, teacherless: tuple[int, int] | None = None) -> torch.Tensor:
+                 num_drafts: int = 4, teacherless: tuple[int, int] | None = None, tree=None,
+                 prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Left-to-right decoding with the trunk's cache: prompt [B, P] -> [B, P + max_new_tokens].
 
-        Rows that reach `eos_id` keep emitting it; decoding stops early when every row has. With `speculative`,
+        `prompt_lengths` [B]: the prompts are right-padded, row b's being its first prompt_lengths[b] tokens; row b
+        of the result is its prompt, then its own generation, then padding, token for token what it gives alone
+        (greedy). Plain decoding also takes per-row budgets (max_new_tokens a [B] tensor; see
+        `objectives.decoding.left_to_right`). Rows that reach `eos_id` keep emitting it and finish on their own;
+        decoding stops when every row has. With `speculative`,
         a drafter (`drafters`; prompt lookup for every objective) proposes up to `num_drafts` tokens per step and
         one forward verifies them: the same output as plain decoding (greedy) or the same distribution
-        (sampling), in fewer forwards. `self.decode_stats` then holds the forwards and tokens of the last call.
+        (sampling), in fewer forwards; `tree` (widths per depth, or rank paths) verifies a tree of the drafter's
+        ranked candidates instead (objectives/speculative.py). `self.decode_stats` then holds the forwards and
+        tokens of the last call.
         `teacherless` = (marker_id, dummy_id): once a row has emitted the answer marker, the model reads the dummy
         token instead of its own output (Bachmann & Nagarajan 2024's teacherless models are decoded this way).
         """
@@ -221,37 +231,20 @@ class Objective(L.LightningModule):
             propose = self.drafters(num_drafts).get(drafter or self.default_drafter)
             if propose is None:
                 raise ValueError(f"unknown drafter {drafter!r}: {type(self).__name__} offers {sorted(self.drafters(1))}")
-            ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens, propose, temperature, top_k)
+            ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens, propose, temperature, top_k,
+                                                          tree=tree, prompt_lengths=prompt_lengths)
             return ids
-        B, P = prompt_ids.shape
-        self.check_generation_length(P + max_new_tokens)
-        cache = self.trunk.make_cache(B, device=prompt_ids.device, dtype=self.embed.weight.dtype)
-        logits = self.logits(self.hidden(prompt_ids, cache=cache)[:, -1])
-        out, done = [prompt_ids], torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-        answering = torch.zeros_like(done)
-        for _ in range(max_new_tokens):
-            token = sample_token(logits, temperature, top_k)
-            token = self.after_eos(token, done)
-            out.append(token[:, None])
-            if done.all():
-                break
-            fed = token
-            if teacherless is not None:
-                marker, dummy = teacherless
-                fed = torch.where(answering, torch.full_like(token, dummy), token)
-                answering |= token == marker
-            logits = self.logits(self.hidden(fed[:, None], cache=cache)[:, -1])
-        result = torch.cat(out, dim=1)
-        return self.pad_to(result, P + max_new_tokens)
+        return left_to_right(self, prompt_ids, max_new_tokens, temperature, top_k, teacherless, prompt_lengths)
 
     # --- the decoding interface of speculative decoding ------------------------------------------------------------
     def start_decoding(self, batch_size: int, device) -> object:
         """A decoding state with `length` and `crop(n)`: here the trunk's cache."""
         return self.trunk.make_cache(batch_size, device=device, dtype=self.embed.weight.dtype)
 
-    def decode_forward(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance the state by tokens [B, m]: next-token logits [B, m, V] and drafting features [B, m, ...]."""
-        hidden = self.hidden(tokens, cache=state)
+    def decode_forward(self, tokens: torch.Tensor, state, **trunk_options) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance the state by tokens [B, m] (`trunk_options`: mask, positions, padding_mask): next-token logits
+        [B, m, V] and drafting features [B, m, ...]."""
+        hidden = self.hidden(tokens, cache=state, **trunk_options)
         return self.logits(hidden), hidden
 
     def drafters(self, num_drafts: int) -> dict:
@@ -296,42 +289,9 @@ class Objective(L.LightningModule):
             self.score_answers(batch, stage="test")
 
     def score_answers(self, batch: dict, stage: str = "val") -> None:
-        """{stage}/accuracy: exact match of the generated answer; {stage}/answer_tokens: tokens generated per question.
-
-        The generation after the prompt, cut after the first eos, must end with the gold `answer` row (the
-        answer marker and the answer's tokens), so reasoning written before the answer is free. Validation scores
-        `eval_examples` questions; test scores all. On teacherless batches (`inputs` given) the answer is
-        generated teacherless: after the answer marker the model reads the dummy token, as it was trained.
-        """
-        budget = self.hparams.eval_examples - self._scored if stage == "val" else len(batch["tokens"])
-        if budget <= 0:
-            return
-        tokens, prompt_len, answers = batch["tokens"][:budget], batch["prompt_len"][:budget], batch["answer"][:budget]
-        teacherless = None
-        if "inputs" in batch:
-            replaced = batch["inputs"][batch["inputs"] != batch["tokens"]]
-            teacherless = (int(answers[0, 0]), int(replaced[0])) if replaced.numel() else None
-        correct, lengths = [], []
-        for plen in prompt_len.unique().tolist():
-            rows = (prompt_len == plen).nonzero().flatten()
-            max_new = min(tokens.shape[1] - plen + self.generation_slack, self.trunk.max_seq_len - plen)
-            generated = self.generate(tokens[rows, :plen], max_new, teacherless=teacherless)[:, plen:].tolist()
-            for row, gen in zip(rows.tolist(), generated):
-                if self.eos_id is not None and self.eos_id in gen:
-                    gen = gen[: gen.index(self.eos_id) + 1]
-                gold = [t for t in answers[row].tolist() if t >= 0]
-                body = gen[:-1] if gen and gen[-1] == self.eos_id else gen
-                correct.append(float(len(body) >= len(gold) and body[len(body) - len(gold):] == gold))
-                lengths.append(float(len(gen)))
-                if stage == "val" and len(self.generated_examples) < 4:
-                    self.generated_examples.append((tokens[row, :plen].tolist(), gen, gold))
-        if stage == "val":
-            self._scored += len(correct)
-        n = len(correct)
-        accuracy, answer_tokens = ((M.VAL_ACCURACY, M.VAL_ANSWER_TOKENS) if stage == "val"
-                                   else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
-        self.log(accuracy, sum(correct) / n, batch_size=n, sync_dist=True)
-        self.log(answer_tokens, sum(lengths) / n, batch_size=n, sync_dist=True)
+        """{stage}/accuracy: exact match of the generated answer; {stage}/answer_tokens: tokens generated per
+        question (objectives/scoring.py). Validation scores `eval_examples` questions; test scores all."""
+        scoring.score_answers(self, batch, stage)
 
     def sample_continuation(self, batch: dict) -> None:
         """A greedy continuation of the first val window's opening, for the TensorBoard text tab."""

@@ -100,3 +100,20 @@ def test_padding_the_trunks_cannot_serve_is_refused_with_the_fix():
         trunk = trunk_of(kind)
         with pytest.raises(ValueError, match="decoding cache takes padding after the real tokens"):
             trunk(x, cache=trunk.make_cache(2), padding_mask=left)
+@pytest.mark.parametrize("kind", TRUNKS)
+def test_ragged_greedy_generation_equals_each_row_alone(kind):
+    torch.manual_seed(0)
+    model = NextTokenPrediction(TRUNKS[kind](), vocab_size=50).eval()
+    torch.nn.init.normal_(model.embed.weight)  # varied outputs from an untrained model
+    lengths = torch.tensor([3, 40, 17, 9, 26])
+    prompts = torch.randint(0, 50, (5, 40))  # right-padded: whatever follows a row's length is ignored
+    free = model.generate(prompts, 12, prompt_lengths=lengths)
+    new = [set(free[b, n : n + 12].tolist()) for b, n in enumerate(lengths.tolist())]
+    # an eos that some rows emit and others do not, so that rows finish at different steps
+    model.eos_id = next(t for t in sorted(set.union(*new)) if 0 < sum(t in r for r in new) < 5)
+    out = model.generate(prompts, 12, prompt_lengths=lengths)
+    assert out.shape == (5, 52)
+    for b, n in enumerate(lengths.tolist()):
+        alone = model.generate(prompts[b:b + 1, :n], 12)[0]
+        assert out[b, : n + 12].tolist() == alone.tolist()
+        assert (out[b, n + 12:] == model.eos_id).all()  # after a row's own end: eos

@@ -1,0 +1,109 @@
+"""Answer scoring on reasoning data: exact match of an objective's own generated answer and the tokens it took.
+
+The generation after the prompt, cut after the first eos, must end with the gold `answer` row (the answer marker
+and the answer's tokens), so reasoning written before the answer is free. A family whose `generate` takes
+`prompt_lengths` decodes the whole batch at once, prompts of every length together (rows finishing on their
+own); the others (the denoising families, which fill a canvas) one prompt length at a time. Each row gets the
+budget it would get alone: the batch's length minus its prompt plus the family's `generation_slack`, within the
+trunk's max_seq_len (per-row budgets where `generate` takes them; otherwise the largest, each row cut to its own).
+
+Both figures are torchmetrics means over questions (`AnswerScores`), so that under DDP every rank's questions
+count once, however many each rank scored.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from objectives import metrics as M
+
+
+class AnswerScores(nn.Module):
+    """The running means behind {stage}/accuracy and {stage}/answer_tokens (logged as metric objects, so
+    Lightning computes, syncs and resets them per epoch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.accuracy = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self.answer_tokens = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+
+def generates_ragged(model) -> bool:
+    """Whether the family's `generate` decodes right-padded prompts of different lengths in one call."""
+    params = inspect.signature(model.generate).parameters.values()
+    return any(p.name == "prompt_lengths" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def takes_row_budgets(model) -> bool:
+    """Whether the family's `generate` takes max_new_tokens as a [B] tensor too (it says so in its annotation)."""
+    param = inspect.signature(model.generate).parameters.get("max_new_tokens")
+    return param is not None and "Tensor" in str(param.annotation)
+
+
+def generate_answers(model, tokens: torch.Tensor, prompt_len: torch.Tensor, teacherless,
+                     ragged: bool | None = None) -> list[list[int]]:
+    """Each row's generation after its prompt (`prompt_len[b]` tokens of `tokens[b]`), as a list of ids: the
+    whole batch in one call (`ragged`; default where the family can), else one call per prompt length."""
+    budgets = torch.minimum(tokens.shape[1] - prompt_len + model.generation_slack,
+                            model.trunk.max_seq_len - prompt_len)
+    if generates_ragged(model) if ragged is None else ragged:
+        width = int(prompt_len.max())
+        fill = model.eos_id if model.eos_id is not None else 0
+        prompts = tokens[:, :width].masked_fill(torch.arange(width, device=tokens.device) >= prompt_len[:, None], fill)
+        if bool((budgets == budgets[0]).all()) or not takes_row_budgets(model):
+            budget = int(budgets.max())  # one budget; each row is cut to its own below (greedy prefixes agree)
+            if int(prompt_len.max()) + budget > model.trunk.max_seq_len:  # a long row cannot take the largest
+                return generate_answers(model, tokens, prompt_len, teacherless, ragged=False)
+        else:
+            budget = budgets
+        out = model.generate(prompts, budget, teacherless=teacherless, prompt_lengths=prompt_len).tolist()
+        return [row[p : p + n] for row, p, n in zip(out, prompt_len.tolist(), budgets.tolist())]
+    generated: list = [None] * len(tokens)
+    for plen in prompt_len.unique().tolist():
+        rows = (prompt_len == plen).nonzero().flatten()
+        new = model.generate(tokens[rows, :plen], int(budgets[rows[0]]), teacherless=teacherless)[:, plen:]
+        for row, gen in zip(rows.tolist(), new.tolist()):
+            generated[row] = gen
+    return generated
+
+
+def exact_match(gen: list[int], gold: list[int], eos_id: int | None) -> tuple[list[int], bool]:
+    """(the generation cut after its first eos, whether it ends with the gold answer)."""
+    if eos_id is not None and eos_id in gen:
+        gen = gen[: gen.index(eos_id) + 1]
+    body = gen[:-1] if gen and gen[-1] == eos_id else gen
+    return gen, len(body) >= len(gold) and body[len(body) - len(gold):] == gold
+
+
+def score_answers(model, batch: dict, stage: str = "val") -> None:
+    """Generate the answers of a batch (at most the model's `eval_examples` per validation; every question in
+    test) and log {stage}/accuracy and {stage}/answer_tokens. On teacherless batches (`inputs` given) the answer
+    is generated teacherless: after the answer marker the model reads the dummy token, as it was trained."""
+    budget = model.hparams.eval_examples - model._scored if stage == "val" else len(batch["tokens"])
+    if budget <= 0:
+        return
+    tokens, prompt_len, answers = batch["tokens"][:budget], batch["prompt_len"][:budget], batch["answer"][:budget]
+    teacherless = None
+    if "inputs" in batch:
+        replaced = batch["inputs"][batch["inputs"] != batch["tokens"]]
+        teacherless = (int(answers[0, 0]), int(replaced[0])) if replaced.numel() else None
+    correct, lengths = [], []
+    for row, gen in enumerate(generate_answers(model, tokens, prompt_len, teacherless)):
+        gold = [t for t in answers[row].tolist() if t >= 0]
+        gen, right = exact_match(gen, gold, model.eos_id)
+        correct.append(float(right))
+        lengths.append(float(len(gen)))
+        if stage == "val" and len(model.generated_examples) < 4:
+            model.generated_examples.append((tokens[row, : int(prompt_len[row])].tolist(), gen, gold))
+    if stage == "val":
+        model._scored += len(correct)
+    scores = model.answer_scores
+    scores.accuracy[stage].update(torch.tensor(correct, device=model.device))
+    scores.answer_tokens[stage].update(torch.tensor(lengths, device=model.device))
+    accuracy, answer_tokens = ((M.VAL_ACCURACY, M.VAL_ANSWER_TOKENS) if stage == "val"
+                               else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
+    model.log(accuracy, scores.accuracy[stage])
+    model.log(answer_tokens, scores.answer_tokens[stage])
