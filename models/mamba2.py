@@ -418,8 +418,8 @@ class Mamba2(nn.Module):
         expand: d_inner = expand * d_model.
         headdim: channels per head (64 in the reference); nheads = d_inner / headdim.
         ngroups: groups of heads sharing B and C.
-        chunk_size: positions per chunk of the SSD algorithm (64 here: the fastest on CPU at the quickstart
-            size; the reference's GPU kernels use 256).
+        chunk_size: positions per chunk of the SSD algorithm (64 here, untuned; the reference's GPU kernels
+            use 256). Any size works; one that does not divide the length pads the last chunk.
         max_seq_len: the longest sequence the trunk accepts (no positional tables: only a sanity bound).
         norm_eps: RMSNorm epsilon.
         recompute: recompute the SSD layer's chunk tensors in the backward instead of keeping them (see
