@@ -85,12 +85,13 @@ class KVCache:
                 width = self.k.shape[2]
                 base_k = self.k[:, :, :end] if width >= end else F.pad(self.k, (0, 0, 0, end - width))
                 base_v = self.v[:, :, :end] if width >= end else F.pad(self.v, (0, 0, 0, end - width))
-                self.k, self.v = base_k.scatter(2, index, k), base_v.scatter(2, index, v)
+                self.k = base_k.scatter(2, index, k.to(base_k.dtype))
+                self.v = base_v.scatter(2, index, v.to(base_v.dtype))
                 self._owned = False
             else:
                 self._reserve()
-                self.k.scatter_(2, index, k)
-                self.v.scatter_(2, index, v)
+                self.k.scatter_(2, index, k.to(self.k.dtype))  # autocast: bf16 keys into the cache's dtype
+                self.v.scatter_(2, index, v.to(self.v.dtype))
         if advance is None:
             self._set_lengths(self.lengths + T, (lo + T, hi + T))
         else:
