@@ -2,10 +2,11 @@
 from objectives.base import Objective
 from objectives.coconut import Coconut
 from objectives.diffusion_lm import DiffusionLM
+from objectives.distill import SelfDistillation
 from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
 from objectives.summaries import BagOfWordsSummary, ReverseLMSummary
 
 __all__ = ["Objective", "Coconut", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
-           "BagOfWordsSummary", "ReverseLMSummary"]
+           "SelfDistillation", "BagOfWordsSummary", "ReverseLMSummary"]

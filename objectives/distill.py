@@ -65,8 +65,19 @@ class GatedLoRA(nn.Module):
     def apply_to(self, linear: nn.Linear, inputs: tuple, output: torch.Tensor):
         if self.gate.open is None:
             return None
-        delta = F.linear(F.linear(inputs[0], self.a.to(output.dtype)), self.b.to(output.dtype)) * self.scale
-        return torch.where(self.gate.open[..., None], output + delta, output)
+        x = inputs[0]
+        if torch.is_grad_enabled():
+            adapted = output + F.linear(F.linear(x, self.a.to(output.dtype)), self.b.to(output.dtype)) * self.scale
+        else:  # decoding: one product with the merged weight W + (alpha / r) B A
+            adapted = F.linear(x, self.merged(linear).to(output.dtype), linear.bias)
+        return torch.where(self.gate.open[..., None], adapted, output)
+
+    def merged(self, linear: nn.Linear) -> torch.Tensor:
+        """W + (alpha / r) B A, recomputed only after an optimizer step changed A, B or W."""
+        key = (self.a._version, self.b._version, linear.weight._version, linear.weight.device)
+        if getattr(self, "_merged_key", None) != key:
+            self._merged_key, self._merged = key, linear.weight + self.scale * self.b @ self.a
+        return self._merged
 
 
 class SamplerHead(nn.Module):
@@ -303,15 +314,23 @@ class SelfDistillation(Objective):
         G = anchors.shape[1]
         previous = logits.gather(1, anchors[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)  # [B, G]
         group_hidden = hidden[:, W:].reshape(B, G, slots, -1)
+        if not slots:
+            return logits, anchors.new_zeros(B, G, 0), logits.new_zeros(B, G, 0)
+        if self.sampler is None:  # the slots are independent: all at once
+            return (logits, *self.greedy_with_probability(self.logits(group_hidden)))
         drafts, probs = [], []
-        for s in range(slots):  # the sampler reads the draft before; without it the slots are independent
-            p = self.mask_logits(group_hidden[:, :, s], previous).float().softmax(-1)
-            conf, previous = p.max(-1)
+        for s in range(slots):  # the sampler reads the draft before
+            previous, conf = self.greedy_with_probability(self.mask_logits(group_hidden[:, :, s], previous))
             drafts.append(previous)
             probs.append(conf)
-        empty = anchors.new_zeros(B, G, 0)
-        return (logits, torch.stack(drafts, 2) if slots else empty,
-                torch.stack(probs, 2) if slots else empty.float())
+        return logits, torch.stack(drafts, 2), torch.stack(probs, 2)
+
+    @staticmethod
+    def greedy_with_probability(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The argmax of logits [..., V] and its probability, exp(max - logsumexp)."""
+        logits = logits.float()
+        top, token = logits.max(-1)
+        return token, (top - logits.logsumexp(-1)).exp()
 
     def slots_that_fit(self, cache, width: int, groups: int) -> int:
         """Mask tokens per group: k-1 (or the `k` given to `generate`), fewer where the trunk's length ends."""
@@ -375,15 +394,19 @@ class SelfDistillation(Objective):
         if k is not None and not 1 <= k <= self.k:
             raise ValueError(f"k={k}: this model drafts at most {self.k} tokens per forward (k from 1 to {self.k})")
         self.decode_k = k or self.k
-        if decoding == "verify":
-            ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens, self.drafters(self.k)["masks"],
-                                                          temperature, top_k, prompt_lengths=prompt_lengths)
-            return ids
-        if temperature > 0:
+        if decoding == "confidence" and temperature > 0:
             raise ValueError("confidence decoding (ConfAdapt) is greedy: use temperature 0, or decoding 'verify' to "
                              "sample")
-        return self.confidence_generate(prompt_ids, max_new_tokens, self.hparams.tau if tau is None else tau,
-                                        prompt_lengths)
+        # in the weights' precision, also inside a validation under autocast (as plain greedy decoding of the
+        # teacher runs outside training)
+        with torch.autocast(prompt_ids.device.type, enabled=False):
+            if decoding == "verify":
+                ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens,
+                                                              self.drafters(self.k)["masks"], temperature, top_k,
+                                                              prompt_lengths=prompt_lengths)
+                return ids
+            return self.confidence_generate(prompt_ids, max_new_tokens, self.hparams.tau if tau is None else tau,
+                                            prompt_lengths)
 
     def confidence_generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, tau: float,
                             prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
