@@ -343,6 +343,8 @@ def train_all(runs_dir: Path, experiment: dict, names: list[str], seeds: list[in
             print(f"[{experiment['name']}] {name} seed{seed} FAILED (exit {process.returncode}); "
                   f"log {out / 'train.log'}:\n  " + "\n  ".join(tail), flush=True)
             failed.append(f"{name} seed{seed}")
+        else:  # probe it now, so that an experiment stopped later still has this run's figures
+            lens_all(runs_dir, experiment, [name], [seed])
     return failed
 
 
