@@ -153,8 +153,9 @@ def reverse_checkpoint(tmp_path, corpus_files) -> str:
 
 def test_frozen_reverse_lm_gets_no_gradient_and_is_outside_the_optimizer(tmp_path, corpus_files):
     path = reverse_checkpoint(tmp_path, corpus_files)
-    cli = run_cli(tmp_path / "forward", "--config", "configs/experiments/fsp_revlm_code.yaml", *TINY_MODEL,
-                  *tiny_data(corpus_files), "--model.init_args.summaries.init_args.checkpoint", path, steps=2)
+    cli = run_cli(tmp_path / "forward", "--config", "configs/quickstart.yaml", *TINY_MODEL, *tiny_data(corpus_files),
+                  "--model.init_args.summaries+=configs/summaries/revlm.yaml",
+                  "--model.init_args.summaries.init_args.checkpoint", path, steps=2)
     model, summary = cli.model, cli.model.summaries[0]
     companion = summary.companion.model
     assert not companion.training and all(not p.requires_grad for p in companion.parameters())
