@@ -6,7 +6,8 @@ from objectives.distill import SelfDistillation
 from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
+from objectives.planning import PlanningTokens
 from objectives.summaries import BagOfWordsSummary, ReverseLMSummary
 
 __all__ = ["Objective", "Coconut", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
-           "SelfDistillation", "BagOfWordsSummary", "ReverseLMSummary"]
+           "SelfDistillation", "PlanningTokens", "BagOfWordsSummary", "ReverseLMSummary"]
