@@ -238,8 +238,8 @@ class Mamba2Block(nn.Module):
         norm_eps: epsilon of the gated RMSNorm.
         recompute: in training, keep only the inputs of the SSD layer and the gated norm, and recompute their
             intermediate tensors (decays, masked scores, chunk states, the fp32 norm) in the backward: much less
-            memory (3.86 -> 2.64 GiB peak at T=4096 before the norm joined it, BENCHMARKS.md) for one more SSD
-            forward.
+            memory (the quickstart trunk's peak at T=4096: 3.86 -> 1.98 GiB, BENCHMARKS.md) for one more SSD
+            forward, which was not slower on CPU.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
