@@ -532,7 +532,7 @@ def draw(task, seed: int, split: str, index: int, exclude: set[bytes], encode,
 # The datamodule
 # ----------------------------------------------------------------------------------------------------------
 
-Task = Literal["path_star", "prosqa", "prosqa_alg1", "multiplication", "file"]
+Task = Literal["path_star", "prosqa", "prosqa_alg1", "multiplication", "countdown", "file"]
 
 
 class ReasoningDataModule(L.LightningDataModule):
@@ -613,7 +613,7 @@ class ReasoningDataModule(L.LightningDataModule):
         if task == "file":
             self._init_file(train_file, val_file, test_file, tokenizer_path, train_size, val_size, test_size,
                             max_seq_len)
-        elif task in ("path_star", "prosqa", "prosqa_alg1", "multiplication"):
+        elif task in ("path_star", "prosqa", "prosqa_alg1", "multiplication", "countdown"):
             if task == "path_star":
                 gen = PathStarTask(degree, path_length, 50 if num_nodes is None else num_nodes)
             elif task == "prosqa":
@@ -621,12 +621,15 @@ class ReasoningDataModule(L.LightningDataModule):
             elif task == "prosqa_alg1":  # several entities, 3..6 steps, the public set's statistics (prosqa.py)
                 from datamodules.prosqa import ProsQAGraphTask
                 gen = ProsQAGraphTask(23 if num_nodes is None else num_nodes, 384 if max_seq_len is None else max_seq_len)
+            elif task == "countdown":  # num_nodes = how many numbers are given (datamodules/countdown.py)
+                from datamodules.countdown import CountdownTask
+                gen = CountdownTask(3 if num_nodes is None else num_nodes)
             else:
                 gen = MultiplicationTask(digits, reverse_digits)
             self._init_generated(gen, train_size, 500 if val_size is None else val_size,
                                  1000 if test_size is None else test_size, stream_size)
         else:
-            raise ValueError(f"task must be one of path_star, prosqa, prosqa_alg1, multiplication, file; got {task!r}")
+            raise ValueError(f"task must be one of path_star, prosqa, prosqa_alg1, multiplication, countdown, file; got {task!r}")
         self.bytes_per_token = self._bytes_per_token()
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -775,6 +778,12 @@ class ReasoningDataModule(L.LightningDataModule):
         return n_bytes / max(n_tok, 1)
 
     # -- public API -----------------------------------------------------------------------------------------
+
+    def check_answer(self, prompt_ids, generated_ids) -> bool | None:
+        """The task's own verdict on a generated solution where it has one (Countdown evaluates the steps, so any
+        valid solution counts); None: answer scoring uses exact match."""
+        check = getattr(getattr(self, "generator", None), "check", None)
+        return None if check is None else check(self.decode(prompt_ids).split(), self.decode(generated_ids).split())
 
     def decode(self, ids) -> str:
         """Token ids (list or tensor) -> text; padding (and -1 fill) dropped, specials kept."""

@@ -1,7 +1,8 @@
 """Answer scoring on reasoning data: exact match of an objective's own generated answer and the tokens it took.
 
 The generation after the prompt, cut after the first eos, must end with the gold `answer` row (the answer marker
-and the answer's tokens), so reasoning written before the answer is free. A family whose `generate` takes
+and the answer's tokens), so reasoning written before the answer is free; a datamodule with `check_answer` (Countdown) gives its own verdict
+instead, so that any valid solution counts. A family whose `generate` takes
 `prompt_lengths` decodes the whole batch at once, prompts of every length together (rows finishing on their
 own); the others (the denoising families, which fill a canvas) one prompt length at a time. Each row gets the
 budget it would get alone: the batch's length minus its prompt plus the family's `generation_slack`, within the
@@ -78,6 +79,12 @@ def exact_match(gen: list[int], gold: list[int], eos_id: int | None) -> tuple[li
     return gen, len(body) >= len(gold) and body[len(body) - len(gold):] == gold
 
 
+def task_check(model):
+    """The attached datamodule's own answer check, ``check_answer(prompt_ids, generated_ids) -> bool | None``
+    (Countdown evaluates the generated solution, so any valid one counts; None from it = exact match), or None."""
+    return getattr(getattr(getattr(model, "_trainer", None), "datamodule", None), "check_answer", None)
+
+
 def score_answers(model, batch: dict, stage: str = "val") -> None:
     """Generate the answers of a batch (at most the model's `eval_examples` per validation; every question in
     test) and log {stage}/accuracy and {stage}/answer_tokens. On teacherless batches (`inputs` given) the answer
@@ -90,10 +97,12 @@ def score_answers(model, batch: dict, stage: str = "val") -> None:
     if "inputs" in batch:
         replaced = batch["inputs"][batch["inputs"] != batch["tokens"]]
         teacherless = (int(answers[0, 0]), int(replaced[0])) if replaced.numel() else None
-    correct, lengths = [], []
+    correct, lengths, check = [], [], task_check(model)
     for row, gen in enumerate(generate_answers(model, tokens, prompt_len, teacherless)):
         gold = [t for t in answers[row].tolist() if t >= 0]
         gen, right = exact_match(gen, gold, model.eos_id)
+        verdict = None if check is None else check(tokens[row, : int(prompt_len[row])].tolist(), gen)
+        right = right if verdict is None else verdict
         correct.append(float(right))
         lengths.append(float(len(gen)))
         if stage == "val" and len(model.generated_examples) < 4:
