@@ -1,7 +1,8 @@
 """Data: corpora, tokenizers, synthetic and reasoning tasks. Batches are dicts of tensors (`tokens`, `loss_mask`,
 and where the data has structure `segments`)."""
 from datamodules.reasoning import ReasoningDataModule
+from datamodules.skeleton import SkeletonDataModule
 from datamodules.synthetic import SyntheticDataModule
 from datamodules.text import TextDataModule
 
-__all__ = ["TextDataModule", "ReasoningDataModule", "SyntheticDataModule"]
+__all__ = ["TextDataModule", "ReasoningDataModule", "SkeletonDataModule", "SyntheticDataModule"]

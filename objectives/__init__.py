@@ -7,7 +7,8 @@ from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
 from objectives.ntp import NextTokenPrediction
 from objectives.planning import PlanningTokens
+from objectives.skeleton import SkeletonOfThought
 from objectives.summaries import BagOfWordsSummary, ReverseLMSummary
 
 __all__ = ["Objective", "Coconut", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
-           "SelfDistillation", "PlanningTokens", "BagOfWordsSummary", "ReverseLMSummary"]
+           "SelfDistillation", "PlanningTokens", "SkeletonOfThought", "BagOfWordsSummary", "ReverseLMSummary"]
