@@ -88,28 +88,33 @@ def test_the_compacted_cache_equals_a_fresh_prefill_of_the_accepted_path():
         torch.testing.assert_close(rolled.v[:, :, :length], new.v[:, :, :length], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,drafter,tree", [("mtp-block", "heads", [2, 2]), ("mtp-mlp", "heads", [3, 1]),
+@pytest.mark.parametrize("name,drafter,tree", [("mtp-block", "heads", None), ("deepseek", "modules", None),
+                                               ("ntp", "lookup", None), ("mtp-block", "heads", [2, 2]),
                                                ("deepseek", "modules", [3])])
-def test_tree_sampling_keeps_the_distribution(name, drafter, tree):
-    """Chi-square test of two sampled tokens against the model's exact joint distribution (V=5)."""
+def test_speculative_sampling_keeps_the_distribution(name, drafter, tree):
+    """Chi-square test of the second and third sampled tokens (both verified against drafts: sampled drafts
+    with min(1, p/q), or a tree's ranked candidates by recursive rejection) against the model's exact
+    distribution of that pair (V=5)."""
     torch.manual_seed(0)
     m = model(name, vocab=5)
     with torch.no_grad():
         m.embed.weight.mul_(40 / 30)
     ids = torch.tensor([[1, 2, 3, 1, 2]])
     with torch.no_grad():
-        first = m.logits(m.hidden(ids))[0, -1].softmax(-1)
-        pairs = torch.cat([ids.repeat(5, 1), torch.arange(5)[:, None]], 1)
-        second = m.logits(m.hidden(pairs))[:, -1].softmax(-1)
-    expected = (first[:, None] * second).flatten()
-    n, steps = 600, 0
+        first = m.logits(m.hidden(ids))[0, -1].softmax(-1)  # p(x1)
+        ones = torch.cat([ids.repeat(5, 1), torch.arange(5)[:, None]], 1)
+        second = m.logits(m.hidden(ones))[:, -1].softmax(-1)  # p(x2 | x1)
+        twos = torch.cat([ones.repeat_interleave(5, 0), torch.arange(5).repeat(5)[:, None]], 1)
+        third = m.logits(m.hidden(twos))[:, -1].softmax(-1).view(5, 5, 5)  # p(x3 | x1, x2)
+    expected = (first[:, None, None] * second[:, :, None] * third).sum(0).flatten()  # p(x2, x3)
+    n, steps = 500, 0
     torch.manual_seed(1)
     counts = torch.zeros(25)
     for _ in range(n):
-        out = m.generate(ids, 2, temperature=1.0, speculative=True, drafter=drafter, tree=tree)
-        counts[out[0, 5] * 5 + out[0, 6]] += 1
+        out = m.generate(ids, 3, temperature=1.0, speculative=True, drafter=drafter, num_drafts=2, tree=tree)
+        counts[out[0, 6] * 5 + out[0, 7]] += 1
         steps += m.decode_stats["steps"]
-    assert steps < 2 * n  # some drafts were accepted
+    assert steps < 2 * n  # drafts were accepted some of the time
     keep = expected * n >= 5
     chi2 = ((counts[keep] - n * expected[keep]) ** 2 / (n * expected[keep])).sum()
     assert chi2 < 52, f"chi2 {chi2:.1f} over {int(keep.sum())} cells"  # 0.001 critical value, <= 24 dof
