@@ -469,7 +469,7 @@ def collect(runs_dir: Path, experiment: dict, names: list[str], seeds: list[int]
 def cell(summary: dict | None, digits: int = 3, prefix: str = "") -> str:
     if summary is None:
         return "-"
-    fmt = lambda v: f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"  # noqa: E731
+    fmt = lambda v: f"{v:,.0f}" if digits == 0 else f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"  # noqa: E731
     text = prefix + fmt(summary["mean"])
     return text + f" ± {fmt(summary['std'])}" if summary["n"] > 1 else text
 

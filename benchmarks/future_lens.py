@@ -21,6 +21,7 @@ denoise a whole sequence (MDLM, Diffusion-LM) have no causal hidden state and ar
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from typing import Callable
 
@@ -106,8 +107,9 @@ def load_run(ckpt_path: str):
     if class_path is None:
         raise ValueError(f"{ckpt_path} stores no datamodule settings: it was not written by train.py")
     module, name = class_path.rsplit(".", 1)
-    datamodule = getattr(importlib.import_module(module), name)(
-        **{k: v for k, v in settings.items() if not k.startswith("_")})
+    cls = getattr(importlib.import_module(module), name)
+    accepted = inspect.signature(cls.__init__).parameters  # recorded facts (e.g. the Python version) are no arguments
+    datamodule = cls(**{k: v for k, v in settings.items() if k in accepted})
     datamodule.prepare_data()
     datamodule.setup("fit")
     return model, datamodule
