@@ -88,9 +88,8 @@ def test_the_compacted_cache_equals_a_fresh_prefill_of_the_accepted_path():
         torch.testing.assert_close(rolled.v[:, :, :length], new.v[:, :, :length], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,drafter,tree", [("mtp-block", "heads", None), ("deepseek", "modules", None),
-                                               ("ntp", "lookup", None), ("mtp-block", "heads", [2, 2]),
-                                               ("deepseek", "modules", [3])])
+@pytest.mark.parametrize("name,drafter,tree", [("deepseek", "modules", None), ("mtp-mlp", "heads", [2, 2]),
+                                               ("ntp", "lookup", None)])
 def test_speculative_sampling_keeps_the_distribution(name, drafter, tree):
     """Chi-square test of the second and third sampled tokens (both verified against drafts: sampled drafts
     with min(1, p/q), or a tree's ranked candidates by recursive rejection) against the model's exact
@@ -107,7 +106,7 @@ def test_speculative_sampling_keeps_the_distribution(name, drafter, tree):
         twos = torch.cat([ones.repeat_interleave(5, 0), torch.arange(5).repeat(5)[:, None]], 1)
         third = m.logits(m.hidden(twos))[:, -1].softmax(-1).view(5, 5, 5)  # p(x3 | x1, x2)
     expected = (first[:, None, None] * second[:, :, None] * third).sum(0).flatten()  # p(x2, x3)
-    n, steps = 500, 0
+    n, steps = 400, 0
     torch.manual_seed(1)
     counts = torch.zeros(25)
     for _ in range(n):
