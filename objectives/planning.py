@@ -13,7 +13,7 @@ plan-augmented x). The M plan tokens are new embedding rows after the data's voc
   (a * b_k * 10**k); ProsQA, the kind of fact (the entity's own fact, an intermediate "Every X is a Y", the
   step that reaches the answer's concept); elsewhere the step's position;
 * k-means over step embeddings (`kmeans`): the mean hidden state over each step's tokens under a trained project
-  checkpoint (`plan_from`), M clusters fitted by Lloyd's algorithm from a seeded k-means++ start on the first
+  checkpoint (`plan_from`, or the weights a fit starts from, e.g. `init_from`), M clusters fitted by Lloyd's algorithm from a seeded k-means++ start on the first
   `kmeans_examples` training steps, deterministic by `seed`; each sequence's assignments are cached.
 
 `generate` writes plan, step, ..., answer and returns the generation with the plan tokens removed, so that answer
@@ -21,8 +21,10 @@ scoring (and the tokens-per-question count) ignores them.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from objectives.ntp import NextTokenPrediction
 
@@ -132,21 +134,35 @@ def kmeans(x: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Te
 
 def step_embeddings(model, batch: dict) -> list[list[torch.Tensor]]:
     """Per row, per step: the mean of `model`'s last hidden states over the step's tokens."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        hidden = model.hidden(batch["tokens"]).float()
+        hidden = model.hidden(batch["tokens"].to(device)).float().cpu()
     return [[hidden[b, s:e].mean(0) for s, e in step_spans(batch["segments"][b].tolist())]
             for b in range(hidden.shape[0])]
+
+
+class _FrozenCopy(nn.Module):
+    """Copies of a model's embedding and trunk, in eval mode, with its `hidden`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed, self.trunk = copy.deepcopy(model.embed), copy.deepcopy(model.trunk)
+        self.eval()
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.embed(tokens), mask="causal")
 
 
 class PlanningTokens(NextTokenPrediction):
     """Next-token prediction on plan-augmented reasoning sequences (Wang et al. 2023).
 
     Args:
-        plans: "rule" (a rule on the step's text, chosen by the data's task) or "kmeans" (clusters of step
-            embeddings under the checkpoint `plan_from`).
+        plans: "rule" (a rule on the step's text, chosen by the data's task), "kmeans" (clusters of step
+            embeddings under the checkpoint `plan_from`) or "none" (plain chain of thought, the baseline).
         num_plan_types: M, the plan tokens added to the vocabulary (a rule's types are folded into them).
         rule: the rule's name (RULES); by default the reasoning data's task.
-        plan_from: the trained project checkpoint whose step embeddings k-means clusters.
+        plan_from: the trained project checkpoint whose step embeddings k-means clusters (default: this model's
+            weights when fitting starts, i.e. the checkpoint given as `init_from`).
         kmeans_examples: training sequences the clusters are fitted on.
         seed: k-means' seed.
         **kwargs: the next-token objective's arguments (not `reverse`).
@@ -154,11 +170,8 @@ class PlanningTokens(NextTokenPrediction):
 
     def __init__(self, *args, plans: str = "rule", num_plan_types: int = 10, rule: str | None = None,
                  plan_from: str | None = None, kmeans_examples: int = 256, seed: int = 0, **kwargs):
-        if plans not in ("rule", "kmeans"):
-            raise ValueError(f"plans must be 'rule' or 'kmeans', got {plans!r}")
-        if plans == "kmeans" and not plan_from:
-            raise ValueError("k-means plan types cluster a trained model's step embeddings: "
-                             "set model.init_args.plan_from to a project checkpoint")
+        if plans not in ("rule", "kmeans", "none"):
+            raise ValueError(f"plans must be 'rule', 'kmeans' or 'none' (plain chain of thought), got {plans!r}")
         if rule is not None and rule not in RULES:
             raise ValueError(f"unknown plan rule {rule!r}: choose one of {sorted(RULES)}")
         self.extra_tokens = num_plan_types
@@ -199,9 +212,14 @@ class PlanningTokens(NextTokenPrediction):
         return self.centroids
 
     def embedder(self):
+        """The frozen network whose step embeddings are clustered: the checkpoint `plan_from`, or else a frozen
+        copy of this model's weights when clustering starts (after a warm start `init_from`, the trained model)."""
         if self._embedder is None:
-            from objectives.checkpoints import load_objective
-            net = load_objective(self.hparams.plan_from).eval()
+            if self.hparams.plan_from:
+                from objectives.checkpoints import load_objective
+                net = load_objective(self.hparams.plan_from).eval()
+            else:
+                net = _FrozenCopy(self)
             for p in net.parameters():
                 p.requires_grad_(False)
             object.__setattr__(self, "_embedder", net)  # not a submodule: outside the optimizer and state dict
@@ -232,7 +250,7 @@ class PlanningTokens(NextTokenPrediction):
         return out
 
     def augment(self, batch: dict) -> dict:
-        if "segments" not in batch:  # text data has no reasoning steps: plain next-token prediction
+        if "segments" not in batch or self.hparams.plans == "none":  # text data has no steps: plain NTP
             return batch
         pad = self.eos_id if self.eos_id is not None else 0
         return insert_plans(batch, self.plan_types(batch), self.plan_base, pad)
