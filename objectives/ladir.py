@@ -1,0 +1,102 @@
+"""LaDiR: latent diffusion reasoning over blocks of VAE thought tokens (Kang et al. 2025, "LaDiR: Latent Diffusion
+Enhances LLMs for Text Reasoning", arXiv:2510.04573; reference code mk322/LaDiR).
+
+The paper's recipe, in its order:
+
+1. **VAE of reasoning steps** (Sec. 3.1). Each reasoning step (a block of text tokens) is encoded into `K` latent
+   "thought tokens": the encoder reads the step's tokens together with `K` learned block queries (full attention)
+   and maps each query's hidden state to a Gaussian posterior ``q(z | step) = N(mu, diag(sigma^2))``; the
+   decoder reads the `K` latents as a prefix and reconstructs the step's tokens left to right. Loss (the ELBO
+   with a weighted KL, against posterior collapse the weight beta is warmed up from 0)::
+
+       L_VAE = E_q[-log p(step | z)] + beta(t) * KL(q(z | step) || N(0, I)),   beta(t) = beta * min(1, t / T_warm)
+
+2. Latent reasoning model with a block mask, time embedding and flow matching; end-of-reasoning signal; answer
+   decoded from question + latent blocks; generation with N trajectories and repulsion (not in this file yet).
+
+This file holds stage 1, `StepVAE`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import Transformer
+
+
+def beta_schedule(step: int, beta: float, warmup_steps: int) -> float:
+    """The KL weight at optimizer step `step`: linear warm-up from 0 to `beta` over `warmup_steps` (Sec. 3.1)."""
+    return beta if warmup_steps <= 0 else beta * min(1.0, step / warmup_steps)
+
+
+class StepVAE(nn.Module):
+    """The VAE of LaDiR's stage 1: a reasoning step (<= `max_step_len` tokens) <-> `num_latents` thought tokens.
+
+    Args:
+        vocab_size: token vocabulary (the datamodule's).
+        pad_id: padding id of the step tensors (not reconstructed).
+        num_latents: thought tokens per step, K (learned block queries).
+        latent_dim: width of one thought token.
+        d_model, n_layers, n_heads: the encoder's and the decoder's transformer shape.
+        max_step_len: the longest step.
+        beta, beta_warmup_steps: KL weight and its warm-up.
+    """
+
+    def __init__(self, vocab_size: int, pad_id: int = 0, num_latents: int = 2, latent_dim: int = 16,
+                 d_model: int = 64, n_layers: int = 2, n_heads: int = 4, max_step_len: int = 32,
+                 beta: float = 1e-3, beta_warmup_steps: int = 1000):
+        super().__init__()
+        if num_latents < 1 or latent_dim < 1:
+            raise ValueError(f"StepVAE needs num_latents >= 1 and latent_dim >= 1, got {num_latents}, {latent_dim}")
+        self.pad_id, self.num_latents, self.latent_dim = pad_id, num_latents, latent_dim
+        self.beta, self.beta_warmup_steps, self.max_step_len = beta, beta_warmup_steps, max_step_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.queries = nn.Parameter(torch.randn(num_latents, d_model) * 0.02)  # learned block queries
+        self.encoder = Transformer(d_model, n_layers, n_heads, max_step_len + num_latents)
+        self.to_posterior = nn.Linear(d_model, 2 * latent_dim)
+        self.from_latent = nn.Linear(latent_dim, d_model)
+        self.decoder = Transformer(d_model, n_layers, n_heads, max_step_len + num_latents)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def encode(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """steps [B, L] (right-padded with pad_id) -> posterior mean and log-variance, each [B, K, latent_dim]."""
+        B, L = steps.shape
+        if L > self.max_step_len:
+            raise ValueError(f"a step of {L} tokens is longer than the VAE's max_step_len={self.max_step_len}")
+        x = torch.cat([self.embed(steps), self.queries.expand(B, -1, -1)], 1)
+        real = torch.cat([steps != self.pad_id, steps.new_ones(B, self.num_latents, dtype=torch.bool)], 1)
+        h = self.encoder(x, mask="full", padding_mask=real)[:, L:]
+        mu, logvar = self.to_posterior(h).chunk(2, -1)
+        return mu, logvar.clamp(-10.0, 10.0)
+
+    def decoder_logits(self, z: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, L, V] of the step tokens given the latents z [B, K, latent_dim]."""
+        x = torch.cat([self.from_latent(z), self.embed(steps[:, :-1])], 1)
+        return self.head(self.decoder(x, mask="causal"))[:, self.num_latents - 1 :]
+
+    def loss(self, steps: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_VAE of a batch of steps at optimizer step `step` (reparameterised sample of z), with its parts."""
+        mu, logvar = self.encode(steps)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        logits = self.decoder_logits(z, steps)
+        keep = steps != self.pad_id
+        rec = F.cross_entropy(logits[keep].float(), steps[keep])
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum((-1, -2)).mean()
+        total = rec + beta_schedule(step, self.beta, self.beta_warmup_steps) * kl
+        return total, {"reconstruction": rec.detach(), "kl": kl.detach()}
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, length: int) -> torch.Tensor:
+        """Greedy reconstruction [B, length] of steps from latents z [B, K, latent_dim]."""
+        out = torch.empty(z.shape[0], 0, dtype=torch.long, device=z.device)
+        for _ in range(length):
+            x = torch.cat([self.from_latent(z), self.embed(out)], 1)
+            nxt = self.head(self.decoder(x, mask="causal")[:, -1]).argmax(-1)
+            out = torch.cat([out, nxt[:, None]], 1)
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, steps: torch.Tensor) -> torch.Tensor:
+        """Greedy reconstruction from the posterior means (the paper's evaluation of the VAE)."""
+        return self.decode(self.encode(steps)[0], steps.shape[1])
