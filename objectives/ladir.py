@@ -11,10 +11,16 @@ The paper's recipe, in its order:
 
        L_VAE = E_q[-log p(step | z)] + beta(t) * KL(q(z | step) || N(0, I)),   beta(t) = beta * min(1, t / T_warm)
 
-2. Latent reasoning model with a block mask, time embedding and flow matching; end-of-reasoning signal; answer
-   decoded from question + latent blocks; generation with N trajectories and repulsion (not in this file yet).
+2. **Latent reasoning model** (Sec. 3.2). The question's tokens are read causally, each block of `K` thought
+   tokens with full attention inside the block and causally across blocks (`latent_segments` gives the segment
+   ids of `models.layers.block_mask`). A block is denoised by flow matching on the linear path from noise
+   ``x0 ~ N(0, I)`` to the clean latents ``x1``, with the time t embedded (`TimeEmbedding`)::
 
-This file holds stage 1, `StepVAE`.
+       x_t = (1 - t) x0 + t x1,    L_FM = E || v_theta(x_t, t | question, earlier blocks) - (x1 - x0) ||^2
+
+Written so far: stage 1 (`StepVAE`) and the pieces of stage 2 above. Not yet written: the end-of-reasoning
+signal, the answer decoder over question + latent blocks, generation with N trajectories from one forked
+question prefix with repulsion, majority vote and pass@N, and the Lightning objective with its stages.
 """
 from __future__ import annotations
 
@@ -100,3 +106,39 @@ class StepVAE(nn.Module):
     def reconstruct(self, steps: torch.Tensor) -> torch.Tensor:
         """Greedy reconstruction from the posterior means (the paper's evaluation of the VAE)."""
         return self.decode(self.encode(steps)[0], steps.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: the latent reasoning model's layout, time embedding and flow-matching loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def latent_segments(prompt_len: int, num_blocks: int, block_size: int) -> torch.Tensor:
+    """Segment ids [prompt_len + num_blocks * block_size] for `models.layers.block_mask`: every question token
+    its own block (causal), then one block per `block_size` thought tokens (full inside, causal across)."""
+    blocks = torch.arange(num_blocks).repeat_interleave(block_size) + prompt_len
+    return torch.cat([torch.arange(prompt_len), blocks])
+
+
+class TimeEmbedding(nn.Module):
+    """The flow time t in [0, 1] -> a [.., d_model] vector: sinusoidal features, then a two-layer MLP."""
+
+    def __init__(self, d_model: int, frequencies: int = 64):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, 8.0, frequencies)), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * frequencies, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t[..., None].float() * self.freqs
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], -1))
+
+
+def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The linear path x_t = (1 - t) x0 + t x1, t [B] broadcast over the latents' other dimensions."""
+    t = t.view(-1, *[1] * (x0.dim() - 1))
+    return (1 - t) * x0 + t * x1
+
+
+def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """L_FM: the mean squared error of predicted velocities against the linear path's x1 - x0."""
+    return (velocity.float() - (x1 - x0).float()).pow(2).mean()

@@ -29,3 +29,30 @@ def test_vae_reconstructs_the_steps_of_a_toy_set():
     after = (vae.reconstruct(steps) == steps)[steps != 0].float().mean()
     assert before < 0.5 and after >= 0.95, (float(before), float(after))
     assert torch.isfinite(parts["kl"])
+
+
+def test_block_mask_on_a_hand_made_layout():
+    from models.layers import block_mask
+    from objectives.ladir import latent_segments
+
+    ids = latent_segments(prompt_len=2, num_blocks=2, block_size=2)  # q q | z z | z z
+    assert ids.tolist() == [0, 1, 2, 2, 3, 3]
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],
+                             [1, 1, 1, 1, 0, 0],
+                             [1, 1, 1, 1, 1, 1],
+                             [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(block_mask(ids[None])[0, 0], expected)
+
+
+def test_flow_matching_loss_is_zero_at_the_exact_velocity_and_hand_computed_elsewhere():
+    from objectives.ladir import TimeEmbedding, flow_matching_loss, interpolate
+
+    x0 = torch.tensor([[[0.0, 2.0]]])
+    x1 = torch.tensor([[[1.0, -2.0]]])
+    assert torch.equal(interpolate(x0, x1, torch.tensor([0.25])), torch.tensor([[[0.25, 1.0]]]))
+    assert float(flow_matching_loss(x1 - x0, x0, x1)) == 0.0
+    assert float(flow_matching_loss(torch.zeros_like(x0), x0, x1)) == (1.0 + 16.0) / 2  # ((1)^2 + (-4)^2) / 2
+    emb = TimeEmbedding(8)(torch.tensor([0.0, 0.5, 1.0]))
+    assert emb.shape == (3, 8) and not torch.allclose(emb[0], emb[2])
