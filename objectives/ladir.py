@@ -18,9 +18,13 @@ The paper's recipe, in its order:
 
        x_t = (1 - t) x0 + t x1,    L_FM = E || v_theta(x_t, t | question, earlier blocks) - (x1 - x0) ||^2
 
+   At inference a block is integrated from noise with Euler steps; N parallel trajectories of one question are
+   pushed apart by a repulsion term (the gradient of an RBF kernel between trajectories, weight lambda; 0 = off)
+   for diverse reasoning (Sec. 3.3, `denoise`).
+
 Written so far: stage 1 (`StepVAE`) and the pieces of stage 2 above. Not yet written: the end-of-reasoning
 signal, the answer decoder over question + latent blocks, generation with N trajectories from one forked
-question prefix with repulsion, majority vote and pass@N, and the Lightning objective with its stages.
+question prefix, majority vote and pass@N, and the Lightning objective with its stages.
 """
 from __future__ import annotations
 
@@ -142,3 +146,26 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Te
 def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """L_FM: the mean squared error of predicted velocities against the linear path's x1 - x0."""
     return (velocity.float() - (x1 - x0).float()).pow(2).mean()
+
+
+def repulsion_force(x: torch.Tensor, bandwidth: float = 1.0) -> torch.Tensor:
+    """Each of N trajectories' push away from the others, x [N, ...]: sum_j k_ij (x_i - x_j) / N with the RBF
+    kernel k_ij = exp(-||x_i - x_j||^2 / bandwidth)."""
+    flat = x.flatten(1).float()
+    diff = flat[:, None] - flat[None]
+    k = torch.exp(-diff.pow(2).sum(-1) / bandwidth)
+    return ((k[..., None] * diff).sum(1) / len(x)).view_as(x).to(x.dtype)
+
+
+def denoise(velocity_fn, x0: torch.Tensor, num_steps: int, repulsion: float = 0.0,
+            bandwidth: float = 1.0) -> torch.Tensor:
+    """Euler integration of dx/dt = v(x, t) from t = 0 (noise x0 [N, ...]) to t = 1 in `num_steps` steps, plus
+    `repulsion` times the repulsion force between the N trajectories (0: plain sampling, the force not computed)."""
+    x, dt = x0, 1.0 / num_steps
+    for i in range(num_steps):
+        t = torch.full((len(x),), i * dt, device=x.device)
+        v = velocity_fn(x, t)
+        if repulsion:
+            v = v + repulsion * repulsion_force(x, bandwidth)
+        x = x + dt * v
+    return x

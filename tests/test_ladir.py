@@ -56,3 +56,18 @@ def test_flow_matching_loss_is_zero_at_the_exact_velocity_and_hand_computed_else
     assert float(flow_matching_loss(torch.zeros_like(x0), x0, x1)) == (1.0 + 16.0) / 2  # ((1)^2 + (-4)^2) / 2
     emb = TimeEmbedding(8)(torch.tensor([0.0, 0.5, 1.0]))
     assert emb.shape == (3, 8) and not torch.allclose(emb[0], emb[2])
+
+
+def test_repulsion_zero_leaves_sampling_unchanged_and_positive_spreads_trajectories():
+    from objectives.ladir import denoise
+
+    def toward_one(x, t):  # a velocity field that pulls every trajectory to the point 1
+        return 1.0 - x
+
+    x0 = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    plain = x0.clone()
+    for _ in range(4):  # Euler by hand
+        plain = plain + 0.25 * (1.0 - plain)
+    assert torch.equal(denoise(toward_one, x0, 4, repulsion=0.0), plain)
+    spread = lambda x: torch.pdist(x.flatten(1)).mean()  # noqa: E731
+    assert spread(denoise(toward_one, x0, 4, repulsion=5.0)) > spread(plain)
