@@ -15,8 +15,9 @@ Text (word-level, each number one token)::
     steps:     7 * 3 = 21 <step> 12 + 21 = 33 <step>   (one ``a op b = c`` per step)
     answer:    <ans> 33
 
-A problem has several valid solutions (at least `min_solutions`); the shown steps are one of them, drawn at random. Answer scoring (`check`) evaluates a generated
-solution against the question, so any valid solution counts, not only the shown one.
+A problem has several valid solutions (at least `min_solutions`); the shown steps are one of them, drawn at
+random. Answer scoring (`check`) evaluates a generated solution against the question, so any valid solution
+counts, not only the shown one.
 """
 from __future__ import annotations
 
