@@ -42,8 +42,7 @@ def fit(config: str, args, save_dir: str, seed: int, extra: list[str], steps: in
                        "--trainer.logger.init_args.save_dir", save_dir, "--trainer.enable_progress_bar", "false",
                        "--model.init_args.trunk.init_args.d_model", str(args.d_model),
                        "--model.init_args.trunk.init_args.n_layers", str(args.n_layers),
-                       "--model.init_args.trunk.init_args.n_heads", "2", "--model.init_args.eval_examples", "8",
-                       "--data.init_args.test_size", str(args.test_size), *extra])
+                       "--model.init_args.trunk.init_args.n_heads", "2", "--model.init_args.eval_examples", "8", *extra])
 
 
 def planning_table(args, save_dir: str) -> list[dict]:
@@ -55,7 +54,7 @@ def planning_table(args, save_dir: str) -> list[dict]:
                 config = CONFIG[task].format("kmeans" if plans == "kmeans" else "rule")
                 extra = {"cot": ["--model.init_args.plans", "none"], "rule": [],
                          "kmeans": ["--model.init_args.plan_from", f"{save_dir}/{task}_cot_{seed}.ckpt"]}[plans]
-                cli = fit(config, args, save_dir, seed, extra)
+                cli = fit(config, args, save_dir, seed, extra + ["--data.init_args.test_size", str(args.test_size)])
                 if plans == "cot":
                     cli.trainer.save_checkpoint(f"{save_dir}/{task}_cot_{seed}.ckpt")
                 tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
