@@ -547,6 +547,23 @@ class MambaCache:
         self._slot_ids[slots, r] = self._writes
         self._writes += 1
 
+    def conv_windows(self, inputs: torch.Tensor, padding_mask: torch.Tensor | None, keep: int):
+        """The conv state after a chunk of raw conv inputs [b, T, channels]: (advance [b], each row's last d_conv
+        real inputs [b, channels, d_conv], and the windows after the chunk's last `keep` positions [keep, b,
+        channels, d_conv]) for `_advance`. Padding sits after a row's real inputs."""
+        T, d_conv = inputs.shape[1], self.conv_state.shape[2]
+        # the raw conv inputs with the cached ones before them: (b, channels, d_conv + T)
+        raw = torch.cat([self.conv_state, inputs.transpose(1, 2).to(self.conv_state.dtype)], dim=2)
+        if padding_mask is None:
+            advance, conv = torch.full_like(self.lengths, T), raw[:, :, T:]
+        else:  # each row's last d_conv real inputs
+            advance = padding_mask.sum(1)
+            index = (advance[:, None] + torch.arange(d_conv, device=raw.device))[:, None, :]
+            conv = raw.gather(2, index.expand(raw.shape[0], raw.shape[1], d_conv))
+        with torch.no_grad():
+            conv_tail = raw.detach().unfold(2, d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)
+        return advance, conv, conv_tail
+
     def _advance(self, advance: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor, conv_tail: torch.Tensor,
                  ssm_tail: torch.Tensor, tail_end: int, full: bool) -> None:
         """Row b advances by advance[b] positions (every row by tail_end when `full`) to the new states conv,
@@ -723,16 +740,7 @@ class MambaBlock(nn.Module):
             xc, delta, A, Bm, Cm, D=self.D.float(), z=z, delta_bias=bias, delta_softplus=softplus,
             initial_state=None if cache is None else cache.ssm_state, keep_states=keep)
         if cache is not None:
-            # the raw conv inputs with the cached ones before them: (b, d_inner, d_conv + T)
-            raw = torch.cat([cache.conv_state, xi.transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
-            if padding_mask is None:
-                advance, conv = torch.full_like(cache.lengths, T), raw[:, :, T:]
-            else:  # each row's last d_conv real inputs
-                advance = padding_mask.sum(1)
-                index = (advance[:, None] + torch.arange(self.d_conv, device=x.device))[:, None, :]
-                conv = raw.gather(2, index.expand(b, self.d_inner, self.d_conv))
-            with torch.no_grad():
-                conv_tail = raw.detach().unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)
+            advance, conv, conv_tail = cache.conv_windows(xi, padding_mask, keep)
             cache._advance(advance, conv, last, conv_tail, kept, T, full=padding_mask is None)
         return self.out_proj(y)
 

@@ -375,16 +375,7 @@ class Mamba2Block(nn.Module):
         states = ssd_states(x[:, T - keep:], dt[:, T - keep:], A, B[:, T - keep:], h0)  # (keep, b, H, P, N)
         Cg = C[:, T - keep:].float().repeat_interleave(H // self.ngroups, dim=2)  # (b, keep, H, N)
         ys.append(torch.einsum("tbhpn,bthn->bthp", states, Cg).to(x.dtype))
-        # the raw conv inputs with the cached ones before them: (b, conv_dim, d_conv + T)
-        raw = torch.cat([cache.conv_state, xBC_raw.transpose(1, 2).to(cache.conv_state.dtype)], dim=2)
-        if padding_mask is None:
-            advance, conv = torch.full_like(cache.lengths, T), raw[:, :, T:]
-        else:  # each row's last d_conv real inputs
-            advance = padding_mask.sum(1)
-            index = (advance[:, None] + torch.arange(self.d_conv, device=x.device))[:, None, :]
-            conv = raw.gather(2, index.expand(b, self.conv_dim, self.d_conv))
-        with torch.no_grad():
-            conv_tail = raw.detach().unfold(2, self.d_conv, 1)[:, :, -keep:].permute(2, 0, 1, 3)
+        advance, conv, conv_tail = cache.conv_windows(xBC_raw, padding_mask, keep)
         cache._advance(advance, conv, states[-1].flatten(1, 2), conv_tail, states.detach().flatten(2, 3), T,
                        full=padding_mask is None)
         return torch.cat(ys, 1)
