@@ -44,16 +44,23 @@ def takes_row_budgets(model) -> bool:
     return param is not None and "Tensor" in str(param.annotation)
 
 
+def ragged_prompts(model, tokens: torch.Tensor, prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's prompts right-padded with eos to the longest ([B, max prompt_len]) and each row's budget [B]:
+    the batch's length minus its prompt plus the family's `generation_slack`, within the trunk's max_seq_len."""
+    budgets = torch.minimum(tokens.shape[1] - prompt_len + model.generation_slack,
+                            model.trunk.max_seq_len - prompt_len)
+    width = int(prompt_len.max())
+    fill = model.eos_id if model.eos_id is not None else 0
+    prompts = tokens[:, :width].masked_fill(torch.arange(width, device=tokens.device) >= prompt_len[:, None], fill)
+    return prompts, budgets
+
+
 def generate_answers(model, tokens: torch.Tensor, prompt_len: torch.Tensor, teacherless,
                      ragged: bool | None = None) -> list[list[int]]:
     """Each row's generation after its prompt (`prompt_len[b]` tokens of `tokens[b]`), as a list of ids: the
     whole batch in one call (`ragged`; default where the family can), else one call per prompt length."""
-    budgets = torch.minimum(tokens.shape[1] - prompt_len + model.generation_slack,
-                            model.trunk.max_seq_len - prompt_len)
+    prompts, budgets = ragged_prompts(model, tokens, prompt_len)
     if generates_ragged(model) if ragged is None else ragged:
-        width = int(prompt_len.max())
-        fill = model.eos_id if model.eos_id is not None else 0
-        prompts = tokens[:, :width].masked_fill(torch.arange(width, device=tokens.device) >= prompt_len[:, None], fill)
         if bool((budgets == budgets[0]).all()) or not takes_row_budgets(model):
             budget = int(budgets.max())  # one budget; each row is cut to its own below (greedy prefixes agree)
             if int(prompt_len.max()) + budget > model.trunk.max_seq_len:  # a long row cannot take the largest
@@ -85,34 +92,57 @@ def task_check(model):
     return getattr(getattr(getattr(model, "_trainer", None), "datamodule", None), "check_answer", None)
 
 
-def score_answers(model, batch: dict, stage: str = "val") -> None:
-    """Generate the answers of a batch (at most the model's `eval_examples` per validation; every question in
-    test) and log {stage}/accuracy and {stage}/answer_tokens. On teacherless batches (`inputs` given) the answer
-    is generated teacherless: after the answer marker the model reads the dummy token, as it was trained."""
+def scored_questions(model, batch: dict, stage: str = "val"):
+    """The questions of a batch that get scored: (tokens, prompt_len, answers, teacherless), or None when this
+    validation has scored its `eval_examples` already (test scores every question). On teacherless batches
+    (`inputs` given) teacherless = (answer marker, dummy id): after the marker the model reads the dummy token."""
     budget = model.hparams.eval_examples - model._scored if stage == "val" else len(batch["tokens"])
     if budget <= 0:
-        return
+        return None
     tokens, prompt_len, answers = batch["tokens"][:budget], batch["prompt_len"][:budget], batch["answer"][:budget]
     teacherless = None
     if "inputs" in batch:
         replaced = batch["inputs"][batch["inputs"] != batch["tokens"]]
         teacherless = (int(answers[0, 0]), int(replaced[0])) if replaced.numel() else None
-    correct, lengths, check = [], [], task_check(model)
-    for row, gen in enumerate(generate_answers(model, tokens, prompt_len, teacherless)):
-        gold = [t for t in answers[row].tolist() if t >= 0]
-        gen, right = exact_match(gen, gold, model.eos_id)
-        verdict = None if check is None else check(tokens[row, : int(prompt_len[row])].tolist(), gen)
-        right = right if verdict is None else verdict
-        correct.append(float(right))
-        lengths.append(float(len(gen)))
+    return tokens, prompt_len, answers, teacherless
+
+
+def judge(model, prompt: list[int], gen: list[int], gold: list[int]) -> tuple[list[int], bool]:
+    """(the generation cut after its first eos, whether it is right): the datamodule's own check where it has
+    one (`task_check`), else exact match of the answer at its end."""
+    gen, right = exact_match(gen, gold, model.eos_id)
+    check = task_check(model)
+    verdict = None if check is None else check(prompt, gen)
+    return gen, right if verdict is None else verdict
+
+
+def record_scores(model, stage: str, prompts: list[list[int]], gens: list[list[int]], golds: list[list[int]],
+                  correct: list[bool]) -> None:
+    """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions; keep the first four of a
+    validation for the TensorBoard text tab."""
+    for prompt, gen, gold in zip(prompts, gens, golds):
         if stage == "val" and len(model.generated_examples) < 4:
-            model.generated_examples.append((tokens[row, : int(prompt_len[row])].tolist(), gen, gold))
+            model.generated_examples.append((prompt, gen, gold))
     if stage == "val":
         model._scored += len(correct)
     scores = model.answer_scores
-    scores.accuracy[stage].update(torch.tensor(correct, device=model.device))
-    scores.answer_tokens[stage].update(torch.tensor(lengths, device=model.device))
+    scores.accuracy[stage].update(torch.tensor([float(c) for c in correct], device=model.device))
+    scores.answer_tokens[stage].update(torch.tensor([float(len(g)) for g in gens], device=model.device))
     accuracy, answer_tokens = ((M.VAL_ACCURACY, M.VAL_ANSWER_TOKENS) if stage == "val"
                                else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
     model.log(accuracy, scores.accuracy[stage])
     model.log(answer_tokens, scores.answer_tokens[stage])
+
+
+def score_answers(model, batch: dict, stage: str = "val") -> None:
+    """Generate the answers of a batch (at most the model's `eval_examples` per validation; every question in
+    test) and log {stage}/accuracy and {stage}/answer_tokens."""
+    questions = scored_questions(model, batch, stage)
+    if questions is None:
+        return
+    tokens, prompt_len, answers, teacherless = questions
+    prompts = [tokens[row, :p].tolist() for row, p in enumerate(prompt_len.tolist())]
+    golds = [[t for t in row if t >= 0] for row in answers.tolist()]
+    judged = [judge(model, prompt, gen, gold) for prompt, gen, gold in
+              zip(prompts, generate_answers(model, tokens, prompt_len, teacherless), golds)]
+    record_scores(model, stage, prompts, [g for g, _ in judged], golds, [r for _, r in judged])
