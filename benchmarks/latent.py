@@ -1,10 +1,10 @@
 """Latent reasoning on ProsQA-style questions (Coconut, Hao et al. 2024, Table 1): test accuracy and generated
-tokens per question for No-CoT, CoT, Coconut, pause as thought, Coconut w/o curriculum and Coconut on Mamba,
+tokens per question for No-CoT, CoT, Coconut, pause as thought, Coconut w/o curriculum, Coconut on Mamba and LaDiR,
 trained on the same trunk, data and budget; then the throughput of batched Coconut generation.
 
-    python -m benchmarks.latent [--runs no_cot,cot,coconut,pause,coconut_no_curriculum,coconut_mamba]
-        [--steps 600] [--stage_every 60] [--minutes 9] [--d_model 64] [--n_layers 2] [--num_nodes 23]
-        [--test_size 200] [--json F]
+    python -m benchmarks.latent [--runs no_cot,cot,coconut,pause,coconut_no_curriculum,coconut_mamba,ladir]
+        [--steps 600] [--stage_every 60] [--minutes 9] [--vae_steps 300] [--vae_minutes 3] [--d_model 64]
+        [--n_layers 2] [--num_nodes 23] [--test_size 200] [--trajectories 4] [--json F]
 
 Each run is `configs/experiments/prosqa_<run>.yaml` with the trunk width, depth, steps and curriculum overridden
 from the command line (the configs' own sizes are the recipe; this benchmark shrinks them to the CPU budget). A run
@@ -14,6 +14,12 @@ words before <eos> plus, for Coconut, its continuous thoughts (the paper's count
 markers are inputs, not generated). The paper (GPT-2, ProsQA, accuracy / tokens): CoT 77.5% / 49.4,
 No-CoT 76.7% / 8.2, Coconut 97.0% / 14.2, pause as thought 96.6% / 8.2, w/o curriculum 76.1%.
 
+LaDiR (Kang et al. 2025, arXiv:2510.04573) is two fits: the step VAE (`ladir_vae_prosqa.yaml`, `--vae_steps` /
+`--vae_minutes`), then the latent diffusion model on the frozen VAE (`ladir_prosqa.yaml --model.init_args.vae_from`,
+the same steps and minutes as the other runs). It gives two rows: 1 trajectory, and `--trajectories` trajectories
+sampled in parallel with the answer by majority vote; its tokens are the words its VAE decodes (the latent blocks
+are not counted).
+
 The throughput part times the trained Coconut model answering `--speed_questions` test questions (ragged prompts)
 in one batched `generate` call against one question at a time (the reference code's mode), the two alternated in
 one process, and checks that both give the same tokens.
@@ -22,34 +28,47 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-import train
-from benchmarks.common import parser, report
+from benchmarks.common import fit_experiment, judge, parser, report, timed_generation, trainer_test
 from datamodules.reasoning import collate
-from objectives import metrics as M
-
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 
 PAPER = {"no_cot": (76.7, 8.2), "cot": (77.5, 49.4), "coconut": (97.0, 14.2), "pause": (96.6, 8.2),
-         "coconut_no_curriculum": (76.1, None), "coconut_mamba": (None, None)}
+         "coconut_no_curriculum": (76.1, None), "coconut_mamba": (None, None), "ladir": (None, None)}
 RUNS = ",".join(PAPER)
 
 
 def train_run(run: str, steps: int, minutes: float, save_dir: str, test_size: int, extra: list[str]):
     """Fit `prosqa_<run>.yaml` with the overrides, then score the test split; returns (row, cli)."""
-    start = time.perf_counter()
-    cli = train.main(["fit", "-c", str(EXPERIMENTS / f"prosqa_{run}.yaml"), "--trainer.max_steps", str(steps),
-                      "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
-                      "--trainer.logger.init_args.save_dir", save_dir, "--trainer.enable_progress_bar", "false",
-                      "--data.init_args.test_size", str(test_size), *extra])
-    minutes_taken = (time.perf_counter() - start) / 60
-    tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    cli, info = fit_experiment(f"prosqa_{run}.yaml", steps, minutes, save_dir,
+                               ["--data.init_args.test_size", str(test_size), *extra])
     return {"run": run, "objective": type(cli.model).__name__, "trunk": type(cli.model.trunk).__name__,
-            "steps": cli.trainer.global_step, "train min": minutes_taken,
-            "test acc %": 100 * tested[M.TEST_ACCURACY], "answer_tokens": tested[M.TEST_ANSWER_TOKENS]}, cli
+            "steps": info["steps"], "train min": info["train min"], **trainer_test(cli)}, cli
+
+
+def ladir_rows(args, extra: list[str]) -> list[dict]:
+    """LaDiR's two fits (the step VAE, then the latent diffusion model on it) and its rows: 1 trajectory and
+    `args.trajectories` by majority vote, exact match of the answer on the test questions."""
+    flags = ["--data.init_args.test_size", str(args.test_size), *extra]
+    vae, vae_info = fit_experiment("ladir_vae_prosqa.yaml", args.vae_steps, args.vae_minutes, args.save_dir,
+                                   flags + args.vae_flags)
+    path = f"{vae.trainer.log_dir}/vae_last.ckpt"
+    vae.trainer.save_checkpoint(path)
+    cli, info = fit_experiment("ladir_prosqa.yaml", args.steps, args.minutes, args.save_dir,
+                               flags + ["--model.init_args.vae_from", path])
+    model, dm, rows = cli.model.eval(), cli.datamodule, []
+    for n in sorted({1, args.trajectories}):
+        questions, gold, gens, _ = timed_generation(model, dm, args.test_size, num_trajectories=n)
+        rows.append({"run": "ladir" if n == 1 else f"ladir_{n}", "objective": type(model).__name__,
+                     "trunk": type(model.trunk).__name__, "steps": info["steps"], "vae steps": vae_info["steps"],
+                     "train min": info["train min"] + vae_info["train min"], "trajectories": n,
+                     "test acc %": 100 * statistics.mean(judge(dm, q, g, a, model.eos_id)
+                                                         for q, a, g in zip(questions, gold, gens)),
+                     "tokens": statistics.mean(sum(t < model.vocab_size for t in g)
+                                               for g in gens[: args.token_questions]),
+                     "cut by time": info["steps"] < args.steps})
+    return rows
 
 
 def generated_tokens(model, datamodule, n: int) -> float:
@@ -95,6 +114,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--stage_every", type=int, default=60, help="steps per curriculum stage (stages 0..6)")
     p.add_argument("--minutes", type=float, default=9.0)
+    p.add_argument("--vae_steps", type=int, default=300, help="LaDiR stage 1 (the step VAE)")
+    p.add_argument("--vae_minutes", type=float, default=3.0)
+    p.add_argument("--vae_flags", nargs="*", default=[], help="more flags for the VAE fit only")
+    p.add_argument("--trajectories", type=int, default=4, help="LaDiR's second row: trajectories by majority vote")
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--n_layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -122,6 +145,11 @@ def main() -> None:
                 extra += ["--model.init_args.stage_every", str(args.stage_every)]
         if run != "coconut_mamba":
             extra += ["--model.init_args.trunk.init_args.n_heads", "4"]
+        if run == "ladir":
+            for row in ladir_rows(args, extra):
+                rows.append(row)
+                print(row, flush=True)
+            continue
         row, cli = train_run(run, args.steps, args.minutes, args.save_dir, args.test_size, extra)
         model = cli.model.eval()
         row["tokens"] = generated_tokens(model, cli.datamodule, args.token_questions)

@@ -1,0 +1,97 @@
+"""benchmarks/countdown.py's scoring: pass@k, distinct valid solutions and Coconut's hidden-step check on
+hand-made generations, and the id-level path (timed generation, decoding, checking) on a stand-in model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.common import repeated, timed_generation
+from benchmarks.countdown import (accuracy_row, latent_prefix_check, pass_at_k, sample_scores, samples_row,
+                                  solution_key)
+from datamodules import ReasoningDataModule
+
+Q = "8 19 20 -> 47".split()  # three solutions: 8+20 then +19, 8+19 then +20, 19+20 then +8
+A = "8 + 20 = 28 <step> 19 + 28 = 47 <step> <ans> 47 <eos>".split()
+A_SWAPPED = "20 + 8 = 28 <step> 28 + 19 = 47 <step> <ans> 47 <eos>".split()  # the same solution
+B = "19 + 8 = 27 <step> 27 + 20 = 47 <step> <ans> 47 <eos>".split()
+C = "20 + 19 = 39 <step> 39 + 8 = 47 <step> <ans> 47".split()
+WRONG = "8 + 20 = 28 <step> 19 + 28 = 48 <step> <ans> 47 <eos>".split()  # a wrong sum
+ANSWER_ONLY = "<ans> 47 <eos>".split()  # the target without steps is not a solution
+
+
+def test_pass_at_k_is_the_unbiased_estimate():
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 1, 8) == 1.0 and pass_at_k(8, 8, 8) == 1.0
+    assert pass_at_k(4, 2, 1) == pytest.approx(0.5)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3, 2) / C(4, 2)
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3, 3) / C(5, 3)
+    with pytest.raises(ValueError, match="pass@k"):
+        pass_at_k(4, 5, 2)
+
+
+def test_a_solution_is_its_steps_with_commutative_operands_unordered():
+    assert solution_key(A) == solution_key(A_SWAPPED) == (("20", "+", "8", "=", "28"), ("28", "+", "19", "=", "47"))
+    assert solution_key(A) != solution_key(B) != solution_key(C)
+    assert solution_key("10 - 3 = 7 <step> <ans> 7".split()) != solution_key("3 - 10 = 7 <step> <ans> 7".split())
+
+
+def test_distinct_valid_solutions_and_pass_at_k_of_hand_made_samples():
+    samples = [A, A_SWAPPED, B, WRONG, ANSWER_ONLY, A, WRONG, C]
+    scores = sample_scores(Q, samples, k=8)
+    assert scores == {"pass": 1.0, "distinct": 3, "valid": 5 / 8}  # A (three times), B, C valid; A counted once
+    assert sample_scores(Q, [WRONG, ANSWER_ONLY] * 4, k=8) == {"pass": 0.0, "distinct": 0, "valid": 0.0}
+    two = sample_scores(Q, [A, WRONG, WRONG, B], k=2)
+    assert two["distinct"] == 2 and two["pass"] == pytest.approx(1 - 1 / 6)
+
+
+def test_coconut_written_last_step_is_checked_against_some_valid_hidden_step():
+    assert latent_prefix_check(Q, "19 + 28 = 47 <step> <ans> 47 <eos>".split(), 1)  # hidden 8 + 20 = 28
+    assert latent_prefix_check(Q, "39 + 8 = 47 <step> <ans> 47".split(), 1)  # hidden 19 + 20 = 39
+    assert not latent_prefix_check(Q, "19 + 29 = 48 <step> <ans> 47".split(), 1)  # wrong sum
+    assert latent_prefix_check(Q, "20 + 27 = 47 <step> <ans> 47".split(), 1)  # hidden 8 + 19 = 27
+    assert not latent_prefix_check(Q, "8 + 39 = 47 <step> 8 + 39 = 47 <step> <ans> 47".split(), 1)  # 8 used twice
+    assert not latent_prefix_check(Q, "8 + 30 = 38 <step> <ans> 47".split(), 1)  # 30 is not one step away
+    assert latent_prefix_check(Q, ANSWER_ONLY, 2)  # every step hidden: nothing left to check
+    assert not latent_prefix_check(Q, ANSWER_ONLY, 1)
+
+
+class StandIn(torch.nn.Module):
+    """A model whose generation writes given solutions: sample j of question i is solutions[i][j]."""
+
+    generation_slack = 0
+
+    def __init__(self, dm, solutions):
+        super().__init__()
+        self.dm, self.solutions, self.eos_id = dm, solutions, dm.eos_id
+        self.trunk = type("Trunk", (), {"max_seq_len": 64})()
+        self.calls = 0
+
+    def ids(self, words, width):
+        ids = [self.dm._itos.index(w) for w in words]
+        return ids + [self.eos_id] * (width - len(ids))
+
+    def sample_trajectories(self, prompt_ids, max_new_tokens, prompt_lengths=None, num_trajectories=8):
+        rows = []
+        for prompt in prompt_ids.tolist():
+            i = next(n for n, ex in enumerate(self.dm.test_examples) if self.ids(ex.question, 0) == prompt)
+            rows.append([prompt + self.ids(s, max_new_tokens) for s in self.solutions[i][:num_trajectories]])
+        return torch.tensor(rows)
+
+    def generate(self, prompt_ids, max_new_tokens, prompt_lengths=None):
+        return self.sample_trajectories(prompt_ids, max_new_tokens, prompt_lengths, 1)[:, 0]
+
+
+def test_scoring_rows_from_token_ids_of_a_stand_in_model():
+    dm = ReasoningDataModule(task="countdown", num_nodes=3, val_size=2, test_size=2)
+    (q0, steps0), (q1, steps1) = [(ex.question, ex.steps) for ex in dm.test_examples]
+    shown = [sum(([*s, "<step>"] for s in steps), []) + ["<ans>", q[-1], "<eos>"] for q, steps in
+             ((q0, steps0), (q1, steps1))]
+    bad = ["<ans>", q0[-1], "<eos>"]
+    model = StandIn(dm, [[shown[0], bad, shown[0], bad], [bad] * 4])
+    prompts, gold, gens, seconds = timed_generation(model, dm, 2, model.sample_trajectories, num_trajectories=4)
+    assert len(gens) == 2 and all(len(g) == 4 for g in gens) and gens[0][0][-1] == dm.eos_id
+    row = samples_row(model, dm, 2, 4, "stand-in", model.sample_trajectories, num_trajectories=4)
+    assert row["pass@4 %"] == 50.0 and row["distinct valid"] == 0.5 and row["sample acc %"] == 25.0
+    assert accuracy_row(model, dm, 2, "first")["acc %"] == 50.0
+    # k samples of a one-sample generate: the same rows k times
+    again = repeated(model.generate, 3)(torch.tensor([prompts[0]]), 15)
+    assert again.shape[:2] == (1, 3) and torch.equal(again[0, 0], again[0, 2])
