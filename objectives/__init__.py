@@ -5,10 +5,11 @@ from objectives.diffusion_lm import DiffusionLM
 from objectives.distill import SelfDistillation
 from objectives.mdlm import MaskedDiffusion
 from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
+from objectives.ladir import LaDiR
 from objectives.ntp import NextTokenPrediction
 from objectives.planning import PlanningTokens
 from objectives.skeleton import SkeletonOfThought
 from objectives.summaries import BagOfWordsSummary, ReverseLMSummary
 
 __all__ = ["Objective", "Coconut", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
-           "SelfDistillation", "PlanningTokens", "SkeletonOfThought", "BagOfWordsSummary", "ReverseLMSummary"]
+           "SelfDistillation", "LaDiR", "PlanningTokens", "SkeletonOfThought", "BagOfWordsSummary", "ReverseLMSummary"]

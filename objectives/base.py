@@ -21,6 +21,7 @@ from objectives import metrics as M
 from objectives import scoring
 from objectives.checkpoints import check_companions, companion_records, companions, format_report, warm_start
 from objectives.decoding import left_to_right
+from objectives.losses import chunked_cross_entropy
 from objectives.speculative import lookup_drafts, speculative_generate
 from objectives.optim import WarmupCosine, decay_groups
 
@@ -124,6 +125,14 @@ class Objective(L.LightningModule):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def next_token_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Next-token cross-entropy of a batch, what the families made for reasoning steps (Coconut, LaDiR) train
+        on plain text, which has none."""
+        hidden = self.hidden(batch["tokens"][:, :-1])
+        nll, count, _ = chunked_cross_entropy(hidden, self.unembedding, batch["tokens"][:, 1:],
+                                              batch["loss_mask"][:, 1:], self.hparams.ce_chunk_size)
+        return {"loss": nll / count.clamp(min=1), "ntp_nll": nll.detach(), "ntp_tokens": count}
 
     def bound_draws(self, *tensors: torch.Tensor):
         """Training: the tensors and no generator (fresh noise). Evaluation: each tensor repeated

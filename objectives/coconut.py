@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from objectives.base import Objective
-from objectives.decoding import sample_token
+from objectives.decoding import decode_after
 from objectives.losses import chunked_cross_entropy
 
 COCONUT_STAGE = "train/coconut_stage"
@@ -225,10 +225,7 @@ class Coconut(Objective):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "segments" not in batch:  # plain text: no steps to replace, next-token prediction
-            hidden = self.hidden(batch["tokens"][:, :-1])
-            nll, count, _ = chunked_cross_entropy(hidden, self.unembedding, batch["tokens"][:, 1:],
-                                                  batch["loss_mask"][:, 1:], self.hparams.ce_chunk_size)
-            return {"loss": nll / count.clamp(min=1), "ntp_nll": nll.detach(), "ntp_tokens": count}
+            return self.next_token_loss(batch)
         lb = self.latent_batch(batch, self.current_stage())
         hidden, targets, weights, _ = self.thought_forward(lb)
         nll, count, _ = chunked_cross_entropy(hidden, self.unembedding, targets, weights, self.hparams.ce_chunk_size)
@@ -315,13 +312,7 @@ class Coconut(Objective):
         written = [torch.full((B, 1), self.bot_id, device=device, dtype=torch.long),
                    torch.full((B, n), self.latent_id, device=device, dtype=torch.long),
                    torch.full((B, 1), self.eot_id, device=device, dtype=torch.long)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens - n - 2):
-            token = self.after_eos(sample_token(logits[:, : self.vocab_size], temperature, top_k), done)
-            written.append(token[:, None])
-            if done.all():
-                break
-            logits = self.logits(self.hidden(token[:, None], cache=cache)[:, -1])
+        written.append(decode_after(self, logits, cache, max_new_tokens - n - 2, temperature, top_k))
         return self.pad_to(torch.cat(written, 1), max_new_tokens)
 
     def score_answers(self, batch: dict, stage: str = "val") -> None:

@@ -80,3 +80,21 @@ def left_to_right(model, prompt_ids: torch.Tensor, max_new_tokens: int | torch.T
             answering = answering | (token == marker)
         logits = model.logits(model.hidden(fed[:, None], cache=cache)[:, -1])
     return out
+
+
+@torch.no_grad()
+def decode_after(model, logits: torch.Tensor, cache, steps: int, temperature: float = 0.0,
+                 top_k: int | None = None) -> torch.Tensor:
+    """Tokens [B, <= steps] decoded from next-token logits [B, V] over the data's vocabulary, feeding each token
+    through the cache, for the families that write words after a part they produce otherwise (Coconut's thoughts,
+    LaDiR's latent blocks). Rows that reach eos keep emitting it; decoding stops early when every row has."""
+    B = logits.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    written = []
+    for _ in range(steps):
+        token = model.after_eos(sample_token(logits[:, : model.vocab_size], temperature, top_k), done)
+        written.append(token[:, None])
+        if done.all():
+            break
+        logits = model.logits(model.hidden(token[:, None], cache=cache)[:, -1])
+    return torch.cat(written, 1) if written else logits.new_zeros(B, 0, dtype=torch.long)

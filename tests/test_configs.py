@@ -77,18 +77,23 @@ def comparison_experiment(config: str) -> bool:
     return "runs" in (yaml.safe_load(open(config)) or {})
 
 
-# experiments whose summary reads a frozen companion's checkpoint, and the experiment that trains that companion
-COMPANIONS = {"fsp_revlm_code.yaml": "reverse_lm_code.yaml", "path_star_fsp_revlm.yaml": "path_star_reverse_lm.yaml"}
+# experiments that read a frozen companion's checkpoint: the experiment that trains it, and the flag that names it
+SUMMARY_CHECKPOINT = "--model.init_args.summaries.init_args.checkpoint"
+COMPANIONS = {"fsp_revlm_code.yaml": ("reverse_lm_code.yaml", SUMMARY_CHECKPOINT),
+              "path_star_fsp_revlm.yaml": ("path_star_reverse_lm.yaml", SUMMARY_CHECKPOINT),
+              "ladir_prosqa.yaml": ("ladir_vae_prosqa.yaml", "--model.init_args.vae_from"),
+              "ladir_countdown.yaml": ("ladir_vae_countdown.yaml", "--model.init_args.vae_from")}
 
 
 def companion_flags(config: str, tmp_path) -> list[str]:
-    """For an experiment with a companion: train the companion for a step and point the summary at its checkpoint."""
+    """For an experiment with a companion: train the companion for a step and point the experiment at its checkpoint."""
     if Path(config).name not in COMPANIONS:
         return []
-    companion = str(CONFIGS / "experiments" / COMPANIONS[Path(config).name])
+    name, flag = COMPANIONS[Path(config).name]
+    companion = str(CONFIGS / "experiments" / name)
     run_cli(tmp_path / "companion", "--config", companion, *tiny_model_for(companion),
             "--model.init_args.trunk.init_args.max_seq_len", "512", steps=1)
-    return ["--model.init_args.summaries.init_args.checkpoint", str(next((tmp_path / "companion").rglob("last.ckpt")))]
+    return [flag, str(next((tmp_path / "companion").rglob("last.ckpt")))]
 
 
 @pytest.mark.parametrize("config", [c for c in names("experiments") if not comparison_experiment(c)])

@@ -20,7 +20,7 @@ def test_vae_reconstructs_the_steps_of_a_toy_set():
                   beta=1e-3, beta_warmup_steps=100)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
     before = (vae.reconstruct(steps) == steps)[steps != 0].float().mean()
-    for step in range(60):
+    for step in range(120):
         loss, parts = vae.loss(steps, step)
         opt.zero_grad()
         loss.backward()
@@ -71,3 +71,97 @@ def test_repulsion_zero_leaves_sampling_unchanged_and_positive_spreads_trajector
     assert torch.equal(denoise(toward_one, x0, 4, repulsion=0.0), plain)
     spread = lambda x: torch.pdist(x.flatten(1)).mean()  # noqa: E731
     assert spread(denoise(toward_one, x0, 4, repulsion=5.0)) > spread(plain)
+
+
+# --- the latent model --------------------------------------------------------------------------------------------
+def tiny_ladir(**options):
+    from models import Transformer
+    from objectives import LaDiR
+
+    torch.manual_seed(0)
+    options = {"block_size": 2, "latent_dim": 4, "vae_steps": 0, "max_blocks": 3, "denoising_steps": 3, **options}
+    model = LaDiR(Transformer(32, 2, 2, 96), vocab_size=20, eos_id=1, **options)
+    return model.eval()
+
+
+def hand_made_batch():
+    # row 0: question [7 8], steps [9 3] and [10 11 3], answer [4 12 1]; row 1: question [13], no step, answer [4 14 1]
+    tokens = torch.tensor([[7, 8, 9, 3, 10, 11, 3, 4, 12, 1], [13, 4, 14, 1, 0, 0, 0, 0, 0, 0]])
+    segments = torch.tensor([[0, 0, 2, 2, 3, 3, 3, 1, 1, 1], [0, 1, 1, 1, -1, -1, -1, -1, -1, -1]])
+    return {"tokens": tokens, "segments": segments, "loss_mask": (segments > 0).float()}
+
+
+def test_layout_blocks_are_full_inside_causal_across_and_noisy_copies_see_only_what_precedes_them():
+    model = tiny_ladir()
+    batch = hand_made_batch()
+    steps, spans = model.batch_steps(batch)
+    assert steps.tolist() == [[9, 3, 0], [10, 11, 3]] and spans == [[(2, 4), (4, 7)], []]
+    lay = model.layout(batch, spans)
+    bob = model.bob_id
+    # q q <bob> z z <bob> z z <ans> 12 <eos>, then the noisy copies of z_1 and z_2
+    assert lay["ids"][0].tolist() == [7, 8, bob, bob, bob, bob, bob, bob, 4, 12, 1]
+    assert lay["block"][0].tolist() == [-1, -1, -1, 0, 0, -1, 1, 1, -1, -1, -1]
+    assert lay["targets"][0].tolist() == [-1, bob, -1, -1, bob, -1, -1, 4, 12, 1, -1]  # decisions, then the answer
+    assert lay["targets"][1].tolist()[:4] == [4, 14, 1, -1]  # no step: the question's end decides <ans>
+    assert lay["noisy"][0].tolist() == [0, 0, 1, 1] and lay["positions"][0, 11:].tolist() == [3, 4, 6, 7]
+    m = lay["mask"][0, 0]
+    assert m[3, 4] and m[4, 3] and not m[2, 3] and not m[3, 6]  # z_1 full inside, nothing earlier sees it
+    assert m[6, 3] and m[6, 7] and m[7, 6]  # z_2 sees z_1, and itself fully
+    assert not m[:11, 11:].any()  # nothing in the sequence sees a noisy block
+    assert m[11, :3].all() and not m[11, 3:11].any() and m[11, 12] and not m[11, 13]  # noisy z_1: q, <bob>, itself
+    assert m[13, :6].all() and not m[13, 6:11].any() and m[13, 14] and not m[13, 11]  # noisy z_2: up to its <bob>
+
+
+def test_the_latent_loss_trains_every_part_and_falls():
+    model = tiny_ladir().train()
+    batch = hand_made_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        out = model.loss(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        if not losses:  # the velocity, time and decision parts get gradients; the frozen VAE does not
+            assert model.to_velocity.weight.grad.abs().sum() > 0 and model.time_embed.mlp[0].weight.grad is not None
+            assert all(p.grad is None for p in model.vae.parameters())
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_trajectories_sampled_in_parallel_from_a_forked_cache_equal_those_sampled_one_at_a_time():
+    model = tiny_ladir()
+    with torch.no_grad():  # make the decisions varied: some rows write blocks, others answer at once
+        model.embed.weight[model.bob_id] += 0.5 * torch.randn(32)
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 1, 1], [11, 12, 13, 1]])
+    lengths = torch.tensor([4, 2, 3])
+    N = 3
+    noise = torch.randn(3, N, model.max_blocks, model.K, model.latent_dim, generator=torch.Generator().manual_seed(1))
+    together = model.sample_trajectories(prompts, 6, prompt_lengths=lengths, num_trajectories=N, noise=noise)
+    for b in range(3):
+        for n in range(N):
+            alone = model.sample_trajectories(prompts[b : b + 1, : int(lengths[b])], 6, num_trajectories=1,
+                                              noise=noise[b : b + 1, n : n + 1])
+            assert torch.equal(together[b, n, : int(lengths[b]) + 6], alone[0, 0]), (b, n)
+    assert len({tuple(together[b, n].tolist()) for b in range(3) for n in range(N)}) > 3  # the noise matters
+    pushed = model.sample_trajectories(prompts, 6, prompt_lengths=lengths, num_trajectories=N, noise=noise,
+                                       repulsion=5.0)
+    assert pushed.shape == together.shape
+
+
+def test_repulsion_acts_within_a_question_s_trajectories_only():
+    from objectives.ladir import repulsion_force
+
+    x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))
+    grouped = repulsion_force(x, 1.0, group_size=3)
+    assert torch.allclose(grouped[:3], repulsion_force(x[:3], 1.0)) and torch.allclose(grouped[3:], repulsion_force(x[3:], 1.0))
+    assert torch.equal(repulsion_force(x[:1]), torch.zeros_like(x[:1]))  # one trajectory: nothing to push from
+
+
+def test_majority_vote_picks_the_first_trajectory_with_the_most_common_answer():
+    from objectives.ladir import majority
+
+    assert majority([[1], [2], [2], [3]]) == 1
+    assert majority([[5], [6]]) == 0
+    model = tiny_ladir()
+    assert model.answer_of([9, 9, 4, 12, 1, 1]) == [12] and model.answer_of([9, 4, 7, 4, 12]) == [12]
