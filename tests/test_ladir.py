@@ -165,3 +165,50 @@ def test_majority_vote_picks_the_first_trajectory_with_the_most_common_answer():
     assert majority([[5], [6]]) == 0
     model = tiny_ladir()
     assert model.answer_of([9, 9, 4, 12, 1, 1]) == [12] and model.answer_of([9, 4, 7, 4, 12]) == [12]
+
+
+def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_checkpoint_as_companion(tmp_path):
+    import lightning as L
+
+    from datamodules import ReasoningDataModule
+    from models import Transformer
+    from objectives import LaDiR
+    from objectives.checkpoints import companions
+    from objectives.coconut import OptimizerReset
+
+    def snapshot(model):
+        return ({k: v.clone() for k, v in model.vae.state_dict().items()}, model.to_velocity.weight.detach().clone())
+
+    class Snapshots(L.Callback):
+        def __init__(self):
+            self.at = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.at[trainer.global_step] = snapshot(pl_module)
+
+    dm = ReasoningDataModule(task="countdown", num_nodes=3, train_size=64, val_size=8, test_size=8, batch_size=8)
+    torch.manual_seed(0)
+    model = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id, vae_steps=3,
+                  eval_examples=2, num_trajectories=2)
+    snaps = Snapshots()
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, limit_val_batches=1,
+                        val_check_interval=6, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[snaps])
+    trainer.fit(model, dm)
+    end = snapshot(model)
+    same = lambda a, b: all(torch.equal(a[0][k], b[0][k]) for k in a[0])  # noqa: E731
+    assert not same(snaps.at[0], snaps.at[3]) and torch.equal(snaps.at[0][1], snaps.at[3][1])  # stage 1: the VAE
+    assert same(snaps.at[3], end) and not torch.equal(snaps.at[3][1], end[1])  # stage 2: the latent model only
+    assert model.stage == 1 and float(model.latent_scale) > 0
+    assert next(c for c in trainer.callbacks if isinstance(c, OptimizerReset)).resets == 1
+    assert 0.0 <= float(trainer.callback_metrics["val/pass_at_2"]) <= 1.0
+
+    from conftest import TINY_MODEL, run_cli  # a VAE-stage run through the CLI, whose checkpoint rebuilds itself
+    first = run_cli(tmp_path, "--config", "configs/quickstart.yaml", "--model", "configs/objectives/ladir.yaml",
+                    *TINY_MODEL, "--data", "configs/data/countdown.yaml", "--data.init_args.batch_size", "4",
+                    "--model.init_args.eval_examples", "1", steps=1).model
+    second = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id,
+                   vae_from=str(next(tmp_path.rglob("last.ckpt"))))
+    assert second.stage == 1 and list(companions(second)) == ["vae_companion"]
+    assert same(snapshot(second), snapshot(first)) and not any(k.startswith("vae_companion") for k in second.state_dict())
+    assert not any(p.requires_grad for p in second.vae.parameters())
