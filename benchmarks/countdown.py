@@ -162,7 +162,7 @@ def fit_run(run: str, args, extra: list[str]):
                          if run == "coconut" else [])
         return fit_experiment(f"countdown_{run}.yaml", args.steps, args.minutes, save_dir, flags)
     vae, vae_info = fit_experiment("ladir_vae_countdown.yaml", args.vae_steps, args.vae_minutes, save_dir,
-                                   extra + args.vae_flags)
+                                   extra + ["--model.init_args.vae_steps", str(args.vae_steps), *args.vae_flags])
     path = f"{vae.trainer.log_dir}/vae_last.ckpt"
     vae.trainer.save_checkpoint(path)
     cli, info = fit_experiment("ladir_countdown.yaml", args.steps, args.minutes, save_dir,
@@ -208,12 +208,14 @@ def main() -> None:
         cli, info = fit_run(run, args, extra)
         model = cli.model.eval()
         precision = str(cli.trainer.precision)
-        for row in evaluate(run, model, cli.datamodule, args.test_size, args.samples):
-            row = {"run": run, "objective": type(model).__name__, **row, "steps": info["steps"],
-                   "train min": info["train min"], "cut by time": info["cut by time"],
-                   "paper acc %": PAPER.get(run) if "acc %" in row else None}
-            if "vae steps" in info:
-                row["vae steps"] = info["vae steps"]
+        k = args.samples
+        for scores in evaluate(run, model, cli.datamodule, args.test_size, k):
+            row = {"run": run, "objective": type(model).__name__, "decoding": scores["decoding"]}
+            for column in ("acc %", "sample acc %", f"pass@{k} %", "distinct valid", "tokens/s"):
+                row[column] = scores.get(column)
+            row.update({"paper acc %": PAPER.get(run) if "acc %" in scores else None, "steps": info["steps"],
+                        "vae steps": info.get("vae steps"), "train min": info["train min"],
+                        "cut by time": info["cut by time"]})
             rows.append(row)
             print(row, flush=True)
     context = {"precision": args.precision or precision, "threads": args.threads, "steps": args.steps,

@@ -52,7 +52,7 @@ def ladir_rows(args, extra: list[str]) -> list[dict]:
     `args.trajectories` by majority vote, exact match of the answer on the test questions."""
     flags = ["--data.init_args.test_size", str(args.test_size), *extra]
     vae, vae_info = fit_experiment("ladir_vae_prosqa.yaml", args.vae_steps, args.vae_minutes, args.save_dir,
-                                   flags + args.vae_flags)
+                                   flags + ["--model.init_args.vae_steps", str(args.vae_steps), *args.vae_flags])
     path = f"{vae.trainer.log_dir}/vae_last.ckpt"
     vae.trainer.save_checkpoint(path)
     cli, info = fit_experiment("ladir_prosqa.yaml", args.steps, args.minutes, args.save_dir,
