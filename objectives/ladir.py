@@ -30,9 +30,10 @@ The paper's recipe, in its order:
 3. **Inference** (Sec. 3.3, `sample_trajectories`). One prefill of the question, then the cache is forked into N
    trajectories; each block is integrated from its own noise with `denoising_steps` Euler steps, the N
    trajectories of a question pushed apart by a repulsion term (the kernel gradient of SVGD with the median
-   bandwidth, weight `repulsion`, 0 = off) for diverse reasoning; the clean block enters the cache, the head
-   decides <bob> or <ans>, and the answer is decoded. Each trajectory's blocks are written out in words by the
-   VAE decoder, so that a trajectory reads like chain-of-thought text (and Countdown's scorer checks its steps).
+   bandwidth, weight `repulsion`, 0 = off) for diverse reasoning. The VAE decoder writes the block out in words
+   (so that a trajectory reads like chain-of-thought text, and Countdown's scorer checks its steps); with
+   `reencode` the encoder's latents of those words replace the sampled ones. The block enters the cache, the head
+   decides <bob> or <ans>, and after <ans> the answer is decoded.
    `generate` returns the trajectory whose answer wins the majority vote; validation also logs pass@N.
 
 Training stages by config: the first `vae_steps` optimizer steps train the VAE alone; then the latent model
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -265,11 +267,18 @@ class LaDiR(Objective):
             the VAE's decoder and embedding.
         freeze_decoder: keep that decoder fixed while the VAE trains (False: fine-tune it).
         flow_weight: the weight of L_FM beside the cross-entropy of the decisions and the answer.
+        prediction: what the latent head outputs: "velocity" (v_theta, the L_FM above) or "clean" (the clean
+            latents x1_hat, trained by ||x1_hat - x1||^2 and integrated with v = (x1_hat - x_t) / (1 - t): the same
+            path, weighted towards the noisier times, where a velocity target amplifies the error in x1 by
+            1 / (1 - t) near t = 1).
         denoising_steps: Euler steps per block at inference.
         num_trajectories: trajectories per question at inference (1: one sample; N: majority vote, pass@N).
         repulsion: the weight of the repulsion between a question's trajectories (0 = off).
         repulsion_bandwidth: the RBF bandwidth (None: the median heuristic).
         max_blocks: the most latent blocks a trajectory writes before its answer.
+        reencode: at inference, replace each sampled block by the encoder's latents of the step the VAE decoder
+            writes from it before the next block reads it, so that later blocks and the answer read the latents of
+            a real step, as in training (False: the sampled latents themselves).
         step_id, answer_id: the data's <step> and <ans> ids (read from the datamodule where it has them).
         **kwargs: the base objective's arguments.
     """
@@ -281,18 +290,22 @@ class LaDiR(Objective):
     def __init__(self, *args, block_size: int = 2, latent_dim: int = 16, vae_layers: int | None = None,
                  max_step_len: int = 16, beta: float = 1e-3, beta_warmup_steps: int = 200, vae_steps: int = 500,
                  vae_from: str | None = None, decoder_from: str | None = None, freeze_decoder: bool = False,
-                 flow_weight: float = 1.0, denoising_steps: int = 8, num_trajectories: int = 1,
+                 flow_weight: float = 1.0, prediction: Literal["velocity", "clean"] = "velocity",
+                 denoising_steps: int = 8, num_trajectories: int = 1,
                  repulsion: float = 0.0, repulsion_bandwidth: float | None = None, max_blocks: int = 8,
-                 step_id: int = 3, answer_id: int = 4, **kwargs):
+                 reencode: bool = True, step_id: int = 3, answer_id: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if block_size < 1 or denoising_steps < 1 or num_trajectories < 1 or max_blocks < 1:
             raise ValueError(f"LaDiR needs block_size, denoising_steps, num_trajectories and max_blocks >= 1; got "
                              f"{block_size}, {denoising_steps}, {num_trajectories}, {max_blocks}")
+        if prediction not in ("velocity", "clean"):
+            raise ValueError(f"LaDiR prediction={prediction!r}: use 'velocity' or 'clean'")
         self.K, self.latent_dim, self.step_id, self.answer_id = block_size, latent_dim, step_id, answer_id
         self.bob_id = self.vocab_size
         self.vae_steps = 0 if vae_from else vae_steps
         self.denoising_steps, self.num_trajectories, self.max_blocks = denoising_steps, num_trajectories, max_blocks
         self.repulsion, self.repulsion_bandwidth, self.flow_weight = repulsion, repulsion_bandwidth, flow_weight
+        self.reencode, self.prediction = reencode, prediction
         if vae_from:
             self.vae_companion = FrozenCompanion(vae_from)
             if not isinstance(getattr(self.vae_companion.model, "vae", None), StepVAE):
@@ -391,8 +404,9 @@ class LaDiR(Objective):
                    f"{stage}/vae_kl": (parts["kl"], len(steps))}
         if not self.training:  # the goal's figure: greedy reconstruction from the posterior means
             real = steps != self.vae.pad_id
-            right = (self.vae.reconstruct(steps) == steps)[real].float().mean()
-            metrics["val/vae_token_accuracy"] = (right, int(real.sum()))
+            same = (self.vae.reconstruct(steps) == steps) | ~real
+            metrics["val/vae_token_accuracy"] = (same[real].float().mean(), int(real.sum()))
+            metrics["val/vae_step_accuracy"] = (same.all(1).float().mean(), len(steps))  # every token of a step
         if self.training:
             for name, (value, n) in metrics.items():
                 self.log(name, value, batch_size=n)
@@ -486,9 +500,12 @@ class LaDiR(Objective):
                                               self.hparams.ce_chunk_size)
         ce = nll / count.clamp(min=1)
         if bool(noisy_real.any()):
-            velocity = self.to_velocity(hidden[:, T:][noisy_real])
+            output = self.to_velocity(hidden[:, T:][noisy_real])
             b_idx, s_idx = lay["noisy"][noisy_real], lay["noisy_slot"][noisy_real]
-            flow = flow_matching_loss(velocity, x0[b_idx, s_idx], x1[b_idx, s_idx])
+            if self.prediction == "velocity":
+                flow = flow_matching_loss(output, x0[b_idx, s_idx], x1[b_idx, s_idx])
+            else:  # the clean latents themselves: the same path, the velocity (x1_hat - x_t) / (1 - t)
+                flow = (output.float() - x1[b_idx, s_idx]).pow(2).mean()
         else:
             flow = hidden.new_zeros((), dtype=torch.float32)
         stage = "train" if self.training else "val"
@@ -551,7 +568,7 @@ class LaDiR(Objective):
         cache = cache.fork(torch.arange(B, device=device).repeat_interleave(N))
         rows = B * N
         more = logits[:, self.bob_id] > logits[:, self.answer_id]  # the end-of-reasoning signal: <bob> or <ans>
-        blocks = []  # per block: the latents [rows, K, latent_dim] and the rows that wrote it
+        blocks = []  # per block: its step in words [rows, <= max_step_len] and the rows that wrote it
         ones = torch.ones(rows, device=device)
         limit = self.trunk.max_seq_len
         for j in range(self.max_blocks):
@@ -562,13 +579,16 @@ class LaDiR(Objective):
             before = cache.lengths.clone()
 
             def velocity(x, t):  # every evaluation reads the cache, then forgets its own block again
-                v = self.to_velocity(self.trunk(self.latent_input(x, t).to(dtype), mask="full", cache=cache))
+                out = self.to_velocity(self.trunk(self.latent_input(x, t).to(dtype), mask="full", cache=cache)).float()
                 cache.crop(before)
-                return v.float()
+                return out if self.prediction == "velocity" else (out - x) / (1 - t).view(-1, 1, 1)
 
             x = denoise(velocity, noise[:, :, j].reshape(rows, self.K, self.latent_dim), steps, repulsion,
                         self.repulsion_bandwidth, N)
-            blocks.append((x, active))
+            words = self.vae.decode(x / self.scale, self.vae.max_step_len, self.step_id)
+            if self.reencode:  # the block the model reads on is the encoding of the step it wrote
+                x = self.vae.encode(words)[0].float() * self.scale
+            blocks.append((words, active))
             hidden = self.trunk(self.latent_input(x, ones).to(dtype), mask="full", cache=cache,
                                 padding_mask=active[:, None].expand(rows, self.K))[:, -1]
             logits = self.logits(hidden)
@@ -576,13 +596,12 @@ class LaDiR(Objective):
         hidden = self.trunk(self.embed.weight[self.answer_id].expand(rows, 1, -1), cache=cache)[:, -1]
         room = limit - int(cache.lengths.max())  # each answer token is fed through the cache
         answers = decode_after(self, self.logits(hidden), cache, min(budget, room), temperature, top_k)
-        words = [self.vae.decode(x / self.scale, self.vae.max_step_len, self.step_id) for x, _ in blocks]
         out = torch.full((rows, P + budget), self.eos_id if self.eos_id is not None else 0, dtype=torch.long,
                          device=device)
         prompts = prompt_ids.repeat_interleave(N, 0)
         for r in range(rows):
             length = int(lengths[r // N])
-            text = [t for (_, wrote), w in zip(blocks, words) if wrote[r] for t in w[r].tolist() if t != self.vae.pad_id]
+            text = [t for w, wrote in blocks if wrote[r] for t in w[r].tolist() if t != self.vae.pad_id]
             written = (text + [self.answer_id] + answers[r].tolist())[:budget]
             out[r, :length] = prompts[r, :length]
             out[r, length : length + len(written)] = torch.tensor(written, dtype=torch.long)
