@@ -216,3 +216,23 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
     assert second.stage == 1 and list(companions(second)) == ["vae_companion"]
     assert same(snapshot(second), snapshot(first)) and not any(k.startswith("vae_companion") for k in second.state_dict())
     assert not any(p.requires_grad for p in second.vae.parameters())
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_vae_decoder_starts_from_a_cot_checkpoint_frozen_or_fine_tuned(tmp_path, freeze):
+    from conftest import TINY_MODEL, run_cli
+    from models import Transformer
+    from objectives import LaDiR
+
+    cot = run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, "--data", "configs/data/countdown.yaml",
+                  "--data.init_args.batch_size", "4", "--model.init_args.eval_examples", "1", steps=1).model
+    checkpoint = str(next(tmp_path.rglob("last.ckpt")))
+    model = LaDiR(Transformer(32, 1, 2, 64), vocab_size=cot.vocab_size, eos_id=cot.eos_id, decoder_from=checkpoint,
+                  freeze_decoder=freeze)
+    decoder, trunk = model.vae.decoder.state_dict(), cot.trunk.state_dict()
+    assert decoder.keys() == trunk.keys() and all(torch.equal(decoder[k], trunk[k]) for k in trunk)
+    assert torch.equal(model.vae.embed.weight, cot.embed.weight[: cot.vocab_size])
+    assert all(p.requires_grad != freeze for p in model.vae.decoder.parameters())
+    assert all(p.requires_grad for p in model.vae.encoder.parameters())
+    with pytest.raises(ValueError, match="decoder_from"):  # another width: refused, with the fix named
+        LaDiR(Transformer(64, 1, 2, 64), vocab_size=cot.vocab_size, eos_id=cot.eos_id, decoder_from=checkpoint)
