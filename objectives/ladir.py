@@ -279,6 +279,9 @@ class LaDiR(Objective):
         reencode: at inference, replace each sampled block by the encoder's latents of the step the VAE decoder
             writes from it before the next block reads it, so that later blocks and the answer read the latents of
             a real step, as in training (False: the sampled latents themselves).
+        self_condition: the noisy block also reads the model's own previous estimate of its clean latents
+            (self-conditioning, Chen et al. 2022, "Analog Bits", arXiv:2208.04202): in training a first pass without
+            gradient gives the estimate half the time (zeros otherwise); in sampling, the previous Euler step's.
         step_id, answer_id: the data's <step> and <ans> ids (read from the datamodule where it has them).
         **kwargs: the base objective's arguments.
     """
@@ -293,7 +296,7 @@ class LaDiR(Objective):
                  flow_weight: float = 1.0, prediction: Literal["velocity", "clean"] = "velocity",
                  denoising_steps: int = 8, num_trajectories: int = 1,
                  repulsion: float = 0.0, repulsion_bandwidth: float | None = None, max_blocks: int = 8,
-                 reencode: bool = True, step_id: int = 3, answer_id: int = 4, **kwargs):
+                 reencode: bool = True, self_condition: bool = False, step_id: int = 3, answer_id: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if block_size < 1 or denoising_steps < 1 or num_trajectories < 1 or max_blocks < 1:
             raise ValueError(f"LaDiR needs block_size, denoising_steps, num_trajectories and max_blocks >= 1; got "
@@ -305,7 +308,7 @@ class LaDiR(Objective):
         self.vae_steps = 0 if vae_from else vae_steps
         self.denoising_steps, self.num_trajectories, self.max_blocks = denoising_steps, num_trajectories, max_blocks
         self.repulsion, self.repulsion_bandwidth, self.flow_weight = repulsion, repulsion_bandwidth, flow_weight
-        self.reencode, self.prediction = reencode, prediction
+        self.reencode, self.prediction, self.self_condition = reencode, prediction, self_condition
         if vae_from:
             self.vae_companion = FrozenCompanion(vae_from)
             if not isinstance(getattr(self.vae_companion.model, "vae", None), StepVAE):
@@ -325,6 +328,8 @@ class LaDiR(Objective):
         d = self.trunk.d_model
         self.latent_in, self.time_embed = nn.Linear(latent_dim, d), TimeEmbedding(d)
         self.to_velocity = nn.Linear(d, latent_dim)
+        if self_condition:
+            self.self_condition_in = nn.Linear(latent_dim, d, bias=False)
         # latents are scaled to unit variance before diffusion (a Stable-Diffusion-style scale factor), set from the
         # first latent-stage batch and kept in the checkpoint
         self.register_buffer("latent_scale", torch.zeros(()))
@@ -382,6 +387,12 @@ class LaDiR(Objective):
                 std = std / torch.distributed.get_world_size()
             self.latent_scale.fill_(1.0 / float(std.clamp(min=1e-6)))
         return mu * self.latent_scale
+
+    def clean_estimate(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The head's estimate of the clean latents x1 from its output at x_t = x, time t [N]."""
+        if self.prediction == "clean":
+            return output
+        return x + (1 - t).view(-1, *[1] * (x.dim() - 1)) * output  # x1 = x_t + (1 - t) v on the linear path
 
     def latent_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The trunk's input for latents x [.., K, latent_dim] at flow time t [..] (1 = clean)."""
@@ -486,28 +497,38 @@ class LaDiR(Objective):
             b_idx, s_idx = lay["block"][clean], lay["slot"][clean]
             clean_in = self.latent_input(x1[b_idx, s_idx][:, None], torch.ones(len(b_idx), device=x1.device))[:, 0]
             embeds = embeds.index_put(tuple(clean.nonzero().t()), clean_in.to(embeds.dtype))
-        noisy_real = lay["noisy"] >= 0
-        noisy_in = torch.zeros(*lay["noisy"].shape, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
-        if bool(noisy_real.any()):
-            b_idx, s_idx = lay["noisy"][noisy_real], lay["noisy_slot"][noisy_real]
-            noisy_in = noisy_in.index_put(tuple(noisy_real.nonzero().t()),
-                                          self.latent_input(xt[b_idx, s_idx][:, None], t[b_idx])[:, 0].to(embeds.dtype))
+        real = lay["noisy"] >= 0
+        b_idx, s_idx = lay["noisy"][real], lay["noisy_slot"][real]  # the step and slot of every noisy position
         T = embeds.shape[1]
-        hidden = self.trunk(torch.cat([embeds, noisy_in], 1), mask=lay["mask"], positions=lay["positions"])
+
+        def forward(estimate: torch.Tensor | None):
+            """The trunk over the sequence and the noisy blocks: hidden states and the head's outputs there."""
+            noisy = self.latent_input(xt[b_idx, s_idx][:, None], t[b_idx])[:, 0]
+            if estimate is not None:
+                noisy = noisy + self.self_condition_in(estimate[b_idx, s_idx].to(noisy.dtype))
+            noisy_in = torch.zeros(*lay["noisy"].shape, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
+            noisy_in = noisy_in.index_put(tuple(real.nonzero().t()), noisy.to(embeds.dtype))
+            hidden = self.trunk(torch.cat([embeds, noisy_in], 1), mask=lay["mask"], positions=lay["positions"])
+            return hidden, self.to_velocity(hidden[:, T:][real]).float()
+
+        estimate = None
+        if self.self_condition:  # half the time (always in evaluation) a first pass's estimate of x1, no gradient
+            estimate = torch.zeros_like(x1)
+            if not self.training or torch.rand(()) < 0.5:
+                with torch.no_grad():
+                    estimate[b_idx, s_idx] = self.clean_estimate(forward(estimate)[1], xt[b_idx, s_idx], t[b_idx])
+        hidden, output = forward(estimate)
         targets = lay["targets"]
         weights = (targets >= 0).float()
         nll, count, _ = chunked_cross_entropy(hidden[:, :T], self.unembedding, targets.clamp(min=0), weights,
                                               self.hparams.ce_chunk_size)
         ce = nll / count.clamp(min=1)
-        if bool(noisy_real.any()):
-            output = self.to_velocity(hidden[:, T:][noisy_real])
-            b_idx, s_idx = lay["noisy"][noisy_real], lay["noisy_slot"][noisy_real]
-            if self.prediction == "velocity":
-                flow = flow_matching_loss(output, x0[b_idx, s_idx], x1[b_idx, s_idx])
-            else:  # the clean latents themselves: the same path, the velocity (x1_hat - x_t) / (1 - t)
-                flow = (output.float() - x1[b_idx, s_idx]).pow(2).mean()
-        else:
+        if not bool(real.any()):
             flow = hidden.new_zeros((), dtype=torch.float32)
+        elif self.prediction == "velocity":
+            flow = flow_matching_loss(output, x0[b_idx, s_idx], x1[b_idx, s_idx])
+        else:  # the clean latents themselves: the same path, the velocity (x1_hat - x_t) / (1 - t)
+            flow = (output - x1[b_idx, s_idx]).pow(2).mean()
         stage = "train" if self.training else "val"
         n = int(batch["tokens"].shape[0])
         metrics = {f"{stage}/flow_loss": (flow.detach(), n), f"{stage}/answer_nll": (ce.detach(), int(count))}
@@ -578,10 +599,17 @@ class LaDiR(Objective):
             self.trunk(self.embed.weight[self.bob_id].expand(rows, 1, -1), cache=cache, padding_mask=active[:, None])
             before = cache.lengths.clone()
 
+            estimate = torch.zeros(rows, self.K, self.latent_dim, device=device)
+
             def velocity(x, t):  # every evaluation reads the cache, then forgets its own block again
-                out = self.to_velocity(self.trunk(self.latent_input(x, t).to(dtype), mask="full", cache=cache)).float()
+                nonlocal estimate
+                inputs = self.latent_input(x, t)
+                if self.self_condition:  # the previous evaluation's estimate of x1 (zeros at the first)
+                    inputs = inputs + self.self_condition_in(estimate.to(inputs.dtype))
+                out = self.to_velocity(self.trunk(inputs.to(dtype), mask="full", cache=cache)).float()
                 cache.crop(before)
-                return out if self.prediction == "velocity" else (out - x) / (1 - t).view(-1, 1, 1)
+                estimate = self.clean_estimate(out, x, t)
+                return out if self.prediction == "velocity" else (estimate - x) / (1 - t).view(-1, 1, 1)
 
             x = denoise(velocity, noise[:, :, j].reshape(rows, self.K, self.latent_dim), steps, repulsion,
                         self.repulsion_bandwidth, N)

@@ -115,8 +115,9 @@ def test_layout_blocks_are_full_inside_causal_across_and_noisy_copies_see_only_w
     assert m[13, :6].all() and not m[13, 6:11].any() and m[13, 14] and not m[13, 11]  # noisy z_2: up to its <bob>
 
 
-def test_the_latent_loss_trains_every_part_and_falls():
-    model = tiny_ladir().train()
+@pytest.mark.parametrize("options", [{}, {"prediction": "clean", "self_condition": True}])
+def test_the_latent_loss_trains_every_part_and_falls(options):
+    model = tiny_ladir(**options).train()
     batch = hand_made_batch()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
@@ -132,9 +133,10 @@ def test_the_latent_loss_trains_every_part_and_falls():
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("prediction", ["velocity", "clean"])
-def test_trajectories_sampled_in_parallel_from_a_forked_cache_equal_those_sampled_one_at_a_time(prediction):
-    model = tiny_ladir(prediction=prediction)
+@pytest.mark.parametrize("prediction,self_condition", [("velocity", False), ("clean", False), ("clean", True)])
+def test_trajectories_sampled_in_parallel_from_a_forked_cache_equal_those_sampled_one_at_a_time(prediction,
+                                                                                               self_condition):
+    model = tiny_ladir(prediction=prediction, self_condition=self_condition)
     with torch.no_grad():  # make the decisions varied: some rows write blocks, others answer at once
         model.embed.weight[model.bob_id] += 0.5 * torch.randn(32)
     prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 1, 1], [11, 12, 13, 1]])
