@@ -418,10 +418,16 @@ class LaDiR(Objective):
             same = (self.vae.reconstruct(steps) == steps) | ~real
             metrics["val/vae_token_accuracy"] = (same[real].float().mean(), int(real.sum()))
             metrics["val/vae_step_accuracy"] = (same.all(1).float().mean(), len(steps))  # every token of a step
-        if self.training:
-            for name, (value, n) in metrics.items():
-                self.log(name, value, batch_size=n)
-        return {"loss": loss, "metrics": metrics if not self.training else {}}
+        return {"loss": loss, "metrics": self.report(metrics)}
+
+    def report(self, metrics: dict[str, tuple[torch.Tensor, int]]) -> dict:
+        """In training, log the (value, weight) metrics at once; in validation hand them to the base's
+        `validation_step`, which logs them synchronised across devices."""
+        if not self.training:
+            return metrics
+        for name, (value, weight) in metrics.items():
+            self.log(name, value, batch_size=max(int(weight), 1))
+        return {}
 
     def layout(self, batch: dict, spans: list[list[tuple[int, int]]]) -> dict[str, torch.Tensor]:
         """The latent model's sequences ``question <bob> z_1 .. <bob> z_n <ans> answer <eos>``, then one noisy copy
@@ -532,11 +538,7 @@ class LaDiR(Objective):
         stage = "train" if self.training else "val"
         n = int(batch["tokens"].shape[0])
         metrics = {f"{stage}/flow_loss": (flow.detach(), n), f"{stage}/answer_nll": (ce.detach(), int(count))}
-        if self.training:
-            for name, (value, weight) in metrics.items():
-                self.log(name, value, batch_size=weight)
-            metrics = {}
-        return {"loss": ce + self.flow_weight * flow, "metrics": metrics}
+        return {"loss": ce + self.flow_weight * flow, "metrics": self.report(metrics)}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.log(LADIR_STAGE, float(self.current_stage()))
