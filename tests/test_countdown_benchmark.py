@@ -95,3 +95,23 @@ def test_scoring_rows_from_token_ids_of_a_stand_in_model():
     # k samples of a one-sample generate: the same rows k times
     again = repeated(model.generate, 3)(torch.tensor([prompts[0]]), 15)
     assert again.shape[:2] == (1, 3) and torch.equal(again[0, 0], again[0, 2])
+
+
+def test_countdown_benchmark_trains_scores_and_writes_its_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / "countdown.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.countdown", "--runs", "cot,coconut", "--steps", "2",
+                           "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--test_size", "8",
+                           "--samples", "2", "--save_dir", str(tmp_path), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["run"], r["decoding"]) for r in rows] == [("cot", "greedy"), ("cot", "2 samples, T=1"),
+                                                         ("coconut", "greedy")]
+    assert all(r["steps"] == 2 and r["tokens/s"] > 0 for r in rows)
+    assert 0 <= rows[1]["pass@2 %"] <= 100 and rows[1]["distinct valid"] <= 2
+    assert "Countdown-3 (8 test questions)" in done.stdout
