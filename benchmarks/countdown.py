@@ -11,8 +11,8 @@ batch overridden from the command line; LaDiR is two fits, the step VAE (`ladir_
 `--vae_steps` / `--vae_minutes`) and then the latent diffusion model on the frozen VAE (`ladir_countdown.yaml
 --model.init_args.vae_from`), with the same steps and minutes as the other runs. A run trains for `steps`
 optimizer steps or `minutes`, whichever ends first (a run cut by time is marked). The defaults keep the whole
-benchmark under 30 minutes on 2 CPU cores (22 measured, BENCHMARKS.md "Countdown"; the time caps bound it at
-about 25 minutes of training) with one thread, so that a second job on the other core does not oversubscribe them.
+benchmark under 30 minutes on 2 CPU cores (22 measured, BENCHMARKS.md "Countdown"; the time caps bound its
+training at 18 minutes) with one thread, so that a second job on the other core does not oversubscribe them.
 
 Rows (every question is checked by `countdown.check`, so any valid solution counts):
   * accuracy: CoT and Coconut greedy; MDLM greedy, most confident tokens first; LaDiR with 1 trajectory and with
