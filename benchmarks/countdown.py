@@ -26,8 +26,9 @@ Rows (every question is checked by `countdown.check`, so any valid solution coun
     seconds, the test questions in batches of 256.
 
 Papers: Ye et al. 2024 (arXiv:2410.14157), the abstract's Countdown figures: their multi-granularity masked
-diffusion model (6M parameters, token reweighting, easy-first top-k decoding) 91.5%, autoregression 45.8%. LaDiR (Kang et al. 2025, arXiv:2510.04573) reports higher accuracy and more diverse solutions
-than autoregressive sampling on Countdown.
+diffusion model (6M parameters, token reweighting, easy-first top-k decoding) 91.5%, autoregression 45.8%.
+LaDiR (Kang et al. 2025, arXiv:2510.04573) reports higher accuracy and more diverse solutions than autoregressive
+sampling on Countdown.
 """
 from __future__ import annotations
 
