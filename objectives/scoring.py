@@ -112,7 +112,8 @@ def judge(model, prompt: list[int], gen: list[int], gold: list[int]) -> tuple[li
     one (`task_check`), else exact match of the answer at its end."""
     gen, right = exact_match(gen, gold, model.eos_id)
     check = task_check(model)
-    verdict = None if check is None else check(prompt, gen)
+    # the task checks what is written in its own vocabulary (a family's markers and thoughts are not words)
+    verdict = None if check is None else check(prompt, [t for t in gen if t < model.vocab_size])
     return gen, right if verdict is None else verdict
 
 
