@@ -579,9 +579,9 @@ class LaDiR(Objective):
                    else prompt_lengths.to(device=device, dtype=torch.long))
         if noise is None:
             noise = torch.randn(B, N, self.max_blocks, self.K, self.latent_dim, device=device)
-        if noise.shape != (B, N, self.max_blocks, self.K, self.latent_dim):
-            raise ValueError(f"noise must be [B, N, max_blocks, K, latent_dim] = {[B, N, self.max_blocks, self.K, self.latent_dim]}, "
-                             f"got {list(noise.shape)}")
+        shape = (B, N, self.max_blocks, self.K, self.latent_dim)
+        if noise.shape != shape:
+            raise ValueError(f"noise must be [B, N, max_blocks, K, latent_dim] = {list(shape)}, got {list(noise.shape)}")
         dtype = self.embed.weight.dtype
         # one prefill of the questions, then every question's cache forked into its N trajectories
         cache = self.trunk.make_cache(B, device=device, dtype=dtype)

@@ -1,10 +1,11 @@
 """Answer scoring on reasoning data: exact match of an objective's own generated answer and the tokens it took.
 
 The generation after the prompt, cut after the first eos, must end with the gold `answer` row (the answer marker
-and the answer's tokens), so reasoning written before the answer is free; a datamodule with `check_answer` (Countdown) gives its own verdict
-instead, so that any valid solution counts. A family whose `generate` takes
+and the answer's tokens), so reasoning written before the answer is free; a datamodule with `check_answer`
+(Countdown) gives its own verdict instead, so that any valid solution counts. A family whose `generate` takes
 `prompt_lengths` decodes the whole batch at once, prompts of every length together (rows finishing on their
-own); the others (the denoising families, which fill a canvas) one prompt length at a time. Each row gets the
+own); the others (the denoising families, which fill a canvas) one prompt length at a time. A family with its own
+generation loop (LaDiR's trajectories) composes `scored_questions`, `ragged_prompts`, `judge` and `record_scores`. Each row gets the
 budget it would get alone: the batch's length minus its prompt plus the family's `generation_slack`, within the
 trunk's max_seq_len (per-row budgets where `generate` takes them; otherwise the largest, each row cut to its own).
 

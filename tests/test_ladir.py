@@ -160,7 +160,8 @@ def test_repulsion_acts_within_a_question_s_trajectories_only():
 
     x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))
     grouped = repulsion_force(x, 1.0, group_size=3)
-    assert torch.allclose(grouped[:3], repulsion_force(x[:3], 1.0)) and torch.allclose(grouped[3:], repulsion_force(x[3:], 1.0))
+    assert torch.allclose(grouped[:3], repulsion_force(x[:3], 1.0))
+    assert torch.allclose(grouped[3:], repulsion_force(x[3:], 1.0))
     assert torch.equal(repulsion_force(x[:1]), torch.zeros_like(x[:1]))  # one trajectory: nothing to push from
 
 
@@ -216,7 +217,8 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
     second = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id,
                    vae_from=str(next(tmp_path.rglob("last.ckpt"))))
     assert second.stage == 1 and list(companions(second)) == ["vae_companion"]
-    assert same(snapshot(second), snapshot(first)) and not any(k.startswith("vae_companion") for k in second.state_dict())
+    assert same(snapshot(second), snapshot(first))
+    assert not any(k.startswith("vae_companion") for k in second.state_dict())  # its path and hash only
     assert not any(p.requires_grad for p in second.vae.parameters())
 
 
