@@ -50,3 +50,29 @@ def test_the_fsdp_config_makes_each_block_of_every_trunk_its_own_shard_unit():
         model = NextTokenPrediction(trunk, vocab_size=11)
         picked = [m for m in model.modules() if policy(module=m, recurse=False, nonwrapped_numel=0)]
         assert picked == list(trunk.blocks), type(trunk).__name__
+
+
+def test_ladir_on_a_frozen_vae_under_ddp_ends_with_identical_weights_and_one_latent_scale(tmp_path):
+    from conftest import run_cli
+    # stage 1 in its own fit, as under DDP the stages are two fits; stage 2 reads it as a frozen companion
+    run_cli(tmp_path / "vae", "--config", "configs/quickstart.yaml", "--model", "configs/objectives/ladir.yaml",
+            *TINY_MODEL, "--data", "configs/data/countdown.yaml", "--data.init_args.batch_size", "4",
+            "--model.init_args.eval_examples", "1", steps=2)
+    vae = str(next((tmp_path / "vae").rglob("last.ckpt")))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml",
+           "--model", "configs/objectives/ladir.yaml", *TINY_MODEL, "--model.init_args.vae_from", vae,
+           "--model.init_args.eval_examples", "2", "--data", "configs/data/countdown.yaml",
+           "--data.init_args.batch_size", "4", "--data.init_args.val_size", "8",
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "configs/strategies/ddp.yaml",
+           "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+           "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
+           "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--trainer.callbacks+=ddp_helpers.SaveRankWeights", f"--trainer.callbacks.folder={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["step"] for r in ranks] == [3, 3]
+    assert float(ranks[0]["state"]["latent_scale"]) > 0  # set from the first batches of both ranks, averaged
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), f"{name} differs between ranks"
