@@ -40,18 +40,18 @@ from __future__ import annotations
 import inspect
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from objectives.base import Objective
 from objectives.decoding import decode_after
 from objectives.losses import chunked_cross_entropy
+from objectives.stages import OptimizerReset, Staged
 
 COCONUT_STAGE = "train/coconut_stage"
 
 
-class Coconut(Objective):
+class Coconut(Staged, Objective):
     """Continuous thoughts in place of the first reasoning steps, with the staged curriculum.
 
     Args:
@@ -73,6 +73,7 @@ class Coconut(Objective):
         **kwargs: the base objective's arguments.
     """
 
+    stage_metric = COCONUT_STAGE
     extra_tokens = 3  # <bot>, <eot>, <latent> (also <pause>), after the data's vocabulary
     accepts_summaries = False
 
@@ -218,11 +219,6 @@ class Coconut(Objective):
         return self.embed.weight.dtype
 
     # --- training ---------------------------------------------------------------------------------------------------
-    def current_stage(self) -> int:
-        if self._trainer is not None and self.training:
-            self.stage = self.stage_at(self.global_step, self.current_epoch)
-        return self.stage
-
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "segments" not in batch:  # plain text: no steps to replace, next-token prediction
             return self.next_token_loss(batch)
@@ -235,24 +231,12 @@ class Coconut(Objective):
             out["ntp_bytes"] = int((kept[:, 1:] * lb["loss_mask"][:, 1:]).sum())
         return out
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.log(COCONUT_STAGE, float(self.current_stage()))
-        return super().training_step(batch, batch_idx)
-
     def configure_callbacks(self):
         return [OptimizerReset()] if self.reset_optimizer and self.stage_every > 0 else []
 
     def extra_token_sources(self) -> list[int | None]:
         source = self.init_special_from if self.init_special_from is not None else self.eos_id
         return [source] * self.extra_tokens
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["coconut_stage"] = self.stage
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.stage = int(checkpoint.get("coconut_stage", self.stage))
 
     # --- generation ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -315,26 +299,3 @@ class Coconut(Objective):
         written.append(decode_after(self, logits, cache, max_new_tokens - n - 2, temperature, top_k))
         return self.pad_to(torch.cat(written, 1), max_new_tokens)
 
-    def score_answers(self, batch: dict, stage: str = "val") -> None:
-        super().score_answers(batch, stage)
-        # the text tab decodes with the data's vocabulary, which has no thoughts or markers
-        self.generated_examples = [(p, [t for t in g if t < self.vocab_size], gold)
-                                   for p, g, gold in self.generated_examples]
-
-
-class OptimizerReset(L.Callback):
-    """Clears the optimizer's state (Adam's moments and step counts) when the curriculum stage changes, as the
-    Coconut reference code rebuilds its optimizer at every stage; the learning-rate schedule runs on.
-    `resets` counts the resets of this fit."""
-
-    def __init__(self):
-        self.last_stage: int | None = None
-        self.resets = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        stage = pl_module.stage_at(trainer.global_step, trainer.current_epoch)
-        if self.last_stage is not None and stage != self.last_stage:
-            for optimizer in trainer.optimizers:
-                optimizer.state.clear()
-            self.resets += 1
-        self.last_stage = stage

@@ -57,10 +57,10 @@ from models.layers import block_mask
 from objectives import scoring
 from objectives.base import Objective
 from objectives.checkpoints import FrozenCompanion, load_checkpoint
-from objectives.coconut import OptimizerReset
 from objectives.decoding import decode_after
 from objectives.losses import chunked_cross_entropy
 from objectives.planning import step_spans
+from objectives.stages import OptimizerReset, Staged
 
 LADIR_STAGE = "train/ladir_stage"  # 0: the VAE trains, 1: the latent model trains on the frozen VAE
 
@@ -252,7 +252,7 @@ def majority(answers: list[list[int]]) -> int:
     return next(i for i, a in enumerate(answers) if counts[tuple(a)] == best)
 
 
-class LaDiR(Objective):
+class LaDiR(Staged, Objective):
     """Latent diffusion reasoning: a VAE of reasoning steps, then flow matching of their latent blocks.
 
     Args:
@@ -286,6 +286,7 @@ class LaDiR(Objective):
         **kwargs: the base objective's arguments.
     """
 
+    stage_metric = LADIR_STAGE
     extra_tokens = 1  # <bob>: a block of thought tokens follows
     required_masks = ("causal", "full", "tensor")
     accepts_summaries = False
@@ -348,11 +349,6 @@ class LaDiR(Objective):
     def stage_at(self, step: int, epoch: int = 0) -> int:
         """0 while the VAE trains (the first `vae_steps` optimizer steps), then 1."""
         return 0 if step < self.vae_steps else 1
-
-    def current_stage(self) -> int:
-        if self._trainer is not None and self.training:
-            self.stage = self.stage_at(self.global_step)
-        return self.stage
 
     def configure_callbacks(self):
         return [OptimizerReset()] if self.vae_steps > 0 else []
@@ -540,20 +536,8 @@ class LaDiR(Objective):
         metrics = {f"{stage}/flow_loss": (flow.detach(), n), f"{stage}/answer_nll": (ce.detach(), int(count))}
         return {"loss": ce + self.flow_weight * flow, "metrics": self.report(metrics)}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.log(LADIR_STAGE, float(self.current_stage()))
-        return super().training_step(batch, batch_idx)
-
     def extra_token_sources(self) -> list[int | None]:
         return [self.answer_id]  # <bob> starts where <ans> is: both end a question's or a block's reading
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["ladir_stage"] = self.stage
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.stage = int(checkpoint.get("ladir_stage", self.stage))
 
     # --- inference ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -687,5 +671,3 @@ class LaDiR(Objective):
         if len(trajectories[0]) > 1:
             self.log(f"{stage}/pass_at_{len(trajectories[0])}", sum(passed) / len(passed), batch_size=len(passed),
                      sync_dist=True)
-        self.generated_examples = [(p, [t for t in g if t < self.vocab_size], gold)
-                                   for p, g, gold in self.generated_examples]

@@ -121,10 +121,10 @@ def judge(model, prompt: list[int], gen: list[int], gold: list[int]) -> tuple[li
 def record_scores(model, stage: str, prompts: list[list[int]], gens: list[list[int]], golds: list[list[int]],
                   correct: list[bool]) -> None:
     """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions; keep the first four of a
-    validation for the TensorBoard text tab."""
+    validation for the TensorBoard text tab, in the data's vocabulary (which has no thoughts or markers)."""
     for prompt, gen, gold in zip(prompts, gens, golds):
         if stage == "val" and len(model.generated_examples) < 4:
-            model.generated_examples.append((prompt, gen, gold))
+            model.generated_examples.append((prompt, [t for t in gen if t < model.vocab_size], gold))
     if stage == "val":
         model._scored += len(correct)
     scores = model.answer_scores

@@ -181,7 +181,7 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
     from models import Transformer
     from objectives import LaDiR
     from objectives.checkpoints import companions
-    from objectives.coconut import OptimizerReset
+    from objectives.stages import OptimizerReset
 
     def snapshot(model):
         return ({k: v.clone() for k, v in model.vae.state_dict().items()}, model.to_velocity.weight.detach().clone())
