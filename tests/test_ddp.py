@@ -11,11 +11,11 @@ import torch
 from conftest import ROOT, TINY_MODEL, tiny_data
 
 
-@pytest.mark.parametrize("objective", ["ntp", "mtp", "mtp_causal", "deepseek_mtp", "mdlm", "diffusion_lm"])
-def test_ddp_on_two_cpu_processes_ends_with_identical_weights(objective, tmp_path, corpus_files):
+def fit_on_two_processes(tmp_path, *flags: str) -> list[dict]:
+    """train.py fit on two CPU processes over gloo for 3 steps (the quickstart config and `flags`, launched as a
+    user would); each rank's final state dict, step and world size."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", *tiny_data(corpus_files),
-           "--model", f"configs/objectives/{objective}.yaml", *TINY_MODEL,
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml", *flags, *TINY_MODEL,
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "configs/strategies/ddp.yaml",
            "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
            "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
@@ -23,11 +23,21 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights(objective, tmp_pat
            "--trainer.callbacks+=ddp_helpers.SaveRankWeights", f"--trainer.callbacks.folder={tmp_path}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    # each rank drew different windows (distributed sampler); only synchronised gradients keep them equal
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [3, 3]
+    return ranks
+
+
+def assert_same_weights(ranks: list[dict]) -> None:
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), f"{name} differs between ranks"
+
+
+@pytest.mark.parametrize("objective", ["ntp", "mtp", "mtp_causal", "deepseek_mtp", "mdlm", "diffusion_lm"])
+def test_ddp_on_two_cpu_processes_ends_with_identical_weights(objective, tmp_path, corpus_files):
+    ranks = fit_on_two_processes(tmp_path, *tiny_data(corpus_files), "--model", f"configs/objectives/{objective}.yaml")
+    # each rank drew different windows (distributed sampler); only synchronised gradients keep them equal
+    assert_same_weights(ranks)
 
 
 def test_the_fsdp_config_makes_each_block_of_every_trunk_its_own_shard_unit():
@@ -59,20 +69,8 @@ def test_ladir_on_a_frozen_vae_under_ddp_ends_with_identical_weights_and_one_lat
             *TINY_MODEL, "--data", "configs/data/countdown.yaml", "--data.init_args.batch_size", "4",
             "--model.init_args.eval_examples", "1", steps=2)
     vae = str(next((tmp_path / "vae").rglob("last.ckpt")))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/quickstart.yaml",
-           "--model", "configs/objectives/ladir.yaml", *TINY_MODEL, "--model.init_args.vae_from", vae,
-           "--model.init_args.eval_examples", "2", "--data", "configs/data/countdown.yaml",
-           "--data.init_args.batch_size", "4", "--data.init_args.val_size", "8",
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "configs/strategies/ddp.yaml",
-           "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
-           "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
-           "--trainer.logger.init_args.save_dir", str(tmp_path),
-           "--trainer.callbacks+=ddp_helpers.SaveRankWeights", f"--trainer.callbacks.folder={tmp_path}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert [r["step"] for r in ranks] == [3, 3]
+    ranks = fit_on_two_processes(tmp_path, "--model", "configs/objectives/ladir.yaml", "--model.init_args.vae_from", vae,
+                                 "--model.init_args.eval_examples", "2", "--data", "configs/data/countdown.yaml",
+                                 "--data.init_args.batch_size", "4", "--data.init_args.val_size", "8")
     assert float(ranks[0]["state"]["latent_scale"]) > 0  # set from the first batches of both ranks, averaged
-    for name, value in ranks[0]["state"].items():
-        assert torch.equal(value, ranks[1]["state"][name]), f"{name} differs between ranks"
+    assert_same_weights(ranks)
