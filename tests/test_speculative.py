@@ -1,4 +1,5 @@
-"""Speculative decoding: tree drafts, per-row acceptance on ragged batches, cache compaction, exact sampling,
+"""Speculative decoding: tree drafts, per-row acceptance on ragged batches, cache compaction, exact sampling for
+every drafter (the mutations "resample from p instead of the residual" and "keep a rejected tree sibling" fail it),
 DeepSeek's module caches."""
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from models import Mamba, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
+from objectives.distill import SelfDistillation
 from objectives.speculative import DraftTree, speculative_generate
 
 V = 50
@@ -88,39 +90,6 @@ def test_the_compacted_cache_equals_a_fresh_prefill_of_the_accepted_path():
         torch.testing.assert_close(rolled.v[:, :, :length], new.v[:, :, :length], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,drafter,tree", [("deepseek", "modules", None), ("mtp-mlp", "heads", [2, 2]),
-                                               ("ntp", "lookup", None)])
-def test_speculative_sampling_keeps_the_distribution(name, drafter, tree):
-    """Chi-square test of the second and third sampled tokens (both verified against drafts: sampled drafts
-    with min(1, p/q), or a tree's ranked candidates by recursive rejection) against the model's exact
-    distribution of that pair (V=5)."""
-    torch.manual_seed(0)
-    m = model(name, vocab=5)
-    with torch.no_grad():
-        m.embed.weight.mul_(40 / 30)
-    ids = torch.tensor([[1, 2, 3, 1, 2]])
-    with torch.no_grad():
-        first = m.logits(m.hidden(ids))[0, -1].softmax(-1)  # p(x1)
-        ones = torch.cat([ids.repeat(5, 1), torch.arange(5)[:, None]], 1)
-        second = m.logits(m.hidden(ones))[:, -1].softmax(-1)  # p(x2 | x1)
-        twos = torch.cat([ones.repeat_interleave(5, 0), torch.arange(5).repeat(5)[:, None]], 1)
-        third = m.logits(m.hidden(twos))[:, -1].softmax(-1).view(5, 5, 5)  # p(x3 | x1, x2)
-    expected = (first[:, None, None] * second[:, :, None] * third).sum(0).flatten()  # p(x2, x3)
-    n, steps = 400, 0
-    torch.manual_seed(1)
-    counts = torch.zeros(25)
-    for _ in range(n):
-        out = m.generate(ids, 3, temperature=1.0, speculative=True, drafter=drafter, num_drafts=2, tree=tree)
-        counts[out[0, 6] * 5 + out[0, 7]] += 1
-        steps += m.decode_stats["steps"]
-    # drafts were accepted some of the time (an untrained DeepSeek module's peaked guesses miss the model's peak:
-    # there the test covers the residual resampling)
-    assert steps < 2 * n or drafter == "modules"
-    keep = expected * n >= 5
-    chi2 = ((counts[keep] - n * expected[keep]) ** 2 / (n * expected[keep])).sum()
-    assert chi2 < 52, f"chi2 {chi2:.1f} over {int(keep.sum())} cells"  # 0.001 critical value, <= 24 dof
-
-
 def test_deepseek_module_cache_equals_its_recompute():
     m = model("deepseek")
     ids = prompt(2, 10, seed=5)
@@ -170,3 +139,83 @@ def test_speculative_greedy_on_the_mamba_trunk_and_a_batch_that_stops_at_eos():
     assert torch.equal(plain, m.generate(ids, 20, speculative=True))
     m.eos_id = int(plain[1, 12])
     assert torch.equal(m.generate(ids, 20), m.generate(ids, 20, speculative=True))
+
+
+# --- exact sampling: the joint of the drafted tokens and the bonus token ---------------------------------------------
+def spread(name: str):
+    """A V=5 model whose next-token distributions are spread (entropy about 1 nat of ln 5 = 1.61: the default
+    embedding scaled by 3), so that a draft is accepted about half the time, rejections happen at every index and
+    a wrong residual shows in many cells, not one."""
+    torch.manual_seed(0)
+    trunk = Transformer(d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    if name == "ntp":
+        m = NextTokenPrediction(trunk, vocab_size=5)
+    elif name == "deepseek":
+        m = DeepSeekMTP(trunk, vocab_size=5, depth=2)
+    elif name == "retrofit":
+        m = SelfDistillation(trunk, vocab_size=5, k=3)
+    else:
+        m = MultiTokenPrediction(trunk, vocab_size=5, n_future=4, head_type=name.removeprefix("mtp-"))
+    with torch.no_grad():
+        m.embed.weight.mul_(3)
+    return m.eval()
+
+
+def exact_joint(m, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """p(x_1, ..., x_new | prompt) of plain sampling at temperature 1, by enumerating every continuation: [5] * new."""
+    V = 5
+    joint = torch.ones(1)
+    for i in range(new):
+        prefixes = torch.cartesian_prod(*[torch.arange(V)] * i).view(-1, i) if i else torch.zeros(1, 0, dtype=torch.long)
+        seqs = torch.cat([ids.expand(prefixes.shape[0], -1), prefixes], 1)
+        with torch.no_grad():
+            logits, _ = m.decode_forward(seqs, m.start_decoding(seqs.shape[0], "cpu"))
+        joint = (joint[:, None] * logits[:, -1].float().softmax(-1)).flatten()
+    return joint.view(*[V] * new)
+
+
+def chi2_critical(dof: int, z: float = 3.09) -> float:
+    """The chi-square distribution's upper 0.001 point (z = 3.09), by the Wilson-Hilferty approximation."""
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+SAMPLING_CASES = [("mtp-block", "heads", None), ("mtp-mlp", "heads", None), ("mtp-block", "heads", [2, 2]),
+                  ("mtp-mlp", "heads", [3, 2]), ("mtp-mlp", "heads+lookup", None), ("ntp", "lookup", None),
+                  ("deepseek", "modules", None), ("deepseek", "modules", [2, 2]), ("retrofit", "masks", None)]
+
+
+@pytest.mark.parametrize("name,drafter,tree", SAMPLING_CASES)
+def test_speculative_sampling_keeps_the_joint_distribution(name, drafter, tree):
+    """Chi-square test of the joint of new tokens 2-4 against plain sampling's exact joint (125 cells), over 4000
+    rows decoded as one batch (every row an independent draw). Token 1 comes from the prefill; tokens 2 and 3 are
+    drafted and verified in one step (sampled drafts with min(1, p/q), deterministic ones and a tree's ranked
+    candidates by recursive rejection), and token 4 is the step's own token: the residual's sample after a
+    rejection, or the bonus token after two acceptances. The test checks that all three outcomes occur."""
+    m = spread(name)
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    n = 4000
+    propose = m.drafters(2)[drafter]
+    seen = []
+    if tree is None:
+        def recording(tokens, state, features, temperature, top_k, max_drafts, **options):
+            drafts, q = propose(tokens, state, features, temperature, top_k, max_drafts, **options)
+            seen.append(drafts.clone())
+            return drafts, q
+        recording.reads_tokens = getattr(propose, "reads_tokens", True)
+    else:
+        recording = propose
+    torch.manual_seed(1)
+    out, _ = speculative_generate(m, ids.expand(n, -1), 4, recording, temperature=1.0, tree=tree)
+    new = out[:, 5:9]
+    if tree is None:  # the first verify step drafted tokens 2 and 3 for every row
+        assert seen[0].shape == (n, 2)
+        kept = (new[:, 1:3] == seen[0]).long().cumprod(1).sum(1)  # accepted drafts (or a residual equal to them)
+        assert all(int((kept == j).sum()) > n / 50 for j in (0, 1, 2)), kept.bincount(minlength=3)  # 4% at the least
+    expected = exact_joint(m, ids, 4).sum(0).flatten()  # p(x2, x3, x4)
+    counts = torch.bincount(new[:, 1] * 25 + new[:, 2] * 5 + new[:, 3], minlength=125).double()
+    keep = expected * n >= 5
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    wanted = n * torch.cat([expected[keep], expected[~keep].sum()[None]]).double()
+    chi2 = float(((observed - wanted) ** 2 / wanted.clamp(min=1e-9)).sum())
+    dof = int(keep.sum())
+    assert chi2 < chi2_critical(dof), f"chi2 {chi2:.1f} over {dof + 1} cells (0.001 point {chi2_critical(dof):.1f})"
