@@ -15,9 +15,13 @@ benchmark under 30 minutes on 2 CPU cores (22 measured, BENCHMARKS.md "Countdown
 training at 18 minutes) with one thread, so that a second job on the other core does not oversubscribe them.
 
 Rows (every question is checked by `countdown.check`, so any valid solution counts):
-  * accuracy: CoT and Coconut greedy; MDLM greedy, most confident tokens first; LaDiR with 1 trajectory and with
-    `samples` trajectories by majority vote. Coconut's first step is continuous, so its written last step is
-    accepted where some valid hidden first step makes the whole a solution.
+  * one generation per question: CoT and Coconut greedy; MDLM greedy, most confident tokens first; LaDiR with 1
+    trajectory and with `samples` trajectories by majority vote. Every family is scored by the same two rules:
+    "answer %", the written answer is the target (exact match; weak on Countdown, where the target is in the
+    question), and "valid %", the written steps and answer are a valid solution once preceded by some valid choice
+    of the steps the family hid ("latent steps": Coconut's continuous thoughts / thoughts_per_step, 0 for the
+    others), with at least one step written: an answer alone, the target copied, is no solution. So "valid %"
+    grades CoT, MDLM and LaDiR on every step and Coconut on its written steps only; read it with "latent steps".
   * pass@k (k = `samples`, from k samples per question: any of them valid) and "distinct valid": the number of
     different valid solutions among the k, averaged over questions (a solution is its sequence of steps, the
     operands of + and * unordered). CoT: k samples at temperature 1; MDLM: k samples at temperature 1;
@@ -38,9 +42,10 @@ from itertools import combinations
 
 import torch
 
-from benchmarks.common import fit_experiment, judge, parser, repeated, report, timed_generation
+from benchmarks.common import fit_experiment, parser, repeated, report, timed_generation
 from datamodules.countdown import ARROW, OPS, apply, check
 from datamodules.reasoning import STEP
+from objectives.scoring import exact_match
 
 PAPER = {"cot": 45.8, "mdlm": 91.5}  # Ye et al. 2024, Countdown: AR and their masked diffusion model
 RUNS = "cot,mdlm,coconut,ladir"
@@ -81,10 +86,12 @@ def sample_scores(question: list[str], samples: list[list[str]], k: int) -> dict
             "valid": sum(valid) / len(samples)}
 
 
-def latent_prefix_check(question: list[str], written: list[str], latent_steps: int) -> bool:
+def latent_prefix_check(question: list[str], written: list[str], latent_steps: int = 0) -> bool:
     """Whether some `latent_steps` valid steps on the question's numbers, then the written words, are a valid
-    solution (Coconut's hidden first steps cannot be read, only whether the rest fits some valid beginning)."""
-    if ARROW not in question:
+    solution (hidden first steps, Coconut's, cannot be read, only whether the rest fits some valid beginning).
+    At least one step must be written: with every step hidden only the answer, the target itself, would be
+    checked. With latent_steps = 0 this is `countdown.check` of the written words."""
+    if ARROW not in question or not solution_key(written):
         return False
     try:
         numbers = [int(t) for t in question[: question.index(ARROW)]]
@@ -113,19 +120,19 @@ def words(datamodule, ids: list[int]) -> list[str]:
 
 
 def accuracy_row(model, dm, size: int, decoding: str, generate=None, **options) -> dict:
-    """Accuracy of one generation per question (checked as a solution) and the tokens/s of producing them."""
+    """One generation per question, scored alike for every family: the answer (exact match) and the validity of
+    the written steps after the hidden ones (`latent_prefix_check`); and the tokens/s of producing them."""
     questions, gold, gens, seconds = timed_generation(model, dm, size, generate, **options)
-    latent = getattr(model, "latent_id", None) if getattr(model, "thought", "") == "continuous" else None
-    right, tokens = [], 0
+    latent = getattr(model, "latent_id", None)  # Coconut writes <bot>, its thoughts as this id, <eot>, then words
+    answered, valid, hidden, tokens = [], [], [], 0
     for q, g, gen in zip(questions, gold, gens):
-        if latent is not None:  # Coconut: <bot>, thoughts, <eot>, then words
-            thoughts = sum(t == latent for t in gen)
-            right.append(latent_prefix_check(words(dm, q), words(dm, gen), thoughts // model.c))
-            tokens += thoughts
-        else:
-            right.append(judge(dm, q, gen, g, model.eos_id))
-        tokens += sum(t < dm.vocab_size for t in gen)
-    return {"decoding": decoding, "acc %": 100 * statistics.mean(right), "tokens/s": tokens / seconds}
+        thoughts = 0 if latent is None else sum(t == latent for t in gen)
+        hidden.append(thoughts // model.c if thoughts else 0)
+        answered.append(exact_match(gen, g, model.eos_id)[1])
+        valid.append(latent_prefix_check(words(dm, q), words(dm, gen), hidden[-1]))
+        tokens += thoughts + sum(t < dm.vocab_size for t in gen)
+    return {"decoding": decoding, "answer %": 100 * statistics.mean(answered), "valid %": 100 * statistics.mean(valid),
+            "latent steps": statistics.mean(hidden), "tokens/s": tokens / seconds}
 
 
 def samples_row(model, dm, size: int, k: int, decoding: str, generate, **options) -> dict:
@@ -212,9 +219,10 @@ def main() -> None:
         k = args.samples
         for scores in evaluate(run, model, cli.datamodule, args.test_size, k):
             row = {"run": run, "objective": type(model).__name__, "decoding": scores["decoding"]}
-            for column in ("acc %", "sample acc %", f"pass@{k} %", "distinct valid", "tokens/s"):
+            for column in ("answer %", "valid %", "latent steps", "sample acc %", f"pass@{k} %", "distinct valid",
+                           "tokens/s"):
                 row[column] = scores.get(column)
-            row.update({"paper acc %": PAPER.get(run) if "acc %" in scores else None, "steps": info["steps"],
+            row.update({"paper acc %": PAPER.get(run) if "valid %" in scores else None, "steps": info["steps"],
                         "vae steps": info.get("vae steps"), "train min": info["train min"],
                         "cut by time": info["cut by time"]})
             rows.append(row)
@@ -222,8 +230,9 @@ def main() -> None:
     context = {"precision": args.precision or precision, "threads": args.threads, "steps": args.steps,
                "minutes": args.minutes, "vae_steps": args.vae_steps, "d_model": args.d_model,
                "n_layers": args.n_layers, "test_size": args.test_size, "samples": args.samples}
-    report(rows, f"Countdown-3 ({args.test_size} test questions): accuracy, pass@{args.samples} and distinct valid "
-                 f"solutions among {args.samples} samples; d_model {args.d_model}, {args.n_layers} layers, "
+    report(rows, f"Countdown-3 ({args.test_size} test questions): right answers, valid solutions, "
+                 f"pass@{args.samples} and distinct valid solutions among {args.samples} samples; "
+                 f"d_model {args.d_model}, {args.n_layers} layers, "
                  f"{args.steps} steps or {args.minutes:g} min per fit", args.json, **context)
 
 

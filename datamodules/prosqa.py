@@ -16,7 +16,8 @@ node); its label is the OR of its in-nodes' labels, and each in-node u gives the
 drew no in-node) and the others concept names. The question's entity is node 0 or 1; the true target is a
 leaf that descends from it alone, the false target a leaf that descends from the other root alone, so exactly
 one is reachable. The steps are the facts along a shortest path entity -> target; the number of steps (3 to 6)
-is drawn first from the public test set's shares and graphs are drawn until one has a target at that distance. The two candidates are written in random order.
+is drawn first from the public test set's shares and graphs are drawn until one has a target at that distance
+(`GRAPH_TRIES`). The two candidates are written in random order.
 
 Text (word-level, punctuation as its own token, as the datamodule's whitespace tokenizer splits the public
 files): facts "Every X is a Y ." (or "Tom is a Y ." for an entity), shuffled, then "Is Tom a A or B ?";
@@ -24,9 +25,10 @@ steps "Tom is a X .", "Every X is a Y .", ...; answer "Tom is a A .".
 
 Deviations: a draw of zero in-nodes is kept only with probability 0.1 and otherwise redrawn, which gives the
 public set's in-degrees (2.8% parentless non-root nodes, 2.6 entities per question; a plain Poisson(1.5) would
-leave 22% of the nodes parentless); the number of nodes of a graph is drawn uniformly from [0.6 n, 1.2 n] for the configured mean
-size n (the public test set spans 14..28 nodes around its mean of 22.8); the target is drawn uniformly among
-the reachable leaves at the drawn distance; shortest paths are found by breadth-first search in a shuffled order.
+leave 22% of the nodes parentless); the number of nodes of a graph is drawn uniformly from [0.6 n, 1.2 n] for
+the configured mean size n (the public test set spans 14..28 nodes around its mean of 22.8); the target is drawn
+uniformly among the reachable leaves at the drawn distance; shortest paths are found by breadth-first search in a
+shuffled order.
 """
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ from collections import deque
 from datamodules.reasoning import CONCEPTS, ENTITIES, Example, _poisson, _weighted_sample
 
 STEP_SHARES = {3: 0.40, 4: 0.43, 5: 0.14, 6: 0.03}  # the public test set's: 202, 217, 69, 12 of 500
+MIN_NODES = 18  # smaller graphs seldom hold a 6-step question
+# Graphs drawn for one question before giving up. The rarest case, a 6-step question at MIN_NODES, is found in
+# 0.31% of graphs (93 of 30,000 measured; 0.9% at 23 nodes), so 20,000 tries fail with probability
+# (1 - 0.0031)^20000 < 1e-26 per question, where 1,000 tries failed for 4.5% of such questions (1 in 8,000 at
+# 23 nodes); a hopeless draw costs about a second.
+GRAPH_TRIES = 20_000
 KEEP_PARENTLESS = 0.1  # a draw of 0 in-nodes is kept with this probability (else redrawn)
 
 
@@ -44,21 +52,22 @@ def concepts_of(parents: list[list[int]]) -> list[int]:
 
 
 class ProsQAGraphTask:
-    """A generator of ProsQA-style examples for `ReasoningDataModule(task="prosqa")`.
+    """A generator of ProsQA-style examples for `ReasoningDataModule(task="prosqa_alg1")`.
 
     Args:
         num_nodes: mean number of graph nodes (entities and concepts); 23 is the public set's mean (22.8).
         max_len: questions whose full training sequence is longer are redrawn.
     """
 
-    name = "prosqa"
+    name = "prosqa_alg1"
 
     def __init__(self, num_nodes: int = 23, max_len: int = 384):
         lo, hi = round(0.6 * num_nodes), round(1.2 * num_nodes)
-        if not 18 <= num_nodes <= len(CONCEPTS) / 1.2:
-            raise ValueError(f"prosqa: num_nodes={num_nodes} is out of range: graphs of fewer than about 18 nodes "
-                             f"seldom hold a {max(STEP_SHARES)}-step question, and there are {len(CONCEPTS)} "
-                             f"concept names; use 18 <= num_nodes <= {int(len(CONCEPTS) / 1.2)}")
+        if not MIN_NODES <= num_nodes <= len(CONCEPTS) / 1.2:
+            raise ValueError(f"prosqa_alg1: num_nodes={num_nodes} is out of range: graphs of fewer than about "
+                             f"{MIN_NODES} nodes seldom hold a {max(STEP_SHARES)}-step question, and there are "
+                             f"{len(CONCEPTS)} concept names; use {MIN_NODES} <= num_nodes <= "
+                             f"{int(len(CONCEPTS) / 1.2)}")
         self.sizes, self.limit = (lo, hi), max_len
 
     def vocab(self) -> list[str]:
@@ -91,7 +100,7 @@ class ProsQAGraphTask:
 
     def sample(self, rng: random.Random) -> Example:
         wanted = rng.choices(list(STEP_SHARES), weights=list(STEP_SHARES.values()))[0]
-        for _ in range(1000):
+        for _ in range(GRAPH_TRIES):
             n = rng.randint(*self.sizes)
             parents, labels = self.graph(rng, n)
             children: list[list[int]] = [[] for _ in range(n)]
@@ -118,10 +127,10 @@ class ProsQAGraphTask:
             negatives = [v for v in leaves if labels[v] == 2 >> root]
             if targets and negatives and n - len(concepts_of(parents)) <= len(ENTITIES):
                 break
-        else:  # small graphs rarely hold a 6-step question: ~1000 consecutive graphs without one
-            raise RuntimeError(f"prosqa: could not draw a graph of {self.sizes[0]}..{self.sizes[1]} nodes with a "
-                               f"{wanted}-step question in 1000 tries: use a larger data.init_args.num_nodes (23, the "
-                               f"public set's mean, draws every step count)")
+        else:  # pragma: no cover - less likely than 1e-26 per question (GRAPH_TRIES)
+            raise RuntimeError(f"prosqa_alg1: could not draw a graph of {self.sizes[0]}..{self.sizes[1]} nodes with "
+                               f"a {wanted}-step question in {GRAPH_TRIES} tries: use a larger "
+                               f"data.init_args.num_nodes")
         target, negative = rng.choice(targets), rng.choice(negatives)
         entity = [v for v in range(n) if not parents[v]]
         names = dict(zip(entity, rng.sample(ENTITIES, len(entity))))

@@ -1,5 +1,6 @@
 """Reasoning and planning tasks as a Lightning datamodule: path-star graphs, ProsQA-style DAG questions,
-k-digit multiplication with partial products, and JSON/JSONL files of ``{"question", "steps", "answer"}``.
+k-digit multiplication with partial products, Countdown, and JSON/JSONL files of ``{"question", "steps",
+"answer"}``.
 
 Every example is a question, a list of reasoning steps and an answer, each a list of tokens from a small
 fixed word-level vocabulary (no BPE for the generated tasks). A training sequence is::
@@ -17,15 +18,19 @@ Tasks
   with Poisson(1.5) parents chosen by depth-weighted sampling, the two candidate concepts being the first two
   nodes; "Every X is a Y ." facts for the edges, "Tom is a X ." facts for the entity; the question asks
   whether the entity is concept A or concept B; the steps are the facts along a shortest path from the
-  entity to the right concept; the answer names it ("Tom is a A .").
+  entity to the right concept; the answer names it ("Tom is a A ."). Task "prosqa" (`ProsQATask`, below): one
+  entity and a fixed number of concept nodes. Task "prosqa_alg1" (`datamodules/prosqa.py`): Algorithm 1 closer
+  to the public set, with several entities, graphs of varying size and its shares of 3 to 6 steps.
 * **multiplication**: k-digit by k-digit multiplication with the k partial products ``a * b_i * 10**i`` as the
   reasoning steps, as in the implicit chain-of-thought work (Deng et al. 2023, "Implicit Chain of Thought
   Reasoning via Knowledge Distillation", arXiv:2311.01460; Deng et al. 2024, "From Explicit CoT to Implicit
   CoT", arXiv:2405.14838), digits written least-significant first by default as they do.
+* **countdown** (`datamodules/countdown.py`): reach a target from `num_numbers` given numbers with + - * /; the
+  steps are ``a op b = c``, and any valid solution counts (the task checks a generated solution).
 * **file**: JSON (a list) or JSONL files of ``{"question", "steps", "answer"}`` records, the shape of the public
   ProsQA, ProntoQA and GSM8k-Aug releases; a word-level vocabulary built from the train split (held-out words
-  become ``<unk>``, counted in `unknown_tokens`), or a given ``tokenizer.json`` (tokenizers library). Given
-  val/test files are the held-out splits as they are.
+  become ``<unk>``, counted in `unknown_tokens`), or a given ``tokenizer.json`` (tokenizers library). The files
+  are the splits as they are; only a val split is held out of the train file where no val file is given.
 
 Batch contract (dict of tensors, right-padded)
 ----------------------------------------------
@@ -539,11 +544,16 @@ class ReasoningDataModule(L.LightningDataModule):
     """Reasoning / planning tasks with fixed val and test sets and a generated (or fixed-size) train set.
 
     Args:
-        task: "path_star", "prosqa", "multiplication" or "file".
+        task: "path_star", "prosqa" (`ProsQATask`: one entity, a fixed number of concept nodes), "prosqa_alg1"
+            (`datamodules/prosqa.py`: Algorithm 1 with several entities and the public set's 3-6 step shares),
+            "multiplication", "countdown" (`datamodules/countdown.py`) or "file".
         degree: path-star arms d.
         path_length: path-star nodes per arm l, source included.
-        num_nodes: path-star number of node labels N (default 50); ProsQA number of concept nodes in the DAG
-            (default 23, the mean graph size reported for ProsQA).
+        num_nodes: path-star number of node labels N (default 50); "prosqa" number of concept nodes in the DAG;
+            "prosqa_alg1" mean number of graph nodes, entities included (both default 23, the mean graph size of
+            the public ProsQA set). Not a Countdown option (see num_numbers).
+        num_numbers: Countdown: how many numbers a question gives (default 3, Countdown-3); a solution has
+            num_numbers - 1 steps.
         reverse_answer: write the answer tokens in reverse order (path-star: the path goal-first).
         teacherless: add `inputs` = tokens with the answer tokens replaced by <dummy> (Bachmann & Nagarajan's
             teacherless training: every answer token is predicted from the prompt alone).
@@ -551,17 +561,15 @@ class ReasoningDataModule(L.LightningDataModule):
         reverse_digits: multiplication numbers written least-significant digit first.
         max_seq_len: ProsQA: graphs whose full sequence is longer are redrawn (default 384); files: records
             longer are dropped with a warning (default: no limit).
-        train_file, val_file, test_file: task "file": JSON or JSONL records. Given val/test files are those
-            splits, whatever their size. A held-out split without a file is split off the shuffled train file:
-            val_size/test_size records where set; otherwise, when no held-out file is given at all, 10% of the
-            records each (at most 500 and 1000); beside a given val file, no test split (`train.py test` then
-            asks for test_file or test_size).
+        train_file, val_file, test_file: task "file": JSON or JSONL records; the files are the splits, whatever
+            their size, and train_size/val_size/test_size are not used. Without val_file, a tenth of the shuffled
+            train file (at most 500 records) is held out as the val split; without test_file there is no test
+            split (`train.py test` then asks for test_file).
         tokenizer_path: task "file": a `tokenizers` tokenizer.json to use instead of a word-level vocabulary
             built from the files (missing special tokens are added to it).
-        train_size: number of train examples, or None for a fresh generated stream of `stream_size` items
-            (file task: None = all records).
-        val_size, test_size: sizes of the fixed held-out sets (disjoint from train and from each other); generated
-            tasks default to 500 and 1000; for files see train_file.
+        train_size: generated tasks: number of train examples, or None for a fresh stream of `stream_size` items.
+        val_size, test_size: generated tasks: sizes of the fixed held-out sets (disjoint from train and from each
+            other), default 500 and 1000.
         stream_size: nominal length of the generated train stream (an epoch).
         batch_size, num_workers: loader settings.
         seed: seeds everything the data depends on.
@@ -576,6 +584,7 @@ class ReasoningDataModule(L.LightningDataModule):
         degree: int = 2,
         path_length: int = 5,
         num_nodes: int | None = None,
+        num_numbers: int | None = None,
         reverse_answer: bool = False,
         teacherless: bool = False,
         digits: int = 4,
@@ -610,9 +619,18 @@ class ReasoningDataModule(L.LightningDataModule):
             reverse_answer=reverse_answer,
             teacherless=teacherless,
         )
+        if task == "countdown" and num_nodes is not None:
+            raise ValueError(f"num_nodes={num_nodes} is not a Countdown option: give how many numbers a question has "
+                             f"as data.init_args.num_numbers")
+        if task not in ("countdown", "file") and num_numbers is not None:
+            raise ValueError(f"num_numbers={num_numbers} is a Countdown option (task='countdown'), not one of "
+                             f"task={task!r}: leave it out")
         if task == "file":
-            self._init_file(train_file, val_file, test_file, tokenizer_path, train_size, val_size, test_size,
-                            max_seq_len)
+            sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
+            unused = ", ".join(f"{k}={v}" for k, v in sizes.items() if v is not None)
+            if unused:
+                rank_zero_info(f"task='file': the files are the splits; {unused} (sizes of generated tasks) not used")
+            self._init_file(train_file, val_file, test_file, tokenizer_path, max_seq_len)
         elif task in ("path_star", "prosqa", "prosqa_alg1", "multiplication", "countdown"):
             if task == "path_star":
                 gen = PathStarTask(degree, path_length, 50 if num_nodes is None else num_nodes)
@@ -620,16 +638,18 @@ class ReasoningDataModule(L.LightningDataModule):
                 gen = ProsQATask(23 if num_nodes is None else num_nodes, 384 if max_seq_len is None else max_seq_len)
             elif task == "prosqa_alg1":  # several entities, 3..6 steps, the public set's statistics (prosqa.py)
                 from datamodules.prosqa import ProsQAGraphTask
-                gen = ProsQAGraphTask(23 if num_nodes is None else num_nodes, 384 if max_seq_len is None else max_seq_len)
-            elif task == "countdown":  # num_nodes = how many numbers are given (datamodules/countdown.py)
+                gen = ProsQAGraphTask(23 if num_nodes is None else num_nodes,
+                                      384 if max_seq_len is None else max_seq_len)
+            elif task == "countdown":
                 from datamodules.countdown import CountdownTask
-                gen = CountdownTask(3 if num_nodes is None else num_nodes)
+                gen = CountdownTask(3 if num_numbers is None else num_numbers)
             else:
                 gen = MultiplicationTask(digits, reverse_digits)
             self._init_generated(gen, train_size, 500 if val_size is None else val_size,
                                  1000 if test_size is None else test_size, stream_size)
         else:
-            raise ValueError(f"task must be one of path_star, prosqa, prosqa_alg1, multiplication, countdown, file; got {task!r}")
+            raise ValueError(f"task must be one of path_star, prosqa, prosqa_alg1, multiplication, countdown, file; "
+                             f"got {task!r}")
         self.bytes_per_token = self._bytes_per_token()
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -668,38 +688,26 @@ class ReasoningDataModule(L.LightningDataModule):
                                           set(exclude), self._encode, self.ids, self.opts)
         self.seq_len = gen.max_len()
 
-    def _init_file(self, train_file, val_file, test_file, tokenizer_path, train_size, val_size, test_size,
-                   max_seq_len):
+    def _init_file(self, train_file, val_file, test_file, tokenizer_path, max_seq_len):
         if not train_file:
             raise ValueError(f"task='file' needs train_file= (and optionally val_file=, test_file=): {RECORD_HINT}")
         train = load_records(train_file)
-        val = load_records(val_file) if val_file else None
-        test = load_records(test_file) if test_file else None
-        tenth = lambda most: max(1, min(most, len(train) // 10))  # noqa: E731
-        take_val = 0 if val is not None else tenth(500) if val_size is None else val_size
-        take_test = (0 if test is not None else test_size if test_size is not None
-                     else tenth(1000) if val is None else 0)  # beside a given val file, no test split of its own
-        if take_test + take_val:
-            if take_test + take_val >= len(train):
-                raise ValueError(
-                    f"{train_file}: {len(train)} records cannot give test_size={take_test} and val_size={take_val} "
-                    f"and leave any for training; pass val_file=/test_file= or smaller sizes"
-                )
+        test = load_records(test_file) if test_file else []
+        if val_file:
+            val = load_records(val_file)
+        else:  # a tenth of the shuffled train file (at most 500 records) held out
+            if len(train) < 2:
+                raise ValueError(f"{train_file}: {len(train)} record cannot give a val split and leave one for "
+                                 f"training; pass val_file=")
             order = list(range(len(train)))
             random.Random(f"{self.seed}/file-split").shuffle(order)
-            test = [train[i] for i in order[:take_test]] if test is None else test
-            val = [train[i] for i in order[take_test : take_test + take_val]] if val is None else val
-            train = [train[i] for i in order[take_test + take_val :]]
-        test = test or []
-        if not val:
-            raise ValueError(f"{train_file}: no val records; pass val_file= or a val_size of at least 1")
+            take = max(1, min(500, len(train) // 10))
+            val, train = [train[i] for i in order[:take]], [train[i] for i in order[take:]]
         heldout = {key_hash(r["question"]) for r in val + test}
         kept = [r for r in train if key_hash(r["question"]) not in heldout]
         if len(kept) < len(train):
             warnings.warn(f"{train_file}: dropped {len(train) - len(kept)} train records whose question is in val/test")
         train = kept
-        if train_size is not None:
-            train = train[:train_size]
         if not train:
             raise ValueError(f"{train_file}: no train records left; it must hold {RECORD_HINT}")
         if tokenizer_path:
@@ -819,8 +827,8 @@ class ReasoningDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         if not len(self.test_set):
-            raise ValueError("there is no test split: pass data.init_args.test_file (or test_size, to split it off "
-                             "the train file)")
+            raise ValueError("there is no test split: pass data.init_args.test_file (task 'file': only a test file "
+                             "gives one), or a test_size above 0 (generated tasks)")
         return self._eval_loader(self.test_set)
 
 

@@ -21,7 +21,7 @@ from objectives import metrics as M
 from objectives import scoring
 from objectives.checkpoints import check_companions, companion_records, companions, format_report, warm_start
 from objectives.decoding import left_to_right
-from objectives.losses import chunked_cross_entropy
+from objectives.losses import CHUNK_MIB, chunk_positions, chunked_cross_entropy
 from objectives.speculative import lookup_drafts, speculative_generate
 from objectives.optim import WarmupCosine, decay_groups
 
@@ -39,7 +39,8 @@ class Objective(L.LightningModule):
         lr_scheduler: schedule factory (stepped every optimizer step).
         summaries: auxiliary losses on the trunk's hidden states (future-summary mixins), causal families only.
         compile: compile the trunk with `torch.compile`.
-        ce_chunk_size: positions per chunk of the chunked cross-entropy.
+        ce_chunk_size: MiB of fp32 logits per chunk of the chunked cross-entropy (`objectives/losses.py`): a budget
+            in bytes, so positions per chunk = ce_chunk_size MiB / (4 bytes x V), the same memory at any vocabulary.
         eval_examples: val examples per validation whose generated answer is scored (reasoning data).
         sample_tokens: tokens of a greedy sample written to TensorBoard each validation (text data).
         check_finite: stop at the first non-finite training loss, naming the step. It raises in the step itself,
@@ -58,7 +59,7 @@ class Objective(L.LightningModule):
 
     def __init__(self, trunk: nn.Module, vocab_size: int = 0, bytes_per_token: float = 0.0, eos_id: int | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable = WarmupCosine,
-                 summaries: list[nn.Module] | None = None, compile: bool = False, ce_chunk_size: int = 4096,
+                 summaries: list[nn.Module] | None = None, compile: bool = False, ce_chunk_size: float = CHUNK_MIB,
                  eval_examples: int = 64, sample_tokens: int = 48, check_finite: bool = True,
                  init_from: str | None = None):
         super().__init__()
@@ -72,6 +73,7 @@ class Objective(L.LightningModule):
         if vocab_size <= 0:
             raise ValueError("model.vocab_size is not set: train.py links it from data.vocab_size; "
                              "pass vocab_size= when building an objective by hand")
+        chunk_positions(ce_chunk_size, vocab_size)  # a bad budget fails here, naming ce_chunk_size
         missing = [m for m in self.required_masks if m not in getattr(trunk, "supported_masks", ())]
         if missing:
             raise ValueError(

@@ -19,16 +19,16 @@ about one forward; otherwise each pass recomputes the prefix it needs (the "reco
 forward per pass over the sequence so far; exact, (thoughts + 1) times the work). Rows may have prompts of any
 length: each row's thoughts sit right after its own question.
 
-The curriculum stage is a function of the training step (or epoch): `start_stage + unit // stage_every`,
-applied here from the batch's `segments`, so that data workers keep no state; it is logged as
-`train/coconut_stage`, and `OptimizerReset` (added by `configure_callbacks`) clears the optimizer's state at
-each stage change, as the reference code rebuilds its optimizer. The baselines of the paper's table are
-configs: "pause as thought" (`thought: pause`: the thoughts' positions read one learned <pause> embedding, the
-latent placeholder's row, with the same curriculum), "w/o curriculum" (`start_stage` = max_latent_stage: every
-step latent from the first step), and CoT / No-CoT (next-token prediction on the data with and without steps).
-A CoT warm start (the paper's GSM8k recipe) is `--model.init_args.init_from CKPT`; the three new embedding rows
-then start as a copy of an existing token's row (`init_special_from`, default <eos>), as the reference code
-copies one.
+The curriculum stage is a function of the training step (or epoch): `start_stage + unit // stage_every`, applied
+here from the batch's `segments`, so that data workers keep no state; it is logged as `train/coconut_stage`, and
+`OptimizerReset` (added by `configure_callbacks`) clears the optimizer's state at each stage change, the schedule
+running on, optionally re-warming the learning rate over `rewarm_steps` (the reference code instead builds a new
+AdamW at every epoch at a constant 1e-4; see `OptimizerReset`). The baselines of the paper's table are configs:
+"pause as thought" (`thought: pause`: the thoughts' positions read one learned <pause> embedding, the latent
+placeholder's row, with the same curriculum), "w/o curriculum" (`start_stage` = max_latent_stage: every step latent
+from the first step), and CoT / No-CoT (next-token prediction on the data with and without steps). A CoT warm start
+(the paper's GSM8k recipe) is `--model.init_args.init_from CKPT`; the three new embedding rows then start as a copy
+of an existing token's row (`init_special_from`, default <eos>), as the reference code copies one.
 
 Generation appends <bot> to each prompt, produces the thoughts (as many as the current stage trains with, or
 `num_thoughts`), then <eot>, then decodes the answer greedily or by sampling, a whole ragged batch at once. In the
@@ -46,9 +46,8 @@ import torch.nn.functional as F
 from objectives.base import Objective
 from objectives.decoding import decode_after
 from objectives.losses import chunked_cross_entropy
+from objectives.metrics import COCONUT_STAGE
 from objectives.stages import OptimizerReset, Staged
-
-COCONUT_STAGE = "train/coconut_stage"
 
 
 class Coconut(Staged, Objective):
@@ -58,7 +57,10 @@ class Coconut(Staged, Objective):
         thought: "continuous" (Coconut: the previous position's last hidden state) or "pause" (one learned
             <pause> embedding at every thought position: the paper's pause-as-thought baseline).
         thoughts_per_step: thoughts c per replaced step.
-        max_latent_stage: beyond this stage every step is latent, with max_latent_stage * c thoughts.
+        max_latent_stage: beyond this stage every step is latent, with max_latent_stage * c thoughts (the
+            reference's last stage): on data with more steps than max_latent_stage, the steps beyond them are then
+            dropped, and only the answer is written. A run that should keep writing its last steps stops its
+            curriculum at max_latent_stage (from stage 0: max_steps <= stage_every * (max_latent_stage + 1)).
         stage_every: training steps (or epochs, see `stage_unit`) per curriculum stage; 0 keeps `start_stage`.
         stage_unit: "step" or "epoch".
         start_stage: the stage of the first step (max_latent_stage: the "w/o curriculum" baseline).
@@ -66,6 +68,8 @@ class Coconut(Staged, Objective):
             reference code's ProsQA setting); False: min(its steps, max_latent_stage) * c. Generation always uses
             the padded count, since the number of steps is not known from the question.
         reset_optimizer: clear the optimizer's state at each stage change (`OptimizerReset`).
+        rewarm_steps: after each reset, ramp the learning rate linearly from 1/rewarm_steps of the schedule's back
+            to it over this many optimizer steps; 0 (the default, and what every shipped recipe uses): none.
         passes: "auto" (one shared cache where the trunk takes ragged rows, else recompute), "cache" or
             "recompute".
         init_special_from: the token whose embedding row a warm start copies into <bot>, <eot> and <latent>
@@ -80,8 +84,8 @@ class Coconut(Staged, Objective):
     def __init__(self, *args, thought: Literal["continuous", "pause"] = "continuous", thoughts_per_step: int = 1,
                  max_latent_stage: int = 6, stage_every: int = 0, stage_unit: Literal["step", "epoch"] = "step",
                  start_stage: int = 0, pad_latent_to_max: bool = True, reset_optimizer: bool = True,
-                 passes: Literal["auto", "cache", "recompute"] = "auto", init_special_from: int | None = None,
-                 **kwargs):
+                 rewarm_steps: int = 0, passes: Literal["auto", "cache", "recompute"] = "auto",
+                 init_special_from: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if thought not in ("continuous", "pause"):
             raise ValueError(f"thought must be 'continuous' or 'pause', got {thought!r}")
@@ -89,8 +93,9 @@ class Coconut(Staged, Objective):
             raise ValueError(f"stage_unit must be 'step' or 'epoch', got {stage_unit!r}")
         if passes not in ("auto", "cache", "recompute"):
             raise ValueError(f"passes must be 'auto', 'cache' or 'recompute', got {passes!r}")
-        if thoughts_per_step < 1 or max_latent_stage < 0 or stage_every < 0 or start_stage < 0:
-            raise ValueError("Coconut needs thoughts_per_step >= 1 and max_latent_stage, stage_every, start_stage >= 0")
+        if thoughts_per_step < 1 or min(max_latent_stage, stage_every, start_stage, rewarm_steps) < 0:
+            raise ValueError("Coconut needs thoughts_per_step >= 1 and max_latent_stage, stage_every, start_stage, "
+                             "rewarm_steps >= 0")
         ragged = "padding_mask" in inspect.signature(self.trunk.forward).parameters
         if passes == "cache" and not ragged:
             raise ValueError(f"passes='cache' needs a trunk that takes ragged rows (padding_mask) through its cache; "
@@ -98,6 +103,7 @@ class Coconut(Staged, Objective):
         self.thought, self.c = thought, thoughts_per_step
         self.max_latent_stage, self.stage_every, self.stage_unit = max_latent_stage, stage_every, stage_unit
         self.start_stage, self.pad_latent_to_max, self.reset_optimizer = start_stage, pad_latent_to_max, reset_optimizer
+        self.rewarm_steps = rewarm_steps
         self.ragged_trunk = ragged
         self.use_cache = ragged and passes != "recompute"
         self.bot_id, self.eot_id, self.latent_id = self.vocab_size, self.vocab_size + 1, self.vocab_size + 2
@@ -232,7 +238,7 @@ class Coconut(Staged, Objective):
         return out
 
     def configure_callbacks(self):
-        return [OptimizerReset()] if self.reset_optimizer and self.stage_every > 0 else []
+        return [OptimizerReset(self.rewarm_steps)] if self.reset_optimizer and self.stage_every > 0 else []
 
     def extra_token_sources(self) -> list[int | None]:
         source = self.init_special_from if self.init_special_from is not None else self.eos_id

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives import metrics as M
 from objectives.base import Objective
 from objectives.losses import chunked_cross_entropy
 
@@ -136,8 +137,8 @@ class DiffusionLM(Objective):
                                                                 self.hparams.ce_chunk_size)[0]
         weight = counted.sum()
         return {"loss": mse + prior + rounding_nll / n, "nll_bound": bound.detach(), "bound_tokens": weight,
-                "metrics": {"val/mse": (mse.detach(), weight), "val/rounding_nll": (rounding_nll.detach() / n, weight),
-                            "val/rounding_acc": (correct / weight.clamp(min=1), weight)}}
+                "metrics": {M.VAL_MSE: (mse.detach(), weight), M.VAL_ROUNDING_NLL: (rounding_nll.detach() / n, weight),
+                            M.VAL_ROUNDING_ACC: (correct / weight.clamp(min=1), weight)}}
 
     def nll_bound(self, x0, mean, predicted, t, counted) -> torch.Tensor:
         """A one-step Monte Carlo estimate of -log p(w) <= E_q(x0|w)[-log p(w|x0) - log p(x0) + log q(x0|w)], the

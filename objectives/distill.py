@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives import metrics as M
 from objectives.base import Objective
 from objectives.checkpoints import FrozenCompanion
 from objectives.decoding import sample_token
@@ -292,7 +293,7 @@ class SelfDistillation(Objective):
         nll, count, _ = chunked_cross_entropy(hidden[:, : L - 1], self.unembedding, tokens[:, 1:],
                                               batch["loss_mask"][:, 1:], self.hparams.ce_chunk_size)
         agree = (logits.argmax(-1) == target).float() * weight
-        metrics = {f"val/distill_acc{s + 2}": (agree[..., s].sum() / weight[..., s].sum().clamp(min=1),
+        metrics = {M.distill_acc(s + 2): (agree[..., s].sum() / weight[..., s].sum().clamp(min=1),
                                                weight[..., s].sum()) for s in range(slots)}
         out = {"loss": loss, "ntp_nll": nll.detach(), "ntp_tokens": count}
         if not self.training:

@@ -25,7 +25,10 @@ The paper's recipe, in its order:
    and seen by nothing. The end of reasoning is a learned signal: after each clean block the next-token head
    predicts <bob> (another block) or <ans> (the answer starts); the answer is then written in words from the
    question and the latent blocks. Loss: the next-token cross-entropy on the <bob>/<ans> decisions and the answer
-   plus `flow_weight` * L_FM. The paper's flow-matching parameterisation is the one used (its Sec. 3.2).
+   plus `flow_weight` * L_FM. The equation above is the paper's velocity parameterisation (`prediction:
+   velocity`); the default, as `configs/objectives/ladir.yaml` ships it, predicts the clean latents instead, on the
+   same path and with self-conditioning (`prediction: clean`, `self_condition: true`; better at this project's
+   scale, BENCHMARKS.md).
 
 3. **Inference** (Sec. 3.3, `sample_trajectories`). One prefill of the question, then the cache is forked into N
    trajectories; each block is integrated from its own noise with `denoising_steps` Euler steps, the N
@@ -54,6 +57,7 @@ from torch import nn
 
 from models import Transformer
 from models.layers import block_mask
+from objectives import metrics as M
 from objectives import scoring
 from objectives.base import Objective
 from objectives.checkpoints import FrozenCompanion, load_checkpoint
@@ -62,7 +66,7 @@ from objectives.losses import chunked_cross_entropy
 from objectives.planning import step_spans
 from objectives.stages import OptimizerReset, Staged
 
-LADIR_STAGE = "train/ladir_stage"  # 0: the VAE trains, 1: the latent model trains on the frozen VAE
+LADIR_STAGE = M.LADIR_STAGE  # 0: the VAE trains, 1: the latent model trains on the frozen VAE
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,13 +185,6 @@ class StepVAE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def latent_segments(prompt_len: int, num_blocks: int, block_size: int) -> torch.Tensor:
-    """Segment ids [prompt_len + num_blocks * block_size] for `models.layers.block_mask`: every question token
-    its own block (causal), then one block per `block_size` thought tokens (full inside, causal across)."""
-    blocks = torch.arange(num_blocks).repeat_interleave(block_size) + prompt_len
-    return torch.cat([torch.arange(prompt_len), blocks])
-
-
 class TimeEmbedding(nn.Module):
     """The flow time t in [0, 1] -> a [.., d_model] vector: sinusoidal features, then a two-layer MLP."""
 
@@ -267,10 +264,10 @@ class LaDiR(Staged, Objective):
             the VAE's decoder and embedding.
         freeze_decoder: keep that decoder fixed while the VAE trains (False: fine-tune it).
         flow_weight: the weight of L_FM beside the cross-entropy of the decisions and the answer.
-        prediction: what the latent head outputs: "velocity" (v_theta, the L_FM above) or "clean" (the clean
-            latents x1_hat, trained by ||x1_hat - x1||^2 and integrated with v = (x1_hat - x_t) / (1 - t): the same
-            path, weighted towards the noisier times, where a velocity target amplifies the error in x1 by
-            1 / (1 - t) near t = 1).
+        prediction: what the latent head outputs: "clean" (the default: the clean latents x1_hat, trained by
+            ||x1_hat - x1||^2 and integrated with v = (x1_hat - x_t) / (1 - t): the same path, weighted towards the
+            noisier times, where a velocity target amplifies the error in x1 by 1 / (1 - t) near t = 1) or
+            "velocity" (the paper's v_theta, the L_FM above).
         denoising_steps: Euler steps per block at inference.
         num_trajectories: trajectories per question at inference (1: one sample; N: majority vote, pass@N).
         repulsion: the weight of the repulsion between a question's trajectories (0 = off).
@@ -282,6 +279,7 @@ class LaDiR(Staged, Objective):
         self_condition: the noisy block also reads the model's own previous estimate of its clean latents
             (self-conditioning, Chen et al. 2022, "Analog Bits", arXiv:2208.04202): in training a first pass without
             gradient gives the estimate half the time (zeros otherwise); in sampling, the previous Euler step's.
+            On by default; off is the paper's model.
         step_id, answer_id: the data's <step> and <ans> ids (read from the datamodule where it has them).
         **kwargs: the base objective's arguments.
     """
@@ -294,10 +292,10 @@ class LaDiR(Staged, Objective):
     def __init__(self, *args, block_size: int = 2, latent_dim: int = 16, vae_layers: int | None = None,
                  max_step_len: int = 16, beta: float = 1e-3, beta_warmup_steps: int = 200, vae_steps: int = 500,
                  vae_from: str | None = None, decoder_from: str | None = None, freeze_decoder: bool = False,
-                 flow_weight: float = 1.0, prediction: Literal["velocity", "clean"] = "velocity",
+                 flow_weight: float = 1.0, prediction: Literal["velocity", "clean"] = "clean",
                  denoising_steps: int = 8, num_trajectories: int = 1,
                  repulsion: float = 0.0, repulsion_bandwidth: float | None = None, max_blocks: int = 8,
-                 reencode: bool = True, self_condition: bool = False, step_id: int = 3, answer_id: int = 4, **kwargs):
+                 reencode: bool = True, self_condition: bool = True, step_id: int = 3, answer_id: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if block_size < 1 or denoising_steps < 1 or num_trajectories < 1 or max_blocks < 1:
             raise ValueError(f"LaDiR needs block_size, denoising_steps, num_trajectories and max_blocks >= 1; got "
@@ -407,13 +405,13 @@ class LaDiR(Staged, Objective):
         self.vae.train(self.training)
         loss, parts = self.vae.loss(steps, self.global_step)
         stage = "train" if self.training else "val"
-        metrics = {f"{stage}/vae_reconstruction": (parts["reconstruction"], len(steps)),
-                   f"{stage}/vae_kl": (parts["kl"], len(steps))}
+        metrics = {M.vae_reconstruction(stage): (parts["reconstruction"], len(steps)),
+                   M.vae_kl(stage): (parts["kl"], len(steps))}
         if not self.training:  # the goal's figure: greedy reconstruction from the posterior means
             real = steps != self.vae.pad_id
             same = (self.vae.reconstruct(steps) == steps) | ~real
-            metrics["val/vae_token_accuracy"] = (same[real].float().mean(), int(real.sum()))
-            metrics["val/vae_step_accuracy"] = (same.all(1).float().mean(), len(steps))  # every token of a step
+            metrics[M.VAL_VAE_TOKEN_ACCURACY] = (same[real].float().mean(), int(real.sum()))
+            metrics[M.VAL_VAE_STEP_ACCURACY] = (same.all(1).float().mean(), len(steps))  # every token of a step
         return {"loss": loss, "metrics": self.report(metrics)}
 
     def report(self, metrics: dict[str, tuple[torch.Tensor, int]]) -> dict:
@@ -533,7 +531,7 @@ class LaDiR(Staged, Objective):
             flow = (output - x1[b_idx, s_idx]).pow(2).mean()
         stage = "train" if self.training else "val"
         n = int(batch["tokens"].shape[0])
-        metrics = {f"{stage}/flow_loss": (flow.detach(), n), f"{stage}/answer_nll": (ce.detach(), int(count))}
+        metrics = {M.flow_loss(stage): (flow.detach(), n), M.answer_nll(stage): (ce.detach(), int(count))}
         return {"loss": ce + self.flow_weight * flow, "metrics": self.report(metrics)}
 
     def extra_token_sources(self) -> list[int | None]:
@@ -669,5 +667,5 @@ class LaDiR(Staged, Objective):
             passed.append(any(right for _, right in judged))
         scoring.record_scores(self, stage, prompts, gens, golds, correct)
         if len(trajectories[0]) > 1:
-            self.log(f"{stage}/pass_at_{len(trajectories[0])}", sum(passed) / len(passed), batch_size=len(passed),
+            self.log(M.pass_at(stage, len(trajectories[0])), sum(passed) / len(passed), batch_size=len(passed),
                      sync_dist=True)

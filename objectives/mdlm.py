@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from objectives import metrics as M
 from objectives.base import Objective
 from objectives.decoding import token_probs
 from objectives.losses import chunked_cross_entropy
@@ -112,7 +113,7 @@ class MaskedDiffusion(Objective):
         loss = (bound + padding) / maskable.sum().clamp(min=1)
         tokens = counted.sum()
         return {"loss": loss, "nll_bound": bound.detach(), "bound_tokens": tokens,
-                "metrics": {"val/masked_fraction": (masked.sum() / maskable.sum().clamp(min=1), tokens)}}
+                "metrics": {M.VAL_MASKED_FRACTION: (masked.sum() / maskable.sum().clamp(min=1), tokens)}}
 
     # --- sampling ------------------------------------------------------------------------------------------------
     def x0_probs(self, xt: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:

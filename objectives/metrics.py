@@ -25,6 +25,49 @@ def head_acc(k: int) -> str:
 ACCEPT_LEN_TEACHER_FORCED = "val/accept_len_teacher_forced"  # tokens per greedy step from teacher-forced head argmaxes
 
 
+def distill_acc(k: int) -> str:
+    """Multi-token retrofit: how often the mask slot for token t+k picks the teacher's rollout token."""
+    return f"val/distill_acc{k}"
+
+
+# Diffusion-LM (continuous embeddings)
+VAL_MSE = "val/mse"                      # the denoiser's mean squared error against the clean embeddings x0
+VAL_ROUNDING_NLL = "val/rounding_nll"    # nats per token of the rounding step p(w | x0) back to the tokens
+VAL_ROUNDING_ACC = "val/rounding_acc"    # fraction of the counted tokens that rounding x0 gives back
+# MDLM
+VAL_MASKED_FRACTION = "val/masked_fraction"  # fraction of the maskable tokens the drawn times masked
+# Coconut and LaDiR
+COCONUT_STAGE = "train/coconut_stage"    # the curriculum stage: the first k reasoning steps are continuous thoughts
+LADIR_STAGE = "train/ladir_stage"        # 0: the VAE trains, 1: the latent model trains on the frozen VAE
+VAL_VAE_TOKEN_ACCURACY = "val/vae_token_accuracy"  # greedy reconstruction of held-out steps, per token
+VAL_VAE_STEP_ACCURACY = "val/vae_step_accuracy"    # the same, whole steps exact
+
+
+def vae_reconstruction(stage: str) -> str:
+    """LaDiR's VAE: nats per token of a step decoded from a sample of its posterior (stage: "train", "val")."""
+    return f"{stage}/vae_reconstruction"
+
+
+def vae_kl(stage: str) -> str:
+    """LaDiR's VAE: the KL of a step's posterior from N(0, I), per step (before the weight beta)."""
+    return f"{stage}/vae_kl"
+
+
+def flow_loss(stage: str) -> str:
+    """LaDiR's latent model: the flow-matching loss of its blocks."""
+    return f"{stage}/flow_loss"
+
+
+def answer_nll(stage: str) -> str:
+    """LaDiR's latent model: the cross-entropy of the <bob>/<ans> decisions and the answer."""
+    return f"{stage}/answer_nll"
+
+
+def pass_at(stage: str, n: int) -> str:
+    """Whether any of n sampled trajectories answers right (LaDiR with n > 1)."""
+    return f"{stage}/pass_at_{n}"
+
+
 def counted_bytes(batch: dict, positions: slice, count) -> int | None:
     """UTF-8 bytes of the tokens a likelihood counted: the batch's `token_bytes` [B, L] weighted by its `loss_mask`
     over `positions` (next-token targets are positions 1:), times r where the family counted each token r times

@@ -17,7 +17,7 @@ from objectives import metrics as M
 from objectives.base import Objective
 from objectives.decoding import token_probs
 from objectives.speculative import CacheGroup, expected_accept_length, lookup_drafts
-from objectives.losses import chunked_cross_entropy
+from objectives.losses import chunk_positions, chunked_cross_entropy
 
 
 def shifted(tokens: torch.Tensor, mask: torch.Tensor, k: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +27,7 @@ def shifted(tokens: torch.Tensor, mask: torch.Tensor, k: int, length: int) -> tu
     return F.pad(targets, (0, pad)), F.pad(valid, (0, pad))
 
 
-def head_cross_entropy_with_grads(hidden, weight, targets, mask, scale, grad_weight, chunk_size: int):
+def head_cross_entropy_with_grads(hidden, weight, targets, mask, scale, grad_weight, chunk_mib: float):
     """Cross-entropy of one head over the tied unembedding with its gradients computed on the spot, chunk by chunk.
 
     hidden [N, D] (the head's normalised output), weight [V, D], targets [N], mask [N]; the loss's gradient is
@@ -38,21 +38,32 @@ def head_cross_entropy_with_grads(hidden, weight, targets, mask, scale, grad_wei
     nll, correct = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
     grad_hidden, predictions = torch.empty_like(hidden), torch.empty_like(targets)
     w = weight.to(grad_weight.dtype)
+    chunk_size = chunk_positions(chunk_mib, weight.shape[0])
     for start in range(0, hidden.shape[0], chunk_size):
-        h, t, m = (x[start : start + chunk_size] for x in (hidden, targets, mask))
-        h = h.to(grad_weight.dtype)
-        log_p = F.linear(h, w).float().log_softmax(-1)
-        picked = log_p.gather(-1, t[:, None])[:, 0]
-        nll = nll - (picked * m).sum()
-        predictions[start : start + chunk_size] = log_p.argmax(-1)
-        correct = correct + ((predictions[start : start + chunk_size] == t).float() * m).sum()
-        grad = log_p.exp_()  # softmax, in place
-        grad.scatter_add_(-1, t[:, None], torch.full_like(picked[:, None], -1.0))
-        grad.mul_((m * scale)[:, None])
-        grad = grad.to(grad_weight.dtype)
-        grad_hidden[start : start + chunk_size] = grad @ w
-        grad_weight.addmm_(grad.t(), h)
+        span = slice(start, start + chunk_size)
+        h = hidden[span].to(grad_weight.dtype)
+        chunk_nll, chunk_correct, predictions[span], grad_hidden[span] = _head_chunk(
+            h, w, targets[span], mask[span], scale, grad_weight)
+        nll, correct = nll + chunk_nll, correct + chunk_correct
     return nll, correct, predictions, grad_hidden
+
+
+def _head_chunk(h, w, targets, mask, scale, grad_weight):
+    """One chunk of `head_cross_entropy_with_grads`. Its one [n, V] fp32 buffer turns from logits into the
+    gradient in place (no log-softmax copy), and it is freed on return, before the next chunk's logits exist: at
+    most 1.5x the chunk's fp32 logits are alive (the fp32 buffer and its bf16 source or copy under autocast)."""
+    logits = F.linear(h, w).float()
+    top, predictions = logits.max(-1, keepdim=True)
+    picked = logits.gather(-1, targets[:, None])
+    probs = logits.sub_(top).exp_()
+    total = probs.sum(-1, keepdim=True)
+    nll = ((top + total.log() - picked)[:, 0] * mask).sum()  # -log softmax(z)_t = max + log sum exp(z - max) - z_t
+    grad = probs.div_(total).scatter_add_(-1, targets[:, None], torch.full_like(picked, -1.0))
+    grad = grad.mul_((mask * scale)[:, None]).to(grad_weight.dtype)
+    del logits, probs  # under autocast the fp32 buffer goes before the matmuls (a no-op in fp32: it is grad)
+    grad_weight.addmm_(grad.t(), h)
+    predictions = predictions[:, 0]
+    return nll, ((predictions == targets).float() * mask).sum(), predictions, grad @ w
 
 
 class _PerHeadBackward(torch.autograd.Function):

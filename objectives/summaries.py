@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from objectives.losses import CHUNK_MIB, chunk_positions
+
 
 def future_window(tokens: torch.Tensor, valid: torch.Tensor, T: int, start: int, stop: int):
     """The tokens at offsets start..stop (inclusive) after each of the positions 0..T-1: ids and validity, each
@@ -75,17 +77,17 @@ class BagOfWordsSummary(nn.Module):
     train split, the first time the summary runs inside a Trainer, and are a buffer: they are saved with the run's
     checkpoints and never recomputed on resume.
 
-    The [n, V] logits are computed `chunk_size` positions at a time (the objective's `ce_chunk_size` by default) and
-    recomputed in the backward pass when there are several chunks, like the chunked cross-entropy. With `positions`
-    set, each training step computes the loss at that fraction of the positions, drawn uniformly without
-    replacement: an unbiased estimate of the same mean at that fraction of the [n, V] cost. Evaluation always
-    computes it at every position.
+    The [n, V] logits are computed `chunk_size` positions at a time (by default as many as the objective's
+    `ce_chunk_size` MiB hold) and recomputed in the backward pass when there are several chunks, like the chunked
+    cross-entropy. With `positions` set, each training step computes the loss at that fraction of the positions,
+    drawn uniformly without replacement: an unbiased estimate of the same mean at that fraction of the [n, V] cost.
+    Evaluation always computes it at every position.
 
     Args:
         window: the last offset summarised (x[t+2 .. t+window]); at least 2.
         weighting: "none" or "tfidf".
         weight: lambda, the loss weight.
-        chunk_size: positions per chunk of logits (default: the objective's ce_chunk_size).
+        chunk_size: positions per chunk of logits (default: those the objective's ce_chunk_size MiB hold).
         positions: fraction of the positions a training step computes the loss at (None: all).
         idf_documents: training sequences the idf counts read.
     """
@@ -166,7 +168,8 @@ class BagOfWordsSummary(nn.Module):
         z = self.proj(z)                                                      # [n, D]
         unembedding = objective.unembedding[: objective.vocab_size]
         idf = self.idf if self.weighting == "tfidf" else None
-        size = self.chunk_size or objective.hparams.get("ce_chunk_size", 4096)
+        budget = objective.hparams.get("ce_chunk_size", CHUNK_MIB)
+        size = self.chunk_size or chunk_positions(budget, unembedding.shape[0])
         total = hidden.new_zeros((), dtype=torch.float32)
         chunks = range(0, z.shape[0], size)
         recompute = len(chunks) > 1 and torch.is_grad_enabled()

@@ -27,5 +27,7 @@ def test_path_star_benchmark_trains_tests_and_writes_its_table(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["run"] == "reverse" and row["steps"] == 2 and 0.0 <= row["test accuracy"] <= 1.0
+    # smoke test of the table: two steps from random init find none of the 64 paths (the benchmark's own figures
+    # are in BENCHMARKS.md); a figure above 0 is a scorer that accepts wrong paths
+    assert row["run"] == "reverse" and row["steps"] == 2 and row["test accuracy"] == 0.0
     assert "path-star G(2, 5, 50)" in done.stdout

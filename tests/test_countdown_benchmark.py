@@ -1,5 +1,6 @@
 """benchmarks/countdown.py's scoring: pass@k, distinct valid solutions and Coconut's hidden-step check on
-hand-made generations, and the id-level path (timed generation, decoding, checking) on a stand-in model."""
+hand-made generations, and the id-level path (timed generation, decoding, checking) on stand-in models, a CoT-like
+one and a Coconut-like one scored by the same rules."""
 from __future__ import annotations
 
 import pytest
@@ -50,12 +51,15 @@ def test_coconut_written_last_step_is_checked_against_some_valid_hidden_step():
     assert latent_prefix_check(Q, "20 + 27 = 47 <step> <ans> 47".split(), 1)  # hidden 8 + 19 = 27
     assert not latent_prefix_check(Q, "8 + 39 = 47 <step> 8 + 39 = 47 <step> <ans> 47".split(), 1)  # 8 used twice
     assert not latent_prefix_check(Q, "8 + 30 = 38 <step> <ans> 47".split(), 1)  # 30 is not one step away
-    assert latent_prefix_check(Q, ANSWER_ONLY, 2)  # every step hidden: nothing left to check
+    # every step hidden: only the answer, the target copied from the question, would be left; no solution
+    assert not latent_prefix_check(Q, ANSWER_ONLY, 2)
     assert not latent_prefix_check(Q, ANSWER_ONLY, 1)
+    assert latent_prefix_check(Q, A, 0) and not latent_prefix_check(Q, WRONG, 0)  # nothing hidden: `check`
 
 
 class StandIn(torch.nn.Module):
-    """A model whose generation writes given solutions: sample j of question i is solutions[i][j]."""
+    """A model whose generation writes given solutions: sample j of question i is solutions[i][j] (words, or ids
+    for what has no word: a Coconut's markers and thoughts)."""
 
     generation_slack = 0
 
@@ -66,7 +70,7 @@ class StandIn(torch.nn.Module):
         self.calls = 0
 
     def ids(self, words, width):
-        ids = [self.dm._itos.index(w) for w in words]
+        ids = [w if isinstance(w, int) else self.dm._itos.index(w) for w in words]
         return ids + [self.eos_id] * (width - len(ids))
 
     def sample_trajectories(self, prompt_ids, max_new_tokens, prompt_lengths=None, num_trajectories=8):
@@ -81,17 +85,26 @@ class StandIn(torch.nn.Module):
 
 
 def test_scoring_rows_from_token_ids_of_a_stand_in_model():
-    dm = ReasoningDataModule(task="countdown", num_nodes=3, val_size=2, test_size=2)
+    dm = ReasoningDataModule(task="countdown", num_numbers=3, val_size=2, test_size=2)
     (q0, steps0), (q1, steps1) = [(ex.question, ex.steps) for ex in dm.test_examples]
     shown = [sum(([*s, "<step>"] for s in steps), []) + ["<ans>", q[-1], "<eos>"] for q, steps in
              ((q0, steps0), (q1, steps1))]
-    bad = ["<ans>", q0[-1], "<eos>"]
-    model = StandIn(dm, [[shown[0], bad, shown[0], bad], [bad] * 4])
+    copied = [["<ans>", q[-1], "<eos>"] for q in (q0, q1)]  # the target copied from the question, no steps
+    model = StandIn(dm, [[shown[0], copied[0], shown[0], copied[0]], [copied[1]] * 4])
     prompts, gold, gens, seconds = timed_generation(model, dm, 2, model.sample_trajectories, num_trajectories=4)
     assert len(gens) == 2 and all(len(g) == 4 for g in gens) and gens[0][0][-1] == dm.eos_id
     row = samples_row(model, dm, 2, 4, "stand-in", model.sample_trajectories, num_trajectories=4)
     assert row["pass@4 %"] == 50.0 and row["distinct valid"] == 0.5 and row["sample acc %"] == 25.0
-    assert accuracy_row(model, dm, 2, "first")["acc %"] == 50.0
+    row = accuracy_row(model, dm, 2, "first")  # both answers right, one solution written
+    assert (row["answer %"], row["valid %"], row["latent steps"]) == (100.0, 50.0, 0)
+    # a Coconut-like model (2 thoughts per step), scored by the same rules: question 0 hides its first step and
+    # writes a valid last one; question 1 hides both steps and copies the target, which is no solution
+    V = dm.vocab_size
+    bot, latent, eot = V, V + 2, V + 1
+    coconut = StandIn(dm, [[[bot, *[latent] * 2, eot, *shown[0][6:]]], [[bot, *[latent] * 4, eot, *copied[1]]]])
+    coconut.latent_id, coconut.c = latent, 2
+    row = accuracy_row(coconut, dm, 2, "greedy")
+    assert (row["answer %"], row["valid %"], row["latent steps"]) == (100.0, 50.0, 1.5)
     # k samples of a one-sample generate: the same rows k times
     again = repeated(model.generate, 3)(torch.tensor([prompts[0]]), 15)
     assert again.shape[:2] == (1, 3) and torch.equal(again[0, 0], again[0, 2])
@@ -113,5 +126,13 @@ def test_countdown_benchmark_trains_scores_and_writes_its_table(tmp_path):
     assert [(r["run"], r["decoding"]) for r in rows] == [("cot", "greedy"), ("cot", "2 samples, T=1"),
                                                          ("coconut", "greedy")]
     assert all(r["steps"] == 2 and r["tokens/s"] > 0 for r in rows)
-    assert 0 <= rows[1]["pass@2 %"] <= 100 and rows[1]["distinct valid"] <= 2
+    # a smoke test of the table's wiring (the figures themselves are tested on the stand-ins above): a valid
+    # solution has the right answer, one valid sample of two makes the question pass, and a passing question
+    # has one or two distinct valid solutions
+    for r in (rows[0], rows[2]):
+        assert r["valid %"] <= r["answer %"]
+    cot = rows[1]
+    assert cot["sample acc %"] <= cot["pass@2 %"] <= 100 * cot["distinct valid"] <= 2 * cot["pass@2 %"]
+    # Coconut trained 2 steps with stage_every 1: it generates at stage 1, one of the two steps latent
+    assert rows[2]["latent steps"] == 1 and rows[0]["latent steps"] == 0
     assert "Countdown-3 (8 test questions)" in done.stdout

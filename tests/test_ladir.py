@@ -16,37 +16,30 @@ def test_beta_warms_up_linearly_from_zero():
 
 
 def test_vae_reconstructs_the_steps_of_a_toy_set():
+    """After 200 Adam steps with the learning rate decayed linearly to 0, greedy decoding from the posterior means
+    gives back at least 90% of the 79 step tokens. Measured (fp32 throughout): 1.0 for every seed 0-15, both with
+    the default kernels (AMD EPYC, AVX-512) and with ATen and oneDNN held to AVX2. At a constant 1e-2 the figure
+    was wherever the last update landed (0.81-1.0 over seeds after 120 steps; 0.949 on an Intel Xeon with AMX);
+    the decay lets training settle. The bound leaves 7 tokens of margin."""
     torch.manual_seed(0)
     steps = torch.randint(1, 12, (16, 5))  # 16 distinct-ish steps of 5 tokens over 11 symbols (0 = padding)
     steps[3, 4:] = 0  # one padded step
     vae = StepVAE(12, pad_id=0, num_latents=2, latent_dim=8, d_model=32, n_layers=1, n_heads=2, max_step_len=8,
                   beta=1e-3, beta_warmup_steps=100)
+    n_steps = 200
     opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / n_steps)
     before = (vae.reconstruct(steps) == steps)[steps != 0].float().mean()
-    for step in range(120):
+    for step in range(n_steps):
         loss, parts = vae.loss(steps, step)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay.step()
     vae.eval()
     after = (vae.reconstruct(steps) == steps)[steps != 0].float().mean()
-    assert before < 0.5 and after >= 0.95, (float(before), float(after))
+    assert before < 0.5 and after >= 0.9, (float(before), float(after))
     assert torch.isfinite(parts["kl"])
-
-
-def test_block_mask_on_a_hand_made_layout():
-    from models.layers import block_mask
-    from objectives.ladir import latent_segments
-
-    ids = latent_segments(prompt_len=2, num_blocks=2, block_size=2)  # q q | z z | z z
-    assert ids.tolist() == [0, 1, 2, 2, 3, 3]
-    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
-                             [1, 1, 0, 0, 0, 0],
-                             [1, 1, 1, 1, 0, 0],
-                             [1, 1, 1, 1, 0, 0],
-                             [1, 1, 1, 1, 1, 1],
-                             [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(block_mask(ids[None])[0, 0], expected)
 
 
 def test_flow_matching_loss_is_zero_at_the_exact_velocity_and_hand_computed_elsewhere():
@@ -115,7 +108,8 @@ def test_layout_blocks_are_full_inside_causal_across_and_noisy_copies_see_only_w
     assert m[13, :6].all() and not m[13, 6:11].any() and m[13, 14] and not m[13, 11]  # noisy z_2: up to its <bob>
 
 
-@pytest.mark.parametrize("options", [{}, {"prediction": "clean", "self_condition": True}])
+@pytest.mark.parametrize("options", [{"prediction": "velocity", "self_condition": False},
+                                     {"prediction": "clean", "self_condition": True}])
 def test_the_latent_loss_trains_every_part_and_falls(options):
     model = tiny_ladir(**options).train()
     batch = hand_made_batch()
@@ -152,7 +146,11 @@ def test_trajectories_sampled_in_parallel_from_a_forked_cache_equal_those_sample
     assert len({tuple(together[b, n].tolist()) for b in range(3) for n in range(N)}) > 3  # the noise matters
     pushed = model.sample_trajectories(prompts, 6, prompt_lengths=lengths, num_trajectories=N, noise=noise,
                                        repulsion=5.0)
-    assert pushed.shape == together.shape
+    assert not torch.equal(pushed, together)  # the repulsion changes what is written
+    for b in range(3):  # it pushes a question's trajectories apart from one another, not from other questions'
+        alone = model.sample_trajectories(prompts[b : b + 1, : int(lengths[b])], 6, num_trajectories=N,
+                                          noise=noise[b : b + 1], repulsion=5.0)
+        assert torch.equal(pushed[b, :, : int(lengths[b]) + 6], alone[0]), b
 
 
 def test_repulsion_acts_within_a_question_s_trajectories_only():
@@ -193,7 +191,7 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.at[trainer.global_step] = snapshot(pl_module)
 
-    dm = ReasoningDataModule(task="countdown", num_nodes=3, train_size=64, val_size=8, test_size=8, batch_size=8)
+    dm = ReasoningDataModule(task="countdown", num_numbers=3, train_size=64, val_size=8, test_size=8, batch_size=8)
     torch.manual_seed(0)
     model = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id, vae_steps=3,
                   eval_examples=2, num_trajectories=2)
@@ -208,7 +206,8 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
     assert same(snaps.at[3], end) and not torch.equal(snaps.at[3][1], end[1])  # stage 2: the latent model only
     assert model.stage == 1 and float(model.latent_scale) > 0
     assert next(c for c in trainer.callbacks if isinstance(c, OptimizerReset)).resets == 1
-    assert 0.0 <= float(trainer.callback_metrics["val/pass_at_2"]) <= 1.0
+    # six steps from random init solve no Countdown question: a figure above 0 is a check that accepts wrong steps
+    assert float(trainer.callback_metrics["val/pass_at_2"]) == 0.0 == float(trainer.callback_metrics["val/accuracy"])
 
     from conftest import TINY_MODEL, run_cli  # a VAE-stage run through the CLI, whose checkpoint rebuilds itself
     first = run_cli(tmp_path, "--config", "configs/quickstart.yaml", "--model", "configs/objectives/ladir.yaml",

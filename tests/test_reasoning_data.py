@@ -339,9 +339,8 @@ def test_jsonl_file_loads_and_trains_a_step(tmp_path):
 
     train = write_jsonl(tmp_path / "train.jsonl", RECORDS[:8])
     (tmp_path / "val.json").write_text(json.dumps(RECORDS[8:]))
-    d = ReasoningDataModule(task="file", train_file=train, val_file=str(tmp_path / "val.json"), test_size=1,
-                            batch_size=4)
-    assert len(d.val_set) == 2 and len(d.test_set) == 1 and len(d.train_set) == 7
+    d = ReasoningDataModule(task="file", train_file=train, val_file=str(tmp_path / "val.json"), batch_size=4)
+    assert len(d.val_set) == 2 and len(d.test_set) == 0 and len(d.train_set) == 8
     batch = next(iter(d.val_dataloader()))
     (q, steps, a), _ = rows(batch)
     # "jompus" appears only in val: the vocabulary comes from the train split, so it reads as <unk>
@@ -349,7 +348,7 @@ def test_jsonl_file_loads_and_trains_a_step(tmp_path):
     assert [words(d, s) for s in steps] == [["Tom", "is", "a", "wumpus", ".", STEP],
                                             ["Every", "wumpus", "is", "a", "yumpus", ".", STEP]]
     assert words(d, a) == [ANS, "Tom", "is", "a", "yumpus", ".", EOS]
-    assert d.seq_len == max(len(d.train_set[i]["tokens"]) for i in range(7))
+    assert d.seq_len == max(len(d.train_set[i]["tokens"]) for i in range(8))
     assert d.unknown_tokens["val"][0] == 2
 
     class Tiny(L.LightningModule):
@@ -377,15 +376,17 @@ def test_jsonl_file_loads_and_trains_a_step(tmp_path):
 def test_file_split_leakage_and_tokenizer_path(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    dup = RECORDS + [RECORDS[0]]  # a question present twice must not end up in both train and held-out
-    train = write_jsonl(tmp_path / "all.jsonl", dup)
-    for s in range(6):
-        d = ReasoningDataModule(task="file", train_file=train, val_size=3, test_size=2, seed=s)
-        held = {d.decode(d.val_set[i]["tokens"][: d.val_set[i]["prompt_len"]]) for i in range(3)}
-        held |= {d.decode(d.test_set[i]["tokens"][: d.test_set[i]["prompt_len"]]) for i in range(2)}
+    twice = write_jsonl(tmp_path / "twice.jsonl", RECORDS * 2)  # every question twice
+    for s in range(3):  # the val split held out of the file (a tenth): the other copy of its questions is dropped
+        with pytest.warns(UserWarning, match="dropped 2 train records"):
+            d = ReasoningDataModule(task="file", train_file=twice, seed=s)
+        assert len(d.val_set) == 2 and len(d.train_set) == 16 and len(d.test_set) == 0
+        held = {d.decode(d.val_set[i]["tokens"][: d.val_set[i]["prompt_len"]]) for i in range(2)}
         for i in range(len(d.train_set)):
             it = d.train_set[i]
             assert d.decode(it["tokens"][: it["prompt_len"]]) not in held
+    dup = RECORDS + [RECORDS[0]]  # a question present twice must not end up in both train and held-out
+    train = write_jsonl(tmp_path / "all.jsonl", dup)
     val = write_jsonl(tmp_path / "val.jsonl", RECORDS[:2])
     test = write_jsonl(tmp_path / "test.jsonl", RECORDS[9:])
     with pytest.warns(UserWarning, match="dropped 4 train records"):  # RECORDS[0] twice, RECORDS[1], RECORDS[9]
@@ -397,8 +398,7 @@ def test_file_split_leakage_and_tokenizer_path(tmp_path):
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words_)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.save(str(tmp_path / "tokenizer.json"))
-    d = ReasoningDataModule(task="file", train_file=train, val_size=2, test_size=2,
-                            tokenizer_path=str(tmp_path / "tokenizer.json"))
+    d = ReasoningDataModule(task="file", train_file=train, tokenizer_path=str(tmp_path / "tokenizer.json"))
     assert d.vocab_size == len(words_) + 1 + 6 and d.eos_id == len(words_) + 2
     batch = next(iter(d.train_dataloader()))
     assert (batch["tokens"] == d.eos_id).sum() == batch["tokens"].shape[0]
@@ -427,3 +427,38 @@ def test_bad_options_are_refused():
         ReasoningDataModule(task="sudoku")
     with pytest.raises(ValueError):
         ReasoningDataModule(task="path_star", train_on="everything")
+
+
+def test_sizes_of_the_shipped_data_config_do_not_apply_to_records_given_as_files(tmp_path):
+    """configs/data/prosqa.yaml sizes the generated task (test_size 500 and more); with the user's own files as the
+    data, the files are the splits: a test split only from a test file, val from the val file (else a tenth of
+    the train file), and every train record kept."""
+    import yaml
+
+    from conftest import ROOT
+    shipped = yaml.safe_load((ROOT / "configs" / "data" / "prosqa.yaml").read_text())["init_args"]
+    assert shipped["train_size"] and shipped["val_size"] and shipped["test_size"]
+    train = write_jsonl(tmp_path / "train.jsonl", RECORDS[:6])
+    val = write_jsonl(tmp_path / "val.jsonl", RECORDS[6:8])
+    test = write_jsonl(tmp_path / "test.jsonl", RECORDS[8:])
+
+    def files(**given):
+        d = ReasoningDataModule(**{**shipped, "task": "file", "train_file": train, **given})
+        return len(d.train_set), len(d.val_set), len(d.test_set)
+
+    assert files(val_file=val) == (6, 2, 0)
+    assert files(val_file=val, test_file=test) == (6, 2, 2)
+    assert files(val_file=val, train_size=3) == (6, 2, 0)  # a train size does not cut a file either
+    assert files() == (5, 1, 0)  # a lone train file: a tenth, at least one record, held out as val
+    d = ReasoningDataModule(**{**shipped, "task": "file", "train_file": train, "val_file": val})
+    with pytest.raises(ValueError, match="no test split.*test_file"):
+        d.test_dataloader()
+
+
+def test_countdown_takes_num_numbers_and_refuses_num_nodes():
+    d = ReasoningDataModule(task="countdown", num_numbers=4, val_size=3, test_size=3)
+    assert all(len(ex.question) == 4 + 2 and len(ex.steps) == 3 for ex in d.val_examples)  # 4 numbers, "->", target
+    with pytest.raises(ValueError, match="num_nodes=3 is not a Countdown option.*num_numbers"):
+        ReasoningDataModule(task="countdown", num_nodes=3)
+    with pytest.raises(ValueError, match="num_numbers=3 is a Countdown option"):
+        ReasoningDataModule(task="path_star", num_numbers=3)

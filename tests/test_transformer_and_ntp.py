@@ -79,7 +79,7 @@ def test_chunked_cross_entropy_equals_the_plain_one_with_gradients():
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (4, 30))
     mask = (torch.rand(4, 30) > 0.3).float()
-    nll, count, _ = chunked_cross_entropy(hidden, weight, targets, mask, chunk_size=7)
+    nll, count, _ = chunked_cross_entropy(hidden, weight, targets, mask, chunk_mib=7 * 50 * 4 / 2**20)  # 7 positions
     (nll / count).backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
