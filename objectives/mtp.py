@@ -208,6 +208,16 @@ class MultiTokenPrediction(Objective):
         stats[k] = (nll.detach(), count, correct, predictions)
         return self.loss_weights[k] * nll / count.clamp(min=1)
 
+    def module_states(self, hidden: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """h_k for k = 1..D over the whole sequence: h_k(t) = Block_k(M_k [RMSNorm(h_{k-1}(t)); RMSNorm(Emb(x_{t+k}))]),
+        h_0 the trunk's hidden states [B, T, D]; h_k(t) predicts token t+k+1 and has read no token after t+k."""
+        states, previous = [], hidden
+        for k, module in enumerate(self.mtp_modules, start=1):
+            next_inputs, _ = shifted(inputs, mask, k, hidden.shape[1])
+            previous = module(previous, self.embed(next_inputs))
+            states.append(previous)
+        return states
+
     def loss(self, batch: dict[str, torch.Tensor]) -> dict:
         tokens, inputs, mask = batch["tokens"], batch.get("inputs", batch["tokens"]), batch["loss_mask"]
         T = tokens.shape[1] - 1
@@ -242,9 +252,12 @@ class MultiTokenPrediction(Objective):
 
     def draft_logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
         """Heads 2..k+1 at one position per row (features [B, ...] from `decode_forward`): logits [B, k, V],
-        guesses of the tokens 2..k+1 ahead. Only these k rows are unembedded."""
+        guesses of the tokens 2..k+1 ahead. Only these k rows are unembedded; k = 0 (one head: nothing to draft
+        with) gives [B, 0, V], so every step is a plain step."""
+        if k == 0:
+            return features.new_zeros(features.shape[0], 0, self.unembedding.shape[0])
         if self.head_type == "mlp":
-            states = torch.cat(self.head_states(features[:, None])[1 : k + 1], 1) if k else features[:, None, :][:, :0]
+            states = torch.cat(self.head_states(features[:, None])[1 : k + 1], 1)
         else:
             states = features[:, :k]
         return self.logits(self.head_norm(states))
@@ -331,6 +344,16 @@ class DeepSeekMTP(Objective):
         self.depth, self.mtp_weight = depth, mtp_weight
         self.mtp_modules = nn.ModuleList(MTPModule(self.trunk.make_block(), self.trunk.d_model) for _ in range(depth))
 
+    def module_states(self, hidden: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """h_k for k = 1..D over the whole sequence: h_k(t) = Block_k(M_k [RMSNorm(h_{k-1}(t)); RMSNorm(Emb(x_{t+k}))]),
+        h_0 the trunk's hidden states [B, T, D]; h_k(t) predicts token t+k+1 and has read no token after t+k."""
+        states, previous = [], hidden
+        for k, module in enumerate(self.mtp_modules, start=1):
+            next_inputs, _ = shifted(inputs, mask, k, hidden.shape[1])
+            previous = module(previous, self.embed(next_inputs))
+            states.append(previous)
+        return states
+
     def loss(self, batch: dict[str, torch.Tensor]) -> dict:
         tokens, inputs, mask = batch["tokens"], batch.get("inputs", batch["tokens"]), batch["loss_mask"]
         T = tokens.shape[1] - 1
@@ -340,10 +363,7 @@ class DeepSeekMTP(Objective):
             hidden, self.unembedding, tokens[:, 1:], mask[:, 1:], self.hparams.ce_chunk_size, return_predictions=True)
         stats[0] = (nll.detach(), count, correct, predictions)
         loss = nll / count.clamp(min=1)
-        previous = hidden
-        for k, module in enumerate(self.mtp_modules, start=1):
-            next_inputs, _ = shifted(inputs, mask, k, T)
-            previous = module(previous, self.embed(next_inputs))
+        for k, (module, previous) in enumerate(zip(self.mtp_modules, self.module_states(hidden, inputs, mask)), 1):
             targets, valid = shifted(tokens, mask, k + 1, T)
             nll_k, count_k, correct_k, predictions_k = chunked_cross_entropy(
                 module.out_norm(previous), self.unembedding, targets, valid, self.hparams.ce_chunk_size,
