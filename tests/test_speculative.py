@@ -166,7 +166,8 @@ def exact_joint(m, ids: torch.Tensor, new: int) -> torch.Tensor:
     V = 5
     joint = torch.ones(1)
     for i in range(new):
-        prefixes = torch.cartesian_prod(*[torch.arange(V)] * i).view(-1, i) if i else torch.zeros(1, 0, dtype=torch.long)
+        prefixes = (torch.cartesian_prod(*[torch.arange(V)] * i).view(-1, i) if i
+                    else torch.zeros(1, 0, dtype=torch.long))
         seqs = torch.cat([ids.expand(prefixes.shape[0], -1), prefixes], 1)
         with torch.no_grad():
             logits, _ = m.decode_forward(seqs, m.start_decoding(seqs.shape[0], "cpu"))
