@@ -1,6 +1,6 @@
 """Generate text from any checkpoint of the project (the tokenizer travels inside the checkpoint).
 
-    python generate.py --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt --prompt "def " \
+    python generate.py --ckpt_path runs/quickstart/stdlib-code-NextTokenPrediction-Transformer/version_0/checkpoints/last.ckpt --prompt "def " \
         --max_new_tokens 64 [--speculative true] [--temperature 0.8] [--drafter heads|lookup|...] \
         [--options '{mode: confidence, tau: 0.8}']
 
@@ -69,4 +69,5 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from train import run_from_the_shell
+    run_from_the_shell(main)

@@ -174,6 +174,8 @@ class Objective(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:  # a fit that trains on after its last validation gets one more (train.py)
+            self.validated_at_step = self.trainer.global_step
         self._scored = 0
         self.generated_examples = []
 
@@ -356,7 +358,7 @@ class Objective(L.LightningModule):
     def on_fit_start(self) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
         for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, TensorBoardLogger) and self.trainer.is_global_zero:
                 params = dict(self.hparams)
                 if self.trainer.datamodule is not None:
                     params.update({f"data.{k}": v for k, v in self.trainer.datamodule.hparams.items()})
@@ -364,4 +366,19 @@ class Objective(L.LightningModule):
                 params.update(family=type(self).__name__, trunk=type(self.trunk).__name__,
                               parameters=sum(p.numel() for p in self.parameters()),
                               seed=int(os.environ.get("PL_GLOBAL_SEED", -1)))
-                logger.log_hyperparams(params, {M.HP_METRIC: float("nan"), M.VAL_BPB: float("nan")})
+                declare_hparams(logger, params, bytes_known=self.hparams.bytes_per_token > 0)
+
+
+def declare_hparams(logger, params: dict, bytes_known: bool) -> None:
+    """Write the run's hyperparameters for TensorBoard's HParams tab with its metric columns: hp_metric and, where
+    the data's tokens have UTF-8 bytes, val/bpb (the one figure every family shares). Only hp_metric gets a
+    placeholder point (NaN at step 0); Lightning's `log_hyperparams(params, metrics)` would log one for every
+    column, a NaN val/bpb point in every run, and on data without bytes the only val/bpb point there is."""
+    from lightning.fabric.utilities.logger import _flatten_dict
+    from torch.utils.tensorboard.summary import hparams
+    logger.log_hyperparams(params)  # hparams.yaml
+    logger.log_metrics({M.HP_METRIC: float("nan")}, 0)
+    columns = {M.HP_METRIC: float("nan"), **({M.VAL_BPB: float("nan")} if bytes_known else {})}
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(logger._sanitize_params(_flatten_dict(params)), columns):
+        writer.add_summary(summary, 0)

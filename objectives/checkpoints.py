@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import os
 import pathlib
 import pickle
 import re
@@ -56,6 +57,9 @@ torch.serialization.add_safe_globals(SAFE_GLOBALS)
 def load_checkpoint(path, map_location="cpu") -> dict:
     """The checkpoint's dict, unpickled with `weights_only=True` and the project's allowlist; anything else is
     refused with `UnsafeCheckpointError` naming what it would have had to build."""
+    if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist: give the path of a .ckpt file train.py wrote "
+                                f"(runs/<name>/.../checkpoints/last.ckpt)")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -72,6 +76,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             f"unpickling them could run code. Nothing in it was built. Load only checkpoints written by train.py; "
             f"if you wrote this file yourself and trust it, save its state dict and hyperparameters as plain "
             f"tensors, numbers and strings.") from None
+    except Exception as error:  # torch's words for a truncated or corrupted file ("internal miniz error") are cryptic
+        raise ValueError(f"checkpoint {path} cannot be read: it is truncated, corrupted or not a checkpoint "
+                         f"({type(error).__name__}: {error}). Use another checkpoint of the run") from None
 
 
 def checkpoint_class(checkpoint: dict, path="the checkpoint") -> type:

@@ -59,7 +59,7 @@ def test_every_loader_refuses_the_payload_and_nothing_runs(planted):
         _load(str(path))
     done = subprocess.run([sys.executable, "generate.py", "--ckpt_path", str(path), "--max_new_tokens", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "UnsafeCheckpointError" in done.stderr and "refused" in done.stderr
+    assert done.returncode != 0 and "was refused" in done.stderr and "Traceback" not in done.stderr  # message alone
     assert not marker.exists()
 
 

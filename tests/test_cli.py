@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ def test_unknown_class_name_lists_the_choices(tmp_path, corpus_files, capsys):
 
 
 def test_sequence_longer_than_the_trunk_is_refused(tmp_path, corpus_files):
-    with pytest.raises(ValueError, match=r"64 positions.*maximum of 32"):
+    with pytest.raises(ValueError, match=r"seq_len 64 is longer than the trunk's max_seq_len 32"):
         run_cli(tmp_path, *quickstart(corpus_files), "--model.init_args.trunk.init_args.max_seq_len", "32",
                 "--data.init_args.seq_len", "64")
 
@@ -97,3 +99,48 @@ def test_missing_and_empty_data_paths_are_named(tmp_path, corpus_files):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.jsonl.*empty"):
         run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, *tiny_data([str(empty)]))
+
+
+def shell(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_users_mistake_prints_its_message_alone(tmp_path):
+    """A missing or corrupted checkpoint and a bad class path: the message and one line of help, no traceback and
+    no usage text (BEYOND_NTP_TRACEBACK=1 shows them)."""
+    corrupted = tmp_path / "corrupted.ckpt"
+    corrupted.write_bytes(b"PK\x03\x04 not a zip file")
+    for flags, message in ((["--ckpt_path", str(tmp_path / "missing.ckpt")], "missing.ckpt does not exist"),
+                           (["--ckpt_path", str(corrupted)], "corrupted.ckpt cannot be read"),
+                           (["--model", "objectives.NoSuchObjective"], "NoSuchObjective")):
+        done = shell("fit", "--config", "configs/quickstart.yaml", *flags)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and "usage:" not in done.stderr, done.stderr[-2000:]
+        assert len(done.stderr.strip().splitlines()) <= 16, done.stderr  # the class path error lists the choices
+
+
+def test_a_run_is_named_after_what_it_is_and_a_short_fit_ends_validated(tmp_path, corpus_files, capsys):
+    """3 steps under a validation interval of 100: the fit is validated once at its end, prints its final
+    figures, logs no NaN placeholder for val/bpb, and logs under quickstart/<data>-<objective>-<trunk>."""
+    cli = run_cli(tmp_path, *quickstart(corpus_files), "--model", "configs/objectives/mtp.yaml", *TINY_MODEL,
+                  "--trainer.val_check_interval", "100", steps=3)
+    assert Path(cli.trainer.log_dir) == tmp_path / "quickstart" / "files-MultiTokenPrediction-Transformer" / "version_0"
+    assert cli.model.validated_at_step == 3
+    tags = scalars(tmp_path)
+    assert len(tags[M.VAL_LOSS]) == 1 and all(math.isfinite(v) for v in tags[M.VAL_BPB]), tags.get(M.VAL_BPB)
+    assert "final (step 3): val/loss" in capsys.readouterr().out
+    named = run_cli(tmp_path / "named", *quickstart(corpus_files), "--trainer.logger.init_args.name", "mine", steps=1)
+    assert Path(named.trainer.log_dir) == tmp_path / "named" / "mine" / "version_0"  # a name given is kept
+
+
+def test_reasoning_data_logs_no_bits_per_byte_and_prints_its_accuracy(tmp_path, capsys):
+    run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, "--data", "configs/data/path_star.yaml",
+            "--data.init_args.train_size", "64", "--data.init_args.val_size", "16", "--data.init_args.test_size", "16",
+            "--data.init_args.batch_size", "4", "--model.init_args.eval_examples", "4", steps=2)
+    assert M.VAL_BPB not in scalars(tmp_path)  # a word-level vocabulary: bytes per token are undefined
+    assert "val/accuracy" in capsys.readouterr().out.split("final (step 2):")[1]
+
+
+def test_fsdp_on_cpu_names_the_fix(tmp_path, corpus_files):
+    with pytest.raises(ValueError, match="FSDP runs on GPUs only.*ddp"):
+        run_cli(tmp_path, *quickstart(corpus_files), "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu")

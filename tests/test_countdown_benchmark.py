@@ -90,13 +90,15 @@ def test_scoring_rows_from_token_ids_of_a_stand_in_model():
     shown = [sum(([*s, "<step>"] for s in steps), []) + ["<ans>", q[-1], "<eos>"] for q, steps in
              ((q0, steps0), (q1, steps1))]
     copied = [["<ans>", q[-1], "<eos>"] for q in (q0, q1)]  # the target copied from the question, no steps
-    model = StandIn(dm, [[shown[0], copied[0], shown[0], copied[0]], [copied[1]] * 4])
+    wrong = ["<ans>", "0", "<eos>"]
+    assert q1[-1] != "0"
+    model = StandIn(dm, [[shown[0], copied[0], shown[0], copied[0]], [wrong] + [copied[1]] * 3])
     prompts, gold, gens, seconds = timed_generation(model, dm, 2, model.sample_trajectories, num_trajectories=4)
     assert len(gens) == 2 and all(len(g) == 4 for g in gens) and gens[0][0][-1] == dm.eos_id
     row = samples_row(model, dm, 2, 4, "stand-in", model.sample_trajectories, num_trajectories=4)
     assert row["pass@4 %"] == 50.0 and row["distinct valid"] == 0.5 and row["sample acc %"] == 25.0
-    row = accuracy_row(model, dm, 2, "first")  # both answers right, one solution written
-    assert (row["answer %"], row["valid %"], row["latent steps"]) == (100.0, 50.0, 0)
+    row = accuracy_row(model, dm, 2, "first")  # one solution written, one wrong answer
+    assert (row["answer %"], row["valid %"], row["latent steps"]) == (50.0, 50.0, 0)
     # a Coconut-like model (2 thoughts per step), scored by the same rules: question 0 hides its first step and
     # writes a valid last one; question 1 hides both steps and copies the target, which is no solution
     V = dm.vocab_size
