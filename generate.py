@@ -1,6 +1,7 @@
 """Generate text from any checkpoint of the project (the tokenizer travels inside the checkpoint).
 
-    python generate.py --ckpt_path runs/quickstart/stdlib-code-NextTokenPrediction-Transformer/version_0/checkpoints/last.ckpt --prompt "def " \
+    python generate.py --prompt "def " \
+        --ckpt_path runs/quickstart/stdlib-code-NextTokenPrediction-Transformer/version_0/checkpoints/last.ckpt \
         --max_new_tokens 64 [--speculative true] [--temperature 0.8] [--drafter heads|lookup|...] \
         [--options '{mode: confidence, tau: 0.8}']
 

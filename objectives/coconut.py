@@ -41,7 +41,6 @@ import inspect
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from objectives.base import Objective
 from objectives.decoding import decode_after
