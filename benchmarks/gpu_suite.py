@@ -109,16 +109,16 @@ def ssm_cases(args, device: torch.device, precision: str) -> list[dict]:
     the transformer, Mamba and Mamba-2 trunks of configs/models/*-quickstart.yaml at T in {1024, 4096, 16384}
     with equal tokens per step (benchmarks/ssm.py parts (a) and (b)); `--tiny`: tiny shapes."""
     from benchmarks.ssm import TRUNKS, scan_inputs, train_step_rate
-    from models import mamba as mamba_module
+    from models import selective_scan as mamba_module
     length, batch, dim = (64, 1, 32) if args.tiny else (4096, 2, 512)
     kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scan_inputs(batch, dim, 16, length).items()}
     rows = []
     kernels = {"chunked pure-PyTorch": None}
-    if device.type == "cuda" and mamba_module._mamba_ssm_selective_scan_fn is not None:
-        kernels["mamba_ssm kernel"] = mamba_module._mamba_ssm_selective_scan_fn
+    if device.type == "cuda" and mamba_module.mamba_ssm_kernel is not None:
+        kernels["mamba_ssm kernel"] = mamba_module.mamba_ssm_kernel
     for name, kernel in kernels.items():
-        saved = mamba_module._mamba_ssm_selective_scan_fn
-        mamba_module._mamba_ssm_selective_scan_fn = kernel  # None: selective_scan runs the chunked scan
+        saved = mamba_module.mamba_ssm_kernel
+        mamba_module.mamba_ssm_kernel = kernel  # None: selective_scan runs the chunked scan
         try:
             with torch.no_grad():
                 for _ in range(args.warmup):
@@ -130,7 +130,7 @@ def ssm_cases(args, device: torch.device, precision: str) -> list[dict]:
                 synchronize(device)
                 s = (time.perf_counter() - start) / args.steps
         finally:
-            mamba_module._mamba_ssm_selective_scan_fn = saved
+            mamba_module.mamba_ssm_kernel = saved
         rows.append({"case": f"selective scan fwd L={length} d_inner {dim} N 16 batch {batch}", "loop": name,
                      "tokens/s": batch * length / s})
     rows += ssd_cases(args, device)

@@ -3,7 +3,7 @@ and Mamba-2 trunks against the transformer.
 
     python -m benchmarks.ssm [--parts a b c d] [--repeats 5] [--threads N] [--json out.json]
 
-(a) scan: forward of `models.mamba.selective_scan` (the chunked pure-PyTorch scan) against the step-by-step loop
+(a) scan: forward of `models.selective_scan.selective_scan` (the chunked pure-PyTorch scan) against the step-by-step loop
     `selective_scan_reference` at L in {256, 1024, 4096}, d_inner 512, N 16, batch 2 (goal: >= 10x at L=1024
     on CPU); and one Mamba block's forward+backward at d_model 256, d_state 16, batch 2, L 1024 against
     `mambapy`'s block (its parallel scan; optional dependency: pip install mambapy), in the same process
@@ -34,7 +34,8 @@ import time
 import torch
 
 from benchmarks.common import parser, random_batch, table
-from models.mamba import MambaBlock, selective_scan, selective_scan_reference
+from models.mamba import MambaBlock
+from models.selective_scan import selective_scan, selective_scan_reference
 
 
 def best_of_alternating(fns: dict, repeats: int) -> dict:

@@ -55,7 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.layers import RMSNorm, check_length, check_padding
-from models.mamba import MambaCache, MambaDecodingCache, _check_mask
+from models.mamba import MambaCache, MambaDecodingCache, check_causal_mask
 
 try:  # the reference's fused Triton kernel, used as a drop-in where it is installed
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _mamba_ssm_chunk_scan
@@ -391,7 +391,7 @@ class Mamba2ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: Mamba2Cache | None = None,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_mask(mask, "Mamba-2 block")
+        check_causal_mask(mask, "Mamba-2 block")
         return x + self.mixer(self.norm(x), cache=cache, padding_mask=padding_mask)
 
     def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> Mamba2Cache:
@@ -444,7 +444,7 @@ class Mamba2(nn.Module):
         """x (B, T, d_model) -> hidden states (B, T, d_model). `positions` is accepted for the trunk contract and
         unused (a recurrence has no positional encoding); `padding_mask` (B, T) True at real tokens: padding
         at either end of a row, or, with a cache, after each row's real tokens only (row b advances by its own)."""
-        _check_mask(mask, "Mamba-2 trunk")
+        check_causal_mask(mask, "Mamba-2 trunk")
         check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
         if padding_mask is not None:
             padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)

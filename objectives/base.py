@@ -22,7 +22,7 @@ from objectives import scoring
 from objectives.checkpoints import check_companions, companion_records, companions, format_report, warm_start
 from objectives.decoding import left_to_right
 from objectives.losses import CHUNK_MIB, chunk_positions, chunked_cross_entropy
-from objectives.speculative import lookup_drafts, speculative_generate
+from objectives.speculative import Drafter, lookup_drafts, speculative_generate
 from objectives.optim import WarmupCosine, decay_groups
 
 
@@ -56,6 +56,10 @@ class Objective(L.LightningModule):
     # positions beyond a reasoning batch's length that answer scoring lets a family generate: left-to-right
     # decoding may run on; a denoising family fills a canvas of exactly the length it was trained on
     generation_slack = 8
+    # what answer scoring may ask of `generate` (capabilities declared, not read off its signature): a batch of
+    # right-padded prompts of different lengths (`prompt_lengths`), and max_new_tokens as a [B] tensor of budgets
+    generates_ragged = True
+    takes_row_budgets = True
 
     def __init__(self, trunk: nn.Module, vocab_size: int = 0, bytes_per_token: float = 0.0, eos_id: int | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable = WarmupCosine,
@@ -261,11 +265,12 @@ class Objective(L.LightningModule):
         return self.logits(hidden), hidden
 
     def drafters(self, num_drafts: int) -> dict:
-        """Drafting strategies by name: each maps (tokens, state, features, temperature, top_k, max_drafts) to
-        (drafts [B, k], draft distributions [B, k, V] or None when drafts are deterministic)."""
+        """Drafting strategies by name (`objectives.speculative.Drafter`): each maps (tokens, state, features,
+        temperature, top_k, max_drafts) to (drafts [B, k], draft distributions [B, k, V] or None when drafts are
+        deterministic)."""
         def lookup(tokens, state, features, temperature, top_k, max_drafts):
             return lookup_drafts(tokens, min(num_drafts, max_drafts)), None
-        return {"lookup": lookup}
+        return {"lookup": Drafter(lookup)}
 
     def after_eos(self, token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Rows already finished emit eos again; marks rows that just emitted eos as finished (in place)."""

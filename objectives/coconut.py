@@ -37,7 +37,6 @@ vocab_size and vocab_size + 1.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import torch
@@ -69,8 +68,8 @@ class Coconut(Staged, Objective):
         reset_optimizer: clear the optimizer's state at each stage change (`OptimizerReset`).
         rewarm_steps: after each reset, ramp the learning rate linearly from 1/rewarm_steps of the schedule's back
             to it over this many optimizer steps; 0 (the default, and what every shipped recipe uses): none.
-        passes: "auto" (one shared cache where the trunk takes ragged rows, else recompute), "cache" or
-            "recompute".
+        passes: "auto" or "cache" (one shared cache: every trunk takes ragged rows through its cache) or
+            "recompute" (each pass recomputes the prefix it needs; the reference's way, kept as a check).
         init_special_from: the token whose embedding row a warm start copies into <bot>, <eot> and <latent>
             (default: eos_id).
         **kwargs: the base objective's arguments.
@@ -79,6 +78,7 @@ class Coconut(Staged, Objective):
     stage_metric = COCONUT_STAGE
     extra_tokens = 3  # <bot>, <eot>, <latent> (also <pause>), after the data's vocabulary
     accepts_summaries = False
+    takes_row_budgets = False
 
     def __init__(self, *args, thought: Literal["continuous", "pause"] = "continuous", thoughts_per_step: int = 1,
                  max_latent_stage: int = 6, stage_every: int = 0, stage_unit: Literal["step", "epoch"] = "step",
@@ -95,16 +95,12 @@ class Coconut(Staged, Objective):
         if thoughts_per_step < 1 or min(max_latent_stage, stage_every, start_stage, rewarm_steps) < 0:
             raise ValueError("Coconut needs thoughts_per_step >= 1 and max_latent_stage, stage_every, start_stage, "
                              "rewarm_steps >= 0")
-        ragged = "padding_mask" in inspect.signature(self.trunk.forward).parameters
-        if passes == "cache" and not ragged:
-            raise ValueError(f"passes='cache' needs a trunk that takes ragged rows (padding_mask) through its cache; "
-                             f"{type(self.trunk).__name__} does not: use passes='recompute' or 'auto'")
         self.thought, self.c = thought, thoughts_per_step
         self.max_latent_stage, self.stage_every, self.stage_unit = max_latent_stage, stage_every, stage_unit
         self.start_stage, self.pad_latent_to_max, self.reset_optimizer = start_stage, pad_latent_to_max, reset_optimizer
         self.rewarm_steps = rewarm_steps
-        self.ragged_trunk = ragged
-        self.use_cache = ragged and passes != "recompute"
+        # every trunk takes ragged rows through its cache (models.contracts.Trunk: padding_mask with a cache)
+        self.use_cache = passes != "recompute"
         self.bot_id, self.eot_id, self.latent_id = self.vocab_size, self.vocab_size + 1, self.vocab_size + 2
         self.init_special_from = init_special_from
         self.stage = start_stage  # the stage generation uses; follows training, saved in checkpoints
@@ -269,12 +265,6 @@ class Coconut(Staged, Objective):
         fill = self.eos_id if self.eos_id is not None else 0
         out = torch.full((B, P + max_new_tokens), fill, dtype=torch.long, device=device)
         out[:, :P] = prompt_ids
-        if bool((lengths != lengths[0]).any()) and not self.ragged_trunk:
-            for length in lengths.unique().tolist():  # a trunk without ragged rows: one prompt length at a time
-                rows = (lengths == length).nonzero().flatten()
-                part = self.generate(prompt_ids[rows, :length], max_new_tokens, temperature, top_k, num_thoughts=n)
-                out[rows, : length + max_new_tokens] = part
-            return out
         written = self._thoughts_then_answer(prompt_ids, lengths, n, max_new_tokens, temperature, top_k)
         arange = torch.arange(written.shape[1], device=device)
         out.scatter_(1, lengths[:, None] + arange, written)
@@ -288,7 +278,7 @@ class Coconut(Staged, Objective):
         ids = torch.cat([prompt_ids, prompt_ids.new_zeros(B, 1)], 1)
         ids[rows, lengths] = self.bot_id
         cache = self.trunk.make_cache(B, device=device, dtype=self.cache_dtype(device))
-        if self.ragged_trunk and bool((lengths != P).any()):
+        if bool((lengths != P).any()):
             real = torch.arange(P + 1, device=device) <= lengths[:, None]
             last = self.trunk(self.embed(ids), cache=cache, padding_mask=real)[rows, lengths]
         else:

@@ -71,6 +71,7 @@ class DiffusionLM(Objective):
 
     required_masks = ("full",)
     accepts_summaries = False
+    generates_ragged = takes_row_budgets = False  # a canvas per prompt length
     generation_slack = 0
 
     def __init__(self, *args, embed_dim: int = 16, diffusion_steps: int = 2000, sampling_steps: int = 200,

@@ -42,7 +42,7 @@ from objectives.base import Objective
 from objectives.checkpoints import FrozenCompanion
 from objectives.decoding import sample_token
 from objectives.losses import chunked_cross_entropy
-from objectives.speculative import speculative_generate
+from objectives.speculative import Drafter, speculative_generate
 
 
 class Gate:
@@ -152,6 +152,7 @@ class SelfDistillation(Objective):
 
     required_masks = ("causal", "tensor")
     accepts_summaries = False
+    takes_row_budgets = False
     decodings = ("verify", "confidence", "greedy")
 
     def __init__(self, *args, k: int = 4, regions: int = 16, lora_rank: int = 16, lora_alpha: float = 32.0,
@@ -363,8 +364,7 @@ class SelfDistillation(Objective):
     def drafters(self, num_drafts: int) -> dict:
         def masks(tokens, state, features, temperature, top_k, max_drafts):
             return features[:, : max(min(num_drafts, max_drafts), 0)], None
-        masks.reads_tokens = False
-        return {**super().drafters(num_drafts), "masks": masks}
+        return {**super().drafters(num_drafts), "masks": Drafter(masks, reads_tokens=False)}
 
     default_drafter = "masks"
 

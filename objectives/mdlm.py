@@ -68,6 +68,7 @@ class MaskedDiffusion(Objective):
 
     required_masks = ("full",)
     accepts_summaries = False
+    generates_ragged = takes_row_budgets = False  # a canvas per prompt length
     generation_slack = 0
     extra_tokens = 1  # <mask>, the last embedding row
 

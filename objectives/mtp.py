@@ -16,7 +16,7 @@ from models.layers import DecodingCache, RMSNorm
 from objectives import metrics as M
 from objectives.base import Objective
 from objectives.decoding import token_probs
-from objectives.speculative import CacheGroup, expected_accept_length, lookup_drafts
+from objectives.speculative import CacheGroup, Drafter, expected_accept_length, lookup_drafts
 from objectives.losses import chunk_positions, chunked_cross_entropy
 
 
@@ -272,7 +272,6 @@ class MultiTokenPrediction(Objective):
             q = token_probs(logits, temperature, top_k)
             return torch.multinomial(q.flatten(0, 1), 1).view(q.shape[:2]), q
 
-        heads.reads_tokens = False  # the drafting loop need not give it the token history
 
         def heads_then_lookup(tokens, state, features, temperature, top_k, max_drafts, width=0):
             """Each row drafts the lookup continuation where it finds one as deep as the heads reach, else the
@@ -291,7 +290,9 @@ class MultiTokenPrediction(Objective):
                 q = torch.where(use[:, None, None], F.one_hot(found, q.shape[-1]).to(q.dtype), q)
             return torch.where(use[:, None], found, drafts), q
 
-        return {**super().drafters(num_drafts), "heads": heads, "heads+lookup": heads_then_lookup}
+        return {**super().drafters(num_drafts),
+                "heads": Drafter(heads, reads_tokens=False, ranks_candidates=True),  # features alone: no history
+                "heads+lookup": Drafter(heads_then_lookup, ranks_candidates=True)}
 
 
 def head_metrics(stats: dict) -> dict:
@@ -421,7 +422,7 @@ class DeepSeekMTP(Objective):
                 return tokens.new_zeros(tokens.shape[0], 0), None
             return torch.stack(drafts, 1), (torch.stack(dists, 1) if temperature > 0 else None)
 
-        return {**super().drafters(num_drafts), "modules": modules}
+        return {**super().drafters(num_drafts), "modules": Drafter(modules, ranks_candidates=True)}
 
 
 class ModuleChainState:

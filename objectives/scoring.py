@@ -14,7 +14,6 @@ count once, however many each rank scored.
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import nn
@@ -33,18 +32,6 @@ class AnswerScores(nn.Module):
         self.answer_tokens = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
 
-def generates_ragged(model) -> bool:
-    """Whether the family's `generate` decodes right-padded prompts of different lengths in one call."""
-    params = inspect.signature(model.generate).parameters.values()
-    return any(p.name == "prompt_lengths" or p.kind is p.VAR_KEYWORD for p in params)
-
-
-def takes_row_budgets(model) -> bool:
-    """Whether the family's `generate` takes max_new_tokens as a [B] tensor too (it says so in its annotation)."""
-    param = inspect.signature(model.generate).parameters.get("max_new_tokens")
-    return param is not None and "Tensor" in str(param.annotation)
-
-
 def ragged_prompts(model, tokens: torch.Tensor, prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's prompts right-padded with eos to the longest ([B, max prompt_len]) and each row's budget [B]:
     the batch's length minus its prompt plus the family's `generation_slack`, within the trunk's max_seq_len."""
@@ -61,8 +48,8 @@ def generate_answers(model, tokens: torch.Tensor, prompt_len: torch.Tensor, teac
     """Each row's generation after its prompt (`prompt_len[b]` tokens of `tokens[b]`), as a list of ids: the
     whole batch in one call (`ragged`; default where the family can), else one call per prompt length."""
     prompts, budgets = ragged_prompts(model, tokens, prompt_len)
-    if generates_ragged(model) if ragged is None else ragged:
-        if bool((budgets == budgets[0]).all()) or not takes_row_budgets(model):
+    if model.generates_ragged if ragged is None else ragged:
+        if bool((budgets == budgets[0]).all()) or not model.takes_row_budgets:
             budget = int(budgets.max())  # one budget; each row is cut to its own below (greedy prefixes agree)
             if int(prompt_len.max()) + budget > model.trunk.max_seq_len:  # a long row cannot take the largest
                 return generate_answers(model, tokens, prompt_len, teacherless, ragged=False)

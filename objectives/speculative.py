@@ -27,8 +27,8 @@ which changes no output.
 """
 from __future__ import annotations
 
-import inspect
 import itertools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -63,6 +63,20 @@ class CacheGroup:
 # -> (drafts [B, k], draft distributions [B, k, V] or None for deterministic drafts); with `width`, ranked
 # candidates [B, k, width] and None (tree drafts).
 Proposer = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Drafter:
+    """A drafting strategy and what the loop may ask of it: `reads_tokens` (False: it drafts from the features
+    alone, and the loop need not hand it the token history) and `ranks_candidates` (it takes `width` and ranks
+    candidates, so it can fill a tree)."""
+
+    propose: Proposer
+    reads_tokens: bool = True
+    ranks_candidates: bool = False
+
+    def __call__(self, *args, **kwargs):
+        return self.propose(*args, **kwargs)
 
 
 class DraftTree:
@@ -141,7 +155,8 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
     tree = as_tree(tree)
     if tree is not None and tree.is_chain:
         tree = None  # a tree of width 1 is a chain: no mask needed
-    if tree is not None and "width" not in inspect.signature(propose).parameters:
+    drafter = propose if isinstance(propose, Drafter) else Drafter(propose)
+    if tree is not None and not drafter.ranks_candidates:
         raise ValueError("tree drafts need a drafter that ranks its candidates (multi-token heads or DeepSeek "
                          "modules); prompt lookup proposes one continuation: decode it without a tree")
     if tree is not None and "tensor" not in getattr(model.trunk, "supported_masks", ()):
@@ -179,7 +194,7 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
     is_eos = torch.zeros(B, dtype=torch.bool, device=device) if model.eos_id is None else next_token == model.eos_id
     done = is_eos.tolist()
     active = [x < e and not d for x, e, d in zip(host_n, end, done)]
-    reads_tokens = getattr(propose, "reads_tokens", True)
+    reads_tokens = drafter.reads_tokens
     steps = 0
     while any(active):
         room = limit - (max(host_n) - 1)  # positions left in the cache of the longest row

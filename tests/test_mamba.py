@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.mamba as mm
+import models.selective_scan as mm
 from models import Mamba
-from models.mamba import (MambaBlock, MambaResidualBlock, selective_scan, selective_scan_reference,
-                          selective_scan_time_major)
+from models.mamba import MambaBlock, MambaResidualBlock
+from models.selective_scan import selective_scan, selective_scan_reference, selective_scan_time_major
 
 OPTIONS = {  # which of D, z, delta_bias and softplus a case uses
     "plain": dict(),

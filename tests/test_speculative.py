@@ -9,7 +9,7 @@ import torch
 from models import Mamba, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
 from objectives.distill import SelfDistillation
-from objectives.speculative import DraftTree, speculative_generate
+from objectives.speculative import Drafter, DraftTree, speculative_generate
 
 V = 50
 
@@ -79,7 +79,7 @@ def test_the_compacted_cache_equals_a_fresh_prefill_of_the_accepted_path():
         captured["state"], captured["tokens"] = state, tokens
         return heads(tokens, state, features, temperature, top_k, max_drafts, width)
 
-    out, _ = speculative_generate(m, ids, 16, propose, tree=[3, 2, 2])
+    out, _ = speculative_generate(m, ids, 16, Drafter(propose, ranks_candidates=True), tree=[3, 2, 2])
     state = captured["state"]  # the state after the last step's compaction and crop
     length = int(state.lengths[0])
     assert state.lengths.tolist() == [length, length]
@@ -202,7 +202,7 @@ def test_speculative_sampling_keeps_the_joint_distribution(name, drafter, tree):
             drafts, q = propose(tokens, state, features, temperature, top_k, max_drafts, **options)
             seen.append(drafts.clone())
             return drafts, q
-        recording.reads_tokens = getattr(propose, "reads_tokens", True)
+        recording = Drafter(recording, reads_tokens=propose.reads_tokens)
     else:
         recording = propose
     torch.manual_seed(1)

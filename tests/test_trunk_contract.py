@@ -36,3 +36,22 @@ def test_an_objective_needing_full_attention_refuses_the_mamba_trunk():
     with pytest.raises(ValueError, match=r"NeedsBidirectional needs the full attention mask.*Mamba trunk"):
         NeedsBidirectional(Mamba(d_model=32, n_layers=1), vocab_size=40)
     NeedsBidirectional(Transformer(d_model=32, n_layers=1, n_heads=2), vocab_size=40)
+
+
+@pytest.mark.parametrize("trunk", TRUNKS)
+def test_every_trunk_and_its_decoding_state_satisfy_the_contracts(trunk):
+    """The attributes `models.contracts.Trunk` and `DecodingState` name exist on every trunk and cache, and a
+    cache behaves as the contract says: rows keep their own lengths, crop forgets, fork copies rows."""
+    from models.contracts import DecodingState, Trunk
+    net = TRUNKS[trunk]().eval()
+    assert isinstance(net, Trunk) and set(net.supported_masks) <= {"causal", "full", "tensor"}
+    cache = net.make_cache(2)
+    assert isinstance(cache, DecodingState)
+    x = torch.randn(2, 5, net.d_model)
+    with torch.no_grad():
+        net(x, cache=cache, padding_mask=torch.tensor([[True] * 5, [True] * 3 + [False] * 2]))
+    assert cache.lengths.tolist() == [5, 3] and cache.length == 5
+    forked = cache.fork(torch.tensor([1, 1, 0]))
+    assert forked.lengths.tolist() == [3, 3, 5]
+    cache.crop(2)
+    assert cache.lengths.tolist() == [2, 2] and forked.lengths.tolist() == [3, 3, 5]
