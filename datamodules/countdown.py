@@ -25,7 +25,7 @@ import random
 from collections import Counter
 from itertools import combinations
 
-from datamodules.reasoning import ANS, EOS, STEP, Example
+from datamodules.tasks import ANS, EOS, STEP, Example
 
 OPS = ("+", "-", "*", "/")
 ARROW = "->"

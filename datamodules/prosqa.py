@@ -35,7 +35,7 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from datamodules.reasoning import CONCEPTS, ENTITIES, Example, _poisson, _weighted_sample
+from datamodules.tasks import CONCEPTS, ENTITIES, Example, poisson, weighted_sample
 
 STEP_SHARES = {3: 0.40, 4: 0.43, 5: 0.14, 6: 0.03}  # the public test set's: 202, 217, 69, 12 of 500
 MIN_NODES = 18  # smaller graphs seldom hold a 6-step question
@@ -83,12 +83,12 @@ class ProsQAGraphTask:
         labels, depth = [1, 2], [0, 0]
         groups: dict[int, list[int]] = {0: [], 1: [0], 2: [1], 3: []}
         for idx in range(2, n):
-            k = _poisson(rng, 1.5)
+            k = poisson(rng, 1.5)
             while k == 0 and rng.random() >= KEEP_PARENTLESS:
-                k = _poisson(rng, 1.5)
+                k = poisson(rng, 1.5)
             r = rng.random()
             candidates = groups[0] + groups[1] if r <= 0.35 else groups[0] + groups[2] if r <= 0.7 else list(range(idx))
-            chosen = _weighted_sample(rng, candidates, [1 + 1.5 * depth[c] for c in candidates], k)
+            chosen = weighted_sample(rng, candidates, [1 + 1.5 * depth[c] for c in candidates], k)
             label = 0
             for p in chosen:
                 label |= labels[p]
