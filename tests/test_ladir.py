@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from objectives.ladir import StepVAE, beta_schedule
+from objectives.ladir_vae import StepVAE, beta_schedule
 
 
 def test_beta_warms_up_linearly_from_zero():
