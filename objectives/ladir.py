@@ -3,12 +3,13 @@ Enhances LLMs for Text Reasoning", arXiv:2510.04573; reference code mk322/LaDiR)
 
 The paper's recipe, in its order:
 
-1. **VAE of reasoning steps** (Sec. 3.1, `StepVAE` in `objectives/ladir_vae.py`). Each reasoning step (its tokens and the <step> that ends
-   it) is encoded into `K` = `block_size` latent thought tokens: the encoder reads the step's tokens together
-   with `K` learned block queries (full attention) and maps each query's hidden state to a Gaussian posterior
-   ``q(z | step) = N(mu, diag(sigma^2))``; the decoder (a causal trunk; `decoder_from` starts it from a CoT
-   checkpoint, `freeze_decoder` keeps it fixed) reads the `K` latents as a prefix and reconstructs the step left
-   to right. Loss: the ELBO with a weighted KL, the weight warmed up from 0 against posterior collapse::
+1. **VAE of reasoning steps** (Sec. 3.1, `StepVAE` in `objectives/ladir_vae.py`). Each reasoning step (its tokens
+   and the <step> that ends it) is encoded into `K` = `block_size` latent thought tokens: the encoder reads the
+   step's tokens together with `K` learned block queries (full attention) and maps each query's hidden state to
+   a Gaussian posterior ``q(z | step) = N(mu, diag(sigma^2))``; the decoder (a causal trunk; `decoder_from`
+   starts it from a CoT checkpoint, `freeze_decoder` keeps it fixed) reads the `K` latents as a prefix and
+   reconstructs the step left to right. Loss: the ELBO with a weighted KL, the weight warmed up from 0 against
+   posterior collapse::
 
        L_VAE = E_q[-log p(step | z)] + beta(t) * KL(q(z | step) || N(0, I)),   beta(t) = beta * min(1, t / T_warm)
 

@@ -208,16 +208,6 @@ class MultiTokenPrediction(Objective):
         stats[k] = (nll.detach(), count, correct, predictions)
         return self.loss_weights[k] * nll / count.clamp(min=1)
 
-    def module_states(self, hidden: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """h_k for k = 1..D over the whole sequence: h_k(t) = Block_k(M_k [RMSNorm(h_{k-1}(t)); RMSNorm(Emb(x_{t+k}))]),
-        h_0 the trunk's hidden states [B, T, D]; h_k(t) predicts token t+k+1 and has read no token after t+k."""
-        states, previous = [], hidden
-        for k, module in enumerate(self.mtp_modules, start=1):
-            next_inputs, _ = shifted(inputs, mask, k, hidden.shape[1])
-            previous = module(previous, self.embed(next_inputs))
-            states.append(previous)
-        return states
-
     def loss(self, batch: dict[str, torch.Tensor]) -> dict:
         tokens, inputs, mask = batch["tokens"], batch.get("inputs", batch["tokens"]), batch["loss_mask"]
         T = tokens.shape[1] - 1
@@ -271,7 +261,6 @@ class MultiTokenPrediction(Objective):
                 return logits.argmax(-1), None
             q = token_probs(logits, temperature, top_k)
             return torch.multinomial(q.flatten(0, 1), 1).view(q.shape[:2]), q
-
 
         def heads_then_lookup(tokens, state, features, temperature, top_k, max_drafts, width=0):
             """Each row drafts the lookup continuation where it finds one as deep as the heads reach, else the
@@ -346,8 +335,9 @@ class DeepSeekMTP(Objective):
         self.mtp_modules = nn.ModuleList(MTPModule(self.trunk.make_block(), self.trunk.d_model) for _ in range(depth))
 
     def module_states(self, hidden: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """h_k for k = 1..D over the whole sequence: h_k(t) = Block_k(M_k [RMSNorm(h_{k-1}(t)); RMSNorm(Emb(x_{t+k}))]),
-        h_0 the trunk's hidden states [B, T, D]; h_k(t) predicts token t+k+1 and has read no token after t+k."""
+        """h_k for k = 1..D over the whole sequence,
+        h_k(t) = Block_k(M_k [RMSNorm(h_{k-1}(t)); RMSNorm(Emb(x_{t+k}))]), h_0 the trunk's hidden states [B, T, D]:
+        h_k(t) predicts token t+k+1 and has read no token after t+k."""
         states, previous = [], hidden
         for k, module in enumerate(self.mtp_modules, start=1):
             next_inputs, _ = shifted(inputs, mask, k, hidden.shape[1])

@@ -52,13 +52,20 @@ def test_objective_config_fits_a_step(config, tmp_path, corpus_files):
 
 @pytest.mark.parametrize("config", names("data"))
 def test_data_config_fits_a_step(config, tmp_path):
+    """Every data config fits a step of next-token prediction; on a reasoning task (smoke test of the scoring) the
+    validation scores two questions, none of which a model one step from random init answers (a figure above 0 is
+    a scorer that accepts wrong answers)."""
     # a corpus read file by file is cut to a few files: the config's own size only costs time here
     fewer = ["--data.init_args.max_files", "40"] if "max_files" in yaml.safe_load(open(config))["init_args"] else []
-    fewer += small_generated_data(yaml.safe_load(open(config)))
+    reasoning = small_generated_data(yaml.safe_load(open(config)))
+    if reasoning:
+        reasoning += ["--model.init_args.eval_examples", "2"]
     cli = run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, "--data", config,
                   "--model.init_args.trunk.init_args.max_seq_len", "512", "--data.init_args.batch_size", "2", *fewer,
-                  steps=1)
+                  *reasoning, steps=1)
     assert cli.trainer.global_step == 1
+    if reasoning:
+        assert cli.model._scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
 
 
 @pytest.mark.parametrize("config", names("strategies"))
@@ -130,8 +137,9 @@ def test_base_and_quickstart_parse(tmp_path, corpus_files):
 def test_every_objective_fits_a_step_and_scores_answers_on_reasoning_data(objective, tmp_path):
     """Smoke test: every objective fits a step on ProsQA-style questions (prompt, steps and answer segments) and
     logs val/accuracy over its eval_examples questions, none of which a model one step from random init answers
-    (a figure above 0 is a scorer that accepts wrong answers). Each reasoning data config fits a step in
-    test_data_config_fits_a_step, and the experiment configs put the families on their own tasks."""
+    (a figure above 0 is a scorer that accepts wrong answers). One dataset is enough here: each reasoning data
+    config fits a step and scores answers with next-token prediction in test_data_config_fits_a_step, and the
+    experiment configs put the families on their own tasks."""
     data = "configs/data/prosqa.yaml"
     cli = run_cli(tmp_path, "--config", "configs/quickstart.yaml", "--model", objective, *TINY_MODEL, "--data", data,
                   "--model.init_args.trunk.init_args.max_seq_len", "512", "--model.init_args.eval_examples", "2",

@@ -17,10 +17,11 @@ def test_beta_warms_up_linearly_from_zero():
 
 def test_vae_reconstructs_the_steps_of_a_toy_set():
     """After 200 Adam steps with the learning rate decayed linearly to 0, greedy decoding from the posterior means
-    gives back at least 90% of the 79 step tokens. Measured (fp32 throughout): 1.0 for every seed 0-15, both with
-    the default kernels (AMD EPYC, AVX-512) and with ATen and oneDNN held to AVX2. At a constant 1e-2 the figure
-    was wherever the last update landed (0.81-1.0 over seeds after 120 steps; 0.949 on an Intel Xeon with AMX);
-    the decay lets training settle. The bound leaves 7 tokens of margin."""
+    gives back at least 90% of the 79 step tokens. Measured on an AMD EPYC: 1.0 for every seed 0-15 in fp32 with
+    the default kernels (AVX-512), in fp32 with ATen and oneDNN held to AVX2 (as on an AVX2-only machine), and
+    under bf16 autocast (rounding coarser than any CPU kind's fp32 kernels). At a constant 1e-2 the figure was
+    wherever the last update landed (0.81-1.0 over seeds after 120 steps; 0.949 on an Intel Xeon with AMX); the
+    decay lets training settle. The bound leaves 7 tokens of margin below every measured run."""
     torch.manual_seed(0)
     steps = torch.randint(1, 12, (16, 5))  # 16 distinct-ish steps of 5 tokens over 11 symbols (0 = padding)
     steps[3, 4:] = 0  # one padded step
@@ -124,6 +125,8 @@ def test_the_latent_loss_trains_every_part_and_falls(options):
             assert all(p.grad is None for p in model.vae.parameters())
         opt.step()
         losses.append(float(out["loss"]))
+    # measured last/first: 0.27 (velocity) and 0.19 (clean) at this seed, at most 0.37 over seeds 0-7, the same in
+    # fp32 with AVX-512 or AVX2 kernels and under bf16 autocast: halving is clear of the noise of one loss draw
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
