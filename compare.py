@@ -46,8 +46,8 @@ import lightning as L
 import torch
 import yaml
 
-from objectives import metrics as M
-from objectives.checkpoints import load_checkpoint
+from objectives.training import metrics as M
+from objectives.training.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 TRAIN = ROOT / "train.py"

@@ -6,7 +6,7 @@
         [--options '{mode: confidence, tau: 0.8}']
 
 The same conventions as train.py: `--config generate.yaml`, `--print_config`, typed flags. The checkpoint is read
-with `weights_only=True` (objectives/checkpoints.py): one that holds anything but plain tensors, numbers and
+with `weights_only=True` (objectives/training/checkpoints.py): one that holds anything but plain tensors, numbers and
 strings is refused, never unpickled.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from jsonargparse import auto_cli
 from tokenizers import Tokenizer
 
-from objectives.base import Objective
-from objectives.checkpoints import checkpoint_tokenizer, load_checkpoint, load_objective
+from objectives.training.base import Objective
+from objectives.training.checkpoints import checkpoint_tokenizer, load_checkpoint, load_objective
 
 
 def load(ckpt_path: str) -> tuple[Objective, Tokenizer]:

@@ -15,10 +15,10 @@ import datamodules
 import models
 import objectives
 
-from objectives import metrics as M
-from objectives.base import Objective
-from objectives.checkpoints import UnsafeCheckpointError, load_checkpoint
-from objectives.runtime import auto_precision
+from objectives.training import metrics as M
+from objectives.training.base import Objective
+from objectives.training.checkpoints import UnsafeCheckpointError, load_checkpoint
+from objectives.training.callbacks import auto_precision
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "base.yaml")
 SHOW_TRACEBACK = "BEYOND_NTP_TRACEBACK"

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from objectives.runtime import compute_dtype
+from objectives.training.callbacks import compute_dtype
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 
@@ -103,7 +103,7 @@ def bare_seconds_per_step(model: torch.nn.Module, loader: DataLoader, steps: int
 
 def attach_trainer_for_optimizers(model: L.LightningModule, total_steps: int) -> None:
     """configure_optimizers reads the schedule length from a trainer; a bare loop has none, so give it one."""
-    from objectives.optim import WarmupCosine
+    from objectives.training.optim import WarmupCosine
     model.scheduler_factory = lambda opt: WarmupCosine(opt, warmup_steps=10, total_steps=total_steps)
 
 
@@ -131,7 +131,7 @@ def fit_experiment(config: str | Path, steps: int, minutes: float, save_dir: str
 
 def trainer_test(cli) -> dict:
     """The fitted model's own answer scoring on the test split (`train.py test`): accuracy and answer tokens."""
-    from objectives import metrics as M
+    from objectives.training import metrics as M
     tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     return {"test acc %": 100 * tested[M.TEST_ACCURACY], "answer_tokens": tested[M.TEST_ANSWER_TOKENS]}
 
@@ -167,8 +167,8 @@ def generated_rows(out: torch.Tensor, lengths: torch.Tensor, eos_id: int | None)
 
 def judge(datamodule, prompt: list[int], gen: list[int], gold: list[int], eos_id: int | None) -> bool:
     """The datamodule's own verdict on a generation (Countdown checks the solution), else exact match of the
-    answer row before the eos (objectives/scoring.py's rule)."""
-    from objectives.scoring import exact_match
+    answer row before the eos (objectives/decoding/scoring.py's rule)."""
+    from objectives.decoding.scoring import exact_match
     verdict = datamodule.check_answer(prompt, gen) if hasattr(datamodule, "check_answer") else None
     return exact_match(gen, gold, eos_id)[1] if verdict is None else bool(verdict)
 

@@ -45,7 +45,7 @@ import torch
 from benchmarks.common import fit_experiment, parser, repeated, report, timed_generation
 from datamodules.countdown import ARROW, OPS, apply, check
 from datamodules.reasoning import STEP
-from objectives.scoring import exact_match
+from objectives.decoding.scoring import exact_match
 
 PAPER = {"cot": 45.8, "mdlm": 91.5}  # Ye et al. 2024, Countdown: AR and their masked diffusion model
 RUNS = "cot,mdlm,coconut,ladir"

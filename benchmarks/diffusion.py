@@ -38,8 +38,8 @@ from benchmarks.common import parser, report
 from benchmarks.path_star import BUDGET_MINUTES, BUDGET_STEPS, train_and_test
 from benchmarks.speculative import held_out_prompts
 from generate import load
-from objectives import metrics as M
-from objectives.runtime import auto_precision
+from objectives.training import metrics as M
+from objectives.training.callbacks import auto_precision
 
 RECIPES = {"ntp": "configs/quickstart.yaml", "mdlm": "configs/experiments/mdlm_code.yaml",
            "diffusion_lm": "configs/experiments/diffusion_lm_code.yaml"}

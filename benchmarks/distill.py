@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.common import parser, report
 from benchmarks.speculative import held_out_prompts, repeated_4gram_share
-from objectives.checkpoints import load_checkpoint
+from objectives.training.checkpoints import load_checkpoint
 
 RECIPES = {"code": "configs/experiments/distill_code.yaml", "mult": "configs/experiments/distill_multiplication.yaml"}
 

@@ -26,8 +26,8 @@ import torch
 import train
 from benchmarks.common import RandomTokens, attach_trainer_for_optimizers, bare_seconds_per_step, parser, report
 from benchmarks.path_star import EXPERIMENTS, train_and_test
-from objectives import metrics as M
-from objectives.runtime import auto_precision
+from objectives.training import metrics as M
+from objectives.training.callbacks import auto_precision
 
 SUMMARIES = Path(__file__).resolve().parent.parent / "configs" / "summaries"
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import parser, report
-from objectives.checkpoints import load_checkpoint
+from objectives.training.checkpoints import load_checkpoint
 
 
 def is_causal(model) -> bool:

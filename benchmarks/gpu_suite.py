@@ -24,7 +24,7 @@ from benchmarks.common import (RandomTokens, attach_trainer_for_optimizers, bare
                                lightning_seconds_per_step, random_batch, synchronize, table)
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.runtime import auto_precision, compute_dtype, flops_per_step
+from objectives.training.callbacks import auto_precision, compute_dtype, flops_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 64

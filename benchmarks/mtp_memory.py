@@ -24,8 +24,8 @@ import sys
 import torch
 
 from benchmarks.common import parser, random_batch, report
-from objectives.losses import CHUNK_MIB
-from objectives.runtime import auto_precision, compute_dtype
+from objectives.training.losses import CHUNK_MIB
+from objectives.training.callbacks import auto_precision, compute_dtype
 
 CASES = {  # the options of MultiTokenPrediction; "NTP" is NextTokenPrediction
     "NTP": dict(),

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from benchmarks.common import RandomTokens, attach_trainer_for_optimizers, bare_seconds_per_step, parser, report
 from models import Transformer
 from objectives import MultiTokenPrediction, NextTokenPrediction
-from objectives.runtime import auto_precision
+from objectives.training.callbacks import auto_precision
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from benchmarks.common import attach_trainer_for_optimizers, bare_seconds_per_st
 from datamodules import TextDataModule
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.runtime import Throughput, auto_precision
+from objectives.training.callbacks import Throughput, auto_precision
 
 
 def main() -> None:

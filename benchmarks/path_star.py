@@ -17,8 +17,8 @@ from pathlib import Path
 
 import train
 from benchmarks.common import parser, report
-from objectives import metrics as M
-from objectives.runtime import auto_precision
+from objectives.training import metrics as M
+from objectives.training.callbacks import auto_precision
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 CHANCE = 1 / 2  # picking one of the degree-2 arms at random

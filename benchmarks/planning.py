@@ -27,7 +27,7 @@ import torch
 import train
 from benchmarks.common import parser, report
 from datamodules.skeleton import BODY, EXPAND, POINT
-from objectives import metrics as M
+from objectives.training import metrics as M
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 CONFIG = {"multiplication": "planning_multiplication_{}.yaml", "prosqa": "planning_prosqa_{}.yaml"}

@@ -23,7 +23,7 @@ from benchmarks.common import parser, report
 from datamodules.reasoning import ReasoningDataModule
 from models import Mamba, Transformer
 from objectives import NextTokenPrediction
-from objectives.scoring import exact_match, generate_answers
+from objectives.decoding.scoring import exact_match, generate_answers
 
 
 def build(trunk: str, vocab_size: int, eos_id: int, max_seq_len: int) -> NextTokenPrediction:

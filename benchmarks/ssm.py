@@ -155,7 +155,7 @@ def train_step_rate(kind: str, seq_len: int, batch: int, steps: int, device: str
     """Median seconds of one NTP forward+backward+AdamW step, tokens/s, parameters and the peak memory."""
     import resource
     import statistics
-    from objectives.runtime import auto_precision, compute_dtype
+    from objectives.training.callbacks import auto_precision, compute_dtype
     torch.manual_seed(0)
     model = quickstart_model(kind, vocab, seq_len + 1, d_model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -301,7 +301,7 @@ def score_checkpoint(path: str, lengths=(256, 1024, 4096, 16384), eval_examples:
                      train_len: int = 256) -> dict:
     """The answer accuracy of a saved induction-heads model (e.g. the recipe's last.ckpt) at each prompt length."""
     from datamodules.synthetic import SyntheticTaskDataset
-    from objectives.checkpoints import load_checkpoint, load_objective
+    from objectives.training.checkpoints import load_checkpoint, load_objective
     checkpoint = load_checkpoint(path)
     model = load_objective(path, checkpoint=checkpoint)
     row = {"trunk": f"{type(model.trunk).__name__} {model.trunk.n_layers} x d{model.trunk.d_model}",

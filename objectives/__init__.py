@@ -1,5 +1,8 @@
-"""Objectives: one LightningModule per family, all subclasses of `objectives.base.Objective`."""
-from objectives.base import Objective
+"""Objectives: one LightningModule per family (the modules of this folder), all subclasses of
+`objectives.training.base.Objective`; the machinery they share lives in `training/` and `decoding/`."""
+import sys
+
+from objectives.training.base import Objective
 from objectives.coconut import Coconut
 from objectives.diffusion_lm import DiffusionLM
 from objectives.distill import SelfDistillation
@@ -13,3 +16,9 @@ from objectives.summaries import BagOfWordsSummary, ReverseLMSummary
 
 __all__ = ["Objective", "Coconut", "NextTokenPrediction", "MultiTokenPrediction", "DeepSeekMTP", "MaskedDiffusion", "DiffusionLM",
            "SelfDistillation", "LaDiR", "PlanningTokens", "SkeletonOfThought", "BagOfWordsSummary", "ReverseLMSummary"]
+
+# module paths of earlier releases that configs and scripts name (`objectives.optim.WarmupCosine`,
+# `objectives.runtime.Throughput`, `objectives.checkpoints.load_objective`), kept working
+from objectives.training import callbacks as _callbacks, checkpoints as _checkpoints, optim as _optim  # noqa: E402
+sys.modules.update({"objectives.optim": _optim, "objectives.runtime": _callbacks,
+                    "objectives.checkpoints": _checkpoints})

@@ -41,11 +41,11 @@ from typing import Literal
 
 import torch
 
-from objectives.base import Objective
-from objectives.decoding import decode_after
-from objectives.losses import chunked_cross_entropy
-from objectives.metrics import COCONUT_STAGE
-from objectives.stages import OptimizerReset, Staged
+from objectives.training.base import Objective
+from objectives.decoding.greedy import decode_after
+from objectives.training.losses import chunked_cross_entropy
+from objectives.training.metrics import COCONUT_STAGE
+from objectives.training.stages import OptimizerReset, Staged
 
 
 class Coconut(Staged, Objective):
@@ -74,6 +74,8 @@ class Coconut(Staged, Objective):
             (default: eos_id).
         **kwargs: the base objective's arguments.
     """
+
+    headline_metric = (COCONUT_STAGE, "latent stage")
 
     stage_metric = COCONUT_STAGE
     extra_tokens = 3  # <bot>, <eot>, <latent> (also <pause>), after the data's vocabulary

@@ -27,9 +27,9 @@ import math
 import torch
 from torch import nn
 
-from objectives import metrics as M
-from objectives.base import Objective
-from objectives.losses import chunked_cross_entropy
+from objectives.training import metrics as M
+from objectives.training.base import Objective
+from objectives.training.losses import chunked_cross_entropy
 
 
 def sqrt_schedule(steps: int, offset: float = 1e-4) -> torch.Tensor:
@@ -68,6 +68,8 @@ class DiffusionLM(Objective):
         eval_time_samples: draws of t per validation sequence for `val/nll_bound` (fixed seed: the same each time).
         **kwargs: the base objective's arguments.
     """
+
+    headline_metric = ("hparams.sampling_steps", "sampling steps")
 
     required_masks = ("full",)
     accepts_summaries = False

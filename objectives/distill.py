@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from objectives import metrics as M
-from objectives.base import Objective
-from objectives.checkpoints import FrozenCompanion
-from objectives.decoding import sample_token
-from objectives.losses import chunked_cross_entropy
-from objectives.speculative import Drafter, speculative_generate
+from objectives.training import metrics as M
+from objectives.training.base import Objective
+from objectives.training.checkpoints import FrozenCompanion
+from objectives.decoding.greedy import sample_token
+from objectives.training.losses import chunked_cross_entropy
+from objectives.decoding.speculative import Drafter, speculative_generate
 
 
 class Gate:

@@ -56,15 +56,15 @@ import torch
 from torch import nn
 
 from models.layers import block_mask
-from objectives import metrics as M
-from objectives import scoring
-from objectives.base import Objective
-from objectives.checkpoints import FrozenCompanion
-from objectives.decoding import decode_after
-from objectives.losses import chunked_cross_entropy
+from objectives.training import metrics as M
+from objectives.decoding import scoring
+from objectives.training.base import Objective
+from objectives.training.checkpoints import FrozenCompanion
+from objectives.decoding.greedy import decode_after
+from objectives.training.losses import chunked_cross_entropy
 from objectives.planning import step_spans
 from objectives.ladir_vae import StepVAE
-from objectives.stages import OptimizerReset, Staged
+from objectives.training.stages import OptimizerReset, Staged
 
 LADIR_STAGE = M.LADIR_STAGE  # 0: the VAE trains, 1: the latent model trains on the frozen VAE
 

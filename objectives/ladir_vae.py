@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import Transformer
-from objectives.checkpoints import load_checkpoint
+from objectives.training.checkpoints import load_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------

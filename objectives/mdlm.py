@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from objectives import metrics as M
-from objectives.base import Objective
-from objectives.decoding import token_probs
-from objectives.losses import chunked_cross_entropy
+from objectives.training import metrics as M
+from objectives.training.base import Objective
+from objectives.decoding.greedy import token_probs
+from objectives.training.losses import chunked_cross_entropy
 
 
 class LogLinearSchedule:
@@ -65,6 +65,8 @@ class MaskedDiffusion(Objective):
         time_eps: the smallest t sampled, which keeps the 1/t weight finite.
         **kwargs: the base objective's arguments.
     """
+
+    headline_metric = ("hparams.sampling_steps", "sampling steps")
 
     required_masks = ("full",)
     accepts_summaries = False

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import DecodingCache, RMSNorm
-from objectives import metrics as M
-from objectives.base import Objective
-from objectives.decoding import token_probs
-from objectives.speculative import CacheGroup, Drafter, expected_accept_length, lookup_drafts
-from objectives.losses import chunk_positions, chunked_cross_entropy
+from objectives.training import metrics as M
+from objectives.training.base import Objective
+from objectives.decoding.greedy import token_probs
+from objectives.decoding.speculative import CacheGroup, Drafter, expected_accept_length, lookup_drafts
+from objectives.training.losses import chunk_positions, chunked_cross_entropy
 
 
 def shifted(tokens: torch.Tensor, mask: torch.Tensor, k: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +153,8 @@ class MultiTokenPrediction(Objective):
         per_head_backward: the paper's memory-saving order; false computes every head then one backward.
         **kwargs: the base objective's arguments.
     """
+
+    headline_metric = (M.ACCEPT_LEN_TEACHER_FORCED, "accepted length (teacher-forced)")
 
     default_drafter = "heads"
 
@@ -324,6 +326,8 @@ class DeepSeekMTP(Objective):
         mtp_weight: lambda.
         **kwargs: the base objective's arguments.
     """
+
+    headline_metric = (M.ACCEPT_LEN_TEACHER_FORCED, "accepted length (teacher-forced)")
 
     default_drafter = "modules"
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from objectives.base import Objective
-from objectives.losses import chunked_cross_entropy
+from objectives.training.base import Objective
+from objectives.training.losses import chunked_cross_entropy
 
 
 class NextTokenPrediction(Objective):

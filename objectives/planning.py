@@ -216,7 +216,7 @@ class PlanningTokens(NextTokenPrediction):
         copy of this model's weights when clustering starts (after a warm start `init_from`, the trained model)."""
         if self._embedder is None:
             if self.hparams.plan_from:
-                from objectives.checkpoints import load_objective
+                from objectives.training.checkpoints import load_objective
                 net = load_objective(self.hparams.plan_from).eval()
             else:
                 net = _FrozenCopy(self)

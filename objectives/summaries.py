@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from objectives.losses import CHUNK_MIB, chunk_positions
+from objectives.training.losses import CHUNK_MIB, chunk_positions
 
 
 def future_window(tokens: torch.Tensor, valid: torch.Tensor, T: int, start: int, stop: int):
@@ -224,7 +224,7 @@ class ReverseLMSummary(nn.Module):
     def attach(self, objective) -> None:
         from pathlib import Path
 
-        from objectives.checkpoints import FrozenCompanion
+        from objectives.training.checkpoints import FrozenCompanion
         if not Path(self.checkpoint).is_file():
             raise FileNotFoundError(
                 f"ReverseLMSummary: no reverse-model checkpoint at {self.checkpoint}: train one first (NTP with "

@@ -6,7 +6,7 @@ import torch
 from datamodules.reasoning import ReasoningDataModule
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.scoring import generate_answers
+from objectives.decoding.scoring import generate_answers
 
 
 def scored(generate_fn) -> dict[str, float]:

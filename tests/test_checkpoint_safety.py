@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.checkpoints import FrozenCompanion, UnsafeCheckpointError, load_checkpoint, warm_start
-from objectives.optim import WarmupCosine
+from objectives.training.checkpoints import FrozenCompanion, UnsafeCheckpointError, load_checkpoint, warm_start
+from objectives.training.optim import WarmupCosine
 
 
 class Payload:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import TINY_MODEL, quickstart, run_cli, scalars, tiny_data
-from objectives import metrics as M
+from objectives.training import metrics as M
 
 
 def test_quickstart_fit_logs_shared_metrics_to_tensorboard(tmp_path, corpus_files):

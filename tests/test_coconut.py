@@ -19,7 +19,7 @@ from datamodules.reasoning import SequenceOptions, SpecialIds, build_sequence, c
 from models import Mamba, Transformer
 from objectives import Coconut
 from objectives.coconut import COCONUT_STAGE, OptimizerReset
-from objectives.losses import chunked_cross_entropy
+from objectives.training.losses import chunked_cross_entropy
 
 V, EOS = 24, 1
 IDS = SpecialIds(pad=0, eos=EOS, step=3, ans=4, dummy=5)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import quickstart, run_cli
 from ntp_checkpoint import ntp_checkpoint
 from objectives import NextTokenPrediction
-from objectives.checkpoints import FrozenCompanion, load_checkpoint, load_objective, weights_sha256
+from objectives.training.checkpoints import FrozenCompanion, load_checkpoint, load_objective, weights_sha256
 
 
 class WithCompanion(NextTokenPrediction):

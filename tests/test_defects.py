@@ -10,7 +10,7 @@ import torch
 
 from models import Mamba, Transformer
 from objectives import DiffusionLM, NextTokenPrediction
-from objectives.optim import decay_groups
+from objectives.training.optim import decay_groups
 
 
 def test_weight_decay_leaves_mambas_a_log_and_d_alone():
@@ -63,7 +63,7 @@ def test_bits_per_byte_divides_the_counted_nats_by_the_counted_tokens_bytes(tmp_
     import math
 
     from conftest import quickstart, run_cli, scalars
-    from objectives import metrics as M
+    from objectives.training import metrics as M
     files = mixed_corpus(tmp_path, corpus_files)
     cli = run_cli(tmp_path, *quickstart(files), "--data.init_args.val_fraction", "0.3",
                   "--data.init_args.test_fraction", "0.0", steps=2)  # validates 2 batches of 4 windows
@@ -81,7 +81,7 @@ def test_bits_per_byte_divides_the_counted_nats_by_the_counted_tokens_bytes(tmp_
 
 def test_no_bits_per_byte_on_a_word_level_task_vocabulary(tmp_path):
     from conftest import TINY_MODEL, run_cli
-    from objectives import metrics as M
+    from objectives.training import metrics as M
     cli = run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, "--data",
                   "configs/data/multiplication.yaml", "--data.init_args.digits", "2", "--data.init_args.val_size", "16",
                   "--data.init_args.test_size", "16", "--data.init_args.batch_size", "8",
@@ -140,7 +140,7 @@ def test_given_held_out_files_are_the_splits_whatever_their_size(tmp_path):
 
 def test_a_public_style_json_pair_of_500_and_300_records_trains_with_defaults_and_logs_accuracy(tmp_path):
     from conftest import TINY_MODEL, run_cli, scalars
-    from objectives import metrics as M
+    from objectives.training import metrics as M
     (tmp_path / "prosqa_train.json").write_text(json.dumps(prosqa_records(500, 0)))
     (tmp_path / "prosqa_valid.json").write_text(json.dumps(prosqa_records(300, 1)))
     cli = run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL,

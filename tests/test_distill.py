@@ -11,7 +11,7 @@ import torch
 from models import Transformer
 from conftest import quickstart, run_cli
 from ntp_checkpoint import ntp_checkpoint
-from objectives.checkpoints import load_checkpoint
+from objectives.training.checkpoints import load_checkpoint
 from objectives.distill import SelfDistillation, mask_layout
 
 

@@ -181,8 +181,8 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
     from datamodules import ReasoningDataModule
     from models import Transformer
     from objectives import LaDiR
-    from objectives.checkpoints import companions
-    from objectives.stages import OptimizerReset
+    from objectives.training.checkpoints import companions
+    from objectives.training.stages import OptimizerReset
 
     def snapshot(model):
         return ({k: v.clone() for k, v in model.vae.state_dict().items()}, model.to_velocity.weight.detach().clone())

@@ -5,7 +5,7 @@ import pytest
 
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.losses import chunk_positions
+from objectives.training.losses import chunk_positions
 
 
 def test_a_chunk_is_sized_by_its_logit_bytes():

@@ -372,7 +372,7 @@ def test_multi_token_prediction_and_speculative_decoding_on_the_mamba_trunk():
     """MTP heads made by the trunk's make_block train, and draft-then-verify decoding (which crops the Mamba
     caches back to the accepted prefix) reproduces plain greedy decoding."""
     from objectives import MultiTokenPrediction
-    from objectives.speculative import speculative_generate
+    from objectives.decoding.speculative import speculative_generate
     torch.manual_seed(0)
     model = MultiTokenPrediction(Mamba(d_model=32, n_layers=2, d_state=8, max_seq_len=64), vocab_size=20, n_future=3)
     tokens = torch.randint(0, 20, (2, 30))

@@ -8,7 +8,7 @@ import torch
 
 from models import Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
-from objectives.speculative import lookup_drafts
+from objectives.decoding.speculative import lookup_drafts
 from objectives.mtp import shifted
 
 

@@ -9,7 +9,7 @@ import torch
 from models import Mamba, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
 from objectives.distill import SelfDistillation
-from objectives.speculative import Drafter, DraftTree, speculative_generate
+from objectives.decoding.speculative import Drafter, DraftTree, speculative_generate
 
 V = 50
 

@@ -13,8 +13,8 @@ from datamodules import ReasoningDataModule
 from datamodules.prosqa import STEP_SHARES
 from models import Transformer
 from objectives import Coconut
-from objectives.optim import WarmupCosine
-from objectives.stages import OptimizerReset
+from objectives.training.optim import WarmupCosine
+from objectives.training.stages import OptimizerReset
 
 
 LR = 1e-3

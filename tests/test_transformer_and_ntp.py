@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import train_on_batch
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.losses import chunked_cross_entropy
+from objectives.training.losses import chunked_cross_entropy
 
 
 def tiny_ntp(qkv_bias: bool = False, **kwargs) -> NextTokenPrediction:

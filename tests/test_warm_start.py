@@ -11,7 +11,7 @@ from conftest import TINY_MODEL, quickstart, run_cli
 from ntp_checkpoint import ntp_checkpoint as shared_ntp_checkpoint
 from models import Transformer
 from objectives import NextTokenPrediction
-from objectives.checkpoints import load_checkpoint, warm_start
+from objectives.training.checkpoints import load_checkpoint, warm_start
 
 
 class ThreeTokenNTP(NextTokenPrediction):

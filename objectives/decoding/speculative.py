@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from objectives.decoding import sample_token, token_probs
+from objectives.decoding.greedy import sample_token, token_probs
 
 
 class CacheGroup:
@@ -145,7 +145,7 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
                          prompt_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Decode with drafts: prompt [B, P] (rows right-padded to `prompt_lengths`) -> (ids [B, max(P, longest
     prompt + max_new_tokens)], row b's prompt, then its max_new_tokens new tokens, then padding, the layout of
-    `objectives.decoding.left_to_right`; {"steps", "tokens"}: verify forwards and new tokens per row).
+    `objectives.decoding.greedy.left_to_right`; {"steps", "tokens"}: verify forwards and new tokens per row).
 
     The loop is lean: tokens are written into a preallocated output (the drafter reads a view of it; a copy only
     for ragged rows and a drafter that reads tokens), the model runs one argmax per verified position, the causal

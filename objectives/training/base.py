@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from objectives import metrics as M
-from objectives import scoring
-from objectives.checkpoints import check_companions, companion_records, companions, format_report, warm_start
-from objectives.decoding import left_to_right
-from objectives.losses import CHUNK_MIB, chunk_positions, chunked_cross_entropy
-from objectives.speculative import Drafter, lookup_drafts, speculative_generate
-from objectives.optim import WarmupCosine, decay_groups
+from objectives.training import metrics as M
+from objectives.decoding import scoring
+from objectives.training.checkpoints import check_companions, companion_records, companions, format_report, warm_start
+from objectives.decoding.greedy import left_to_right
+from objectives.training.losses import CHUNK_MIB, chunk_positions, chunked_cross_entropy
+from objectives.decoding.speculative import Drafter, lookup_drafts, speculative_generate
+from objectives.training.optim import WarmupCosine, decay_groups
 
 
 class Objective(L.LightningModule):
@@ -39,7 +39,7 @@ class Objective(L.LightningModule):
         lr_scheduler: schedule factory (stepped every optimizer step).
         summaries: auxiliary losses on the trunk's hidden states (future-summary mixins), causal families only.
         compile: compile the trunk with `torch.compile`.
-        ce_chunk_size: MiB of fp32 logits per chunk of the chunked cross-entropy (`objectives/losses.py`): a budget
+        ce_chunk_size: MiB of fp32 logits per chunk of the chunked cross-entropy (`objectives/training/losses.py`): a budget
             in bytes, so positions per chunk = ce_chunk_size MiB / (4 bytes x V), the same memory at any vocabulary.
         eval_examples: val examples per validation whose generated answer is scored (reasoning data).
         sample_tokens: tokens of a greedy sample written to TensorBoard each validation (text data).
@@ -49,6 +49,10 @@ class Objective(L.LightningModule):
         init_from: a project checkpoint whose weights a new fit starts from (optimizer, schedule and step fresh;
             rows for this family's extra tokens initialised by `extra_token_sources`); `--ckpt_path` resumes instead.
     """
+
+    # the family's own figure in compare.py's report, beside the shared ones: (a metric tag, or "hparams.<name>"
+    # for a setting, and its label); reasoning runs without one show val/answer_tokens
+    headline_metric: tuple[str, str] | None = None
 
     required_masks: tuple[str, ...] = ("causal",)
     accepts_summaries = True
@@ -232,12 +236,12 @@ class Objective(L.LightningModule):
         `prompt_lengths` [B]: the prompts are right-padded, row b's being its first prompt_lengths[b] tokens; row b
         of the result is its prompt, then its own generation, then padding, token for token what it gives alone
         (greedy). Plain decoding also takes per-row budgets (max_new_tokens a [B] tensor; see
-        `objectives.decoding.left_to_right`). Rows that reach `eos_id` keep emitting it and finish on their own;
+        `objectives.decoding.greedy.left_to_right`). Rows that reach `eos_id` keep emitting it and finish on their own;
         decoding stops when every row has. With `speculative`,
         a drafter (`drafters`; prompt lookup for every objective) proposes up to `num_drafts` tokens per step and
         one forward verifies them: the same output as plain decoding (greedy) or the same distribution
         (sampling), in fewer forwards; `tree` (widths per depth, or rank paths) verifies a tree of the drafter's
-        ranked candidates instead (objectives/speculative.py). `self.decode_stats` then holds the forwards and
+        ranked candidates instead (objectives/decoding/speculative.py). `self.decode_stats` then holds the forwards and
         tokens of the last call.
         `teacherless` = (marker_id, dummy_id): once a row has emitted the answer marker, the model reads the dummy
         token instead of its own output (Bachmann & Nagarajan 2024's teacherless models are decoded this way).
@@ -265,7 +269,7 @@ class Objective(L.LightningModule):
         return self.logits(hidden), hidden
 
     def drafters(self, num_drafts: int) -> dict:
-        """Drafting strategies by name (`objectives.speculative.Drafter`): each maps (tokens, state, features,
+        """Drafting strategies by name (`objectives.decoding.speculative.Drafter`): each maps (tokens, state, features,
         temperature, top_k, max_drafts) to (drafts [B, k], draft distributions [B, k, V] or None when drafts are
         deterministic)."""
         def lookup(tokens, state, features, temperature, top_k, max_drafts):
@@ -308,7 +312,7 @@ class Objective(L.LightningModule):
 
     def score_answers(self, batch: dict, stage: str = "val") -> None:
         """{stage}/accuracy: exact match of the generated answer; {stage}/answer_tokens: tokens generated per
-        question (objectives/scoring.py). Validation scores `eval_examples` questions; test scores all."""
+        question (objectives/decoding/scoring.py). Validation scores `eval_examples` questions; test scores all."""
         scoring.score_answers(self, batch, stage)
 
     def sample_continuation(self, batch: dict) -> None:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 
-from objectives import metrics as M
+from objectives.training import metrics as M
 
 
 def auto_precision() -> str:

@@ -1,5 +1,5 @@
 """Decoding shared by every objective: greedy and temperature / top-k sampling, and left-to-right generation of a
-ragged batch with the trunk's cache. Draft-then-verify decoding is in `objectives/speculative.py`."""
+ragged batch with the trunk's cache. Draft-then-verify decoding is in `objectives/decoding/speculative.py`."""
 from __future__ import annotations
 
 import torch

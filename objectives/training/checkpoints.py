@@ -38,7 +38,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 def _allowlist() -> list:
     from lightning.fabric.utilities.data import AttributeDict
 
-    from objectives.optim import WarmupCosine
+    from objectives.training.optim import WarmupCosine
 
     def classes(module, base):
         return [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, base)]
@@ -84,13 +84,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def checkpoint_class(checkpoint: dict, path="the checkpoint") -> type:
     """The objective class a checkpoint was trained as (train.py records it as `_class_path`)."""
     from lightning import LightningModule
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "objectives.base.Objective")
+    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "objectives.training.base.Objective")
     module, _, name = class_path.rpartition(".")
     # the class is looked up in the project's objectives, or in a module the running program has already imported
     # (a user's or a test's objective): a checkpoint never makes the loader import anything else
     known = module.split(".")[0] == "objectives" or module in sys.modules
     cls = getattr(importlib.import_module(module), name, None) if known else None
-    # an objective by what it offers (this module sits below objectives/base.py and does not import it)
+    # an objective by what it offers (this module sits below objectives/training/base.py and does not import it)
     if not (isinstance(cls, type) and issubclass(cls, LightningModule) and all(
             callable(getattr(cls, method, None)) for method in ("loss", "generate", "start_decoding"))):
         raise ValueError(f"{path} names {class_path}, which is not an objective of this project")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from objectives import metrics as M
+from objectives.training import metrics as M
 
 
 class AnswerScores(nn.Module):
