@@ -7,7 +7,8 @@ from objectives.coconut import Coconut
 from objectives.diffusion_lm import DiffusionLM
 from objectives.distill import SelfDistillation
 from objectives.mdlm import MaskedDiffusion
-from objectives.mtp import DeepSeekMTP, MultiTokenPrediction
+from objectives.deepseek_mtp import DeepSeekMTP
+from objectives.mtp import MultiTokenPrediction
 from objectives.ladir import LaDiR
 from objectives.ntp import NextTokenPrediction
 from objectives.planning import PlanningTokens

@@ -42,7 +42,8 @@ from objectives.training.base import Objective
 from objectives.training.checkpoints import FrozenCompanion
 from objectives.decoding.greedy import sample_token
 from objectives.training.losses import chunked_cross_entropy
-from objectives.decoding.speculative import Drafter, speculative_generate
+from objectives.decoding.drafters import Drafter
+from objectives.decoding.speculative import speculative_generate
 
 
 class Gate:

@@ -8,8 +8,8 @@ import torch
 
 from models import Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
-from objectives.decoding.speculative import lookup_drafts
-from objectives.mtp import shifted
+from objectives.decoding.drafters import lookup_drafts
+from objectives.training.multi_token import shifted
 
 
 def trunk(layers: int = 2, max_len: int = 96) -> Transformer:

@@ -9,7 +9,9 @@ import torch
 from models import Mamba, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
 from objectives.distill import SelfDistillation
-from objectives.decoding.speculative import Drafter, DraftTree, speculative_generate
+from objectives.decoding.draft_trees import DraftTree
+from objectives.decoding.drafters import Drafter
+from objectives.decoding.speculative import speculative_generate
 
 V = 50
 

@@ -22,7 +22,8 @@ from objectives.decoding import scoring
 from objectives.training.checkpoints import check_companions, companion_records, companions, format_report, warm_start
 from objectives.decoding.greedy import left_to_right
 from objectives.training.losses import CHUNK_MIB, chunk_positions, chunked_cross_entropy
-from objectives.decoding.speculative import Drafter, lookup_drafts, speculative_generate
+from objectives.decoding.drafters import Drafter, lookup_drafts
+from objectives.decoding.speculative import speculative_generate
 from objectives.training.optim import WarmupCosine, decay_groups
 
 
@@ -269,7 +270,7 @@ class Objective(L.LightningModule):
         return self.logits(hidden), hidden
 
     def drafters(self, num_drafts: int) -> dict:
-        """Drafting strategies by name (`objectives.decoding.speculative.Drafter`): each maps (tokens, state, features,
+        """Drafting strategies by name (`objectives.decoding.drafters.Drafter`): each maps (tokens, state, features,
         temperature, top_k, max_drafts) to (drafts [B, k], draft distributions [B, k, V] or None when drafts are
         deterministic)."""
         def lookup(tokens, state, features, temperature, top_k, max_drafts):
