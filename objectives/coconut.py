@@ -41,14 +41,14 @@ from typing import Literal
 
 import torch
 
-from objectives.training.base import Objective
+from objectives.training.causal import CausalObjective
 from objectives.decoding.greedy import decode_after
 from objectives.training.losses import chunked_cross_entropy
 from objectives.training.metrics import COCONUT_STAGE
 from objectives.training.stages import OptimizerReset, Staged
 
 
-class Coconut(Staged, Objective):
+class Coconut(Staged, CausalObjective):
     """Continuous thoughts in place of the first reasoning steps, with the staged curriculum.
 
     Args:
@@ -252,10 +252,7 @@ class Coconut(Staged, Objective):
         continues right after its own prompt and is filled with eos after it ends. The markers and thoughts
         count in max_new_tokens. Each row gives what it gives alone.
         """
-        unknown = {k: v for k, v in options.items() if v not in (None, False)}
-        if unknown:
-            raise ValueError(f"Coconut generates thoughts then the answer left to right; it has no "
-                             f"{', '.join(sorted(unknown))} decoding")
+        self.refuse_options(options, "generates thoughts, then the answer left to right")
         if isinstance(max_new_tokens, torch.Tensor):  # per-row budgets: decode the largest, callers cut each row
             max_new_tokens = int(max_new_tokens.max())
         B, P = prompt_ids.shape

@@ -13,7 +13,7 @@ from models.layers import RMSNorm
 from objectives.decoding.greedy import token_probs
 from objectives.decoding.drafters import Drafter
 from objectives.training import metrics as M
-from objectives.training.base import Objective
+from objectives.training.causal import CausalObjective
 from objectives.training.losses import chunked_cross_entropy
 from objectives.training.multi_token import head_metrics, shifted
 
@@ -33,7 +33,7 @@ class MTPModule(nn.Module):
         return self.block(merged) if cache is None else self.block(merged, cache=cache)
 
 
-class DeepSeekMTP(Objective):
+class DeepSeekMTP(CausalObjective):
     """Sequential multi-token prediction (DeepSeek-V3, section 2.2).
 
     Depth k's module reads the previous depth's hidden state at t and the embedding of token t+k, and predicts

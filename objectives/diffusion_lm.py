@@ -18,7 +18,7 @@ q(x_{t-1} | x_t, x0) is sampled. The rounding loss keeps its softmax over dot pr
 measures distance, so that embeddings of large norm do not capture every prediction.
 
 On reasoning data only the trained positions are noised; the prompt stays at its clean embedding, both in
-training and when generating (`Objective.denoising_targets`).
+training and when generating (`DenoisingObjective.denoising_targets`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from objectives.training import metrics as M
-from objectives.training.base import Objective
+from objectives.training.denoising import DenoisingObjective
 from objectives.training.losses import chunked_cross_entropy
 
 
@@ -57,7 +57,7 @@ class TimeEmbedding(nn.Module):
         return self.mlp(features)
 
 
-class DiffusionLM(Objective):
+class DiffusionLM(DenoisingObjective):
     """Diffusion-LM on a bidirectional trunk.
 
     Args:
@@ -71,10 +71,6 @@ class DiffusionLM(Objective):
 
     headline_metric = ("hparams.sampling_steps", "sampling steps")
 
-    required_masks = ("full",)
-    accepts_summaries = False
-    generates_ragged = takes_row_budgets = False  # a canvas per prompt length
-    generation_slack = 0
 
     def __init__(self, *args, embed_dim: int = 16, diffusion_steps: int = 2000, sampling_steps: int = 200,
                  clamp: bool = True, eval_time_samples: int = 4, **kwargs):
@@ -171,15 +167,14 @@ class DiffusionLM(Objective):
     # --- sampling --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
-                 num_drafts: int = 4, teacherless: tuple[int, int] | None = None, steps: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 steps: int | None = None, generator: torch.Generator | None = None, **options) -> torch.Tensor:
         """Continue prompts [B, P] by denoising `max_new_tokens` positions from Gaussian noise: [B, P + new].
 
         `temperature` scales the noise of each reverse step (0: the posterior mean, a deterministic path from
-        the initial noise). Everything after a row's first generated eos becomes eos.
+        the initial noise). Everything after a row's first generated eos becomes eos. Any other option fails naming
+        itself: top_k too, since rounding takes the nearest embedding, not a sample.
         """
-        self.refuse_left_to_right_modes(speculative, teacherless)
+        self.refuse_left_to_right_options(options)
         B, P = prompt_ids.shape
         self.check_generation_length(P + max_new_tokens)
         prompt = self.embed(prompt_ids)

@@ -39,6 +39,7 @@ from torch import nn
 
 from objectives.training import metrics as M
 from objectives.training.base import Objective
+from objectives.training.causal import CausalObjective
 from objectives.training.checkpoints import FrozenCompanion
 from objectives.decoding.greedy import sample_token
 from objectives.training.losses import chunked_cross_entropy
@@ -136,7 +137,7 @@ def mask_layout(n_real: torch.Tensor, width: int, anchors: torch.Tensor, slots: 
     return Layout(full[:, None], positions, is_mask[None].expand(B, T), slot)
 
 
-class SelfDistillation(Objective):
+class SelfDistillation(CausalObjective):
     """A trained NTP model retrofitted into a k-token predictor against its own frozen copy.
 
     Args:

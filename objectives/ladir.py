@@ -58,7 +58,7 @@ from torch import nn
 from models.layers import block_mask
 from objectives.training import metrics as M
 from objectives.decoding import scoring
-from objectives.training.base import Objective
+from objectives.training.causal import CausalObjective
 from objectives.training.checkpoints import FrozenCompanion
 from objectives.decoding.greedy import decode_after
 from objectives.training.losses import chunked_cross_entropy
@@ -138,7 +138,7 @@ def majority(answers: list[list[int]]) -> int:
     return next(i for i, a in enumerate(answers) if counts[tuple(a)] == best)
 
 
-class LaDiR(Staged, Objective):
+class LaDiR(Staged, CausalObjective):
     """Latent diffusion reasoning: a VAE of reasoning steps, then flow matching of their latent blocks.
 
     Args:
@@ -514,10 +514,7 @@ class LaDiR(Staged, Objective):
                  num_trajectories: int | None = None, repulsion: float | None = None,
                  noise: torch.Tensor | None = None, **options) -> torch.Tensor:
         """The majority-vote trajectory of `sample_trajectories` for every question: [B, P + max_new_tokens]."""
-        unknown = {k: v for k, v in options.items() if v not in (None, False)}
-        if unknown:
-            raise ValueError(f"LaDiR generates latent blocks then the answer; it has no "
-                             f"{', '.join(sorted(unknown))} decoding")
+        self.refuse_options(options, "generates latent blocks, then the answer")
         trajectories = self.sample_trajectories(prompt_ids, max_new_tokens, prompt_lengths, num_trajectories,
                                                 repulsion, temperature, top_k, noise)
         P = prompt_ids.shape[1]

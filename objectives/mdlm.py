@@ -16,7 +16,7 @@ antithetically across the batch. Divided by the tokens of the sequence, it is an
 per token: `val/nll_bound`, evaluated with `eval_time_samples` fixed draws of t per sequence.
 
 On reasoning data only the trained positions (`loss_mask`) are masked, so the prompt stays visible and the
-answer is what is generated; padding is diffused as `<eos>` (`Objective.denoising_targets`).
+answer is what is generated; padding is diffused as `<eos>` (`DenoisingObjective.denoising_targets`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from objectives.training import metrics as M
-from objectives.training.base import Objective
+from objectives.training.denoising import DenoisingObjective
 from objectives.decoding.greedy import token_probs
 from objectives.training.losses import chunked_cross_entropy
 
@@ -51,7 +51,7 @@ class LogLinearSchedule:
         return self.rate(t) / torch.expm1(self.sigma(t))
 
 
-class MaskedDiffusion(Objective):
+class MaskedDiffusion(DenoisingObjective):
     """MDLM on a bidirectional trunk.
 
     Args:
@@ -68,10 +68,6 @@ class MaskedDiffusion(Objective):
 
     headline_metric = ("hparams.sampling_steps", "sampling steps")
 
-    required_masks = ("full",)
-    accepts_summaries = False
-    generates_ragged = takes_row_budgets = False  # a canvas per prompt length
-    generation_slack = 0
     extra_tokens = 1  # <mask>, the last embedding row
 
     def __init__(self, *args, sampler: str = "ancestral", sampling_steps: int = 128, block_length: int = 32,
@@ -131,14 +127,14 @@ class MaskedDiffusion(Objective):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
-                 num_drafts: int = 4, teacherless: tuple[int, int] | None = None, steps: int | None = None,
-                 sampler: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, steps: int | None = None, sampler: str | None = None,
+                 generator: torch.Generator | None = None, **options) -> torch.Tensor:
         """Continue prompts [B, P] by denoising `max_new_tokens` masked positions: [B, P + max_new_tokens].
 
-        Everything after a row's first generated eos becomes eos, as in left-to-right decoding.
+        Everything after a row's first generated eos becomes eos, as in left-to-right decoding. Any other option
+        (speculative, drafter, teacherless, ...) fails naming itself.
         """
-        self.refuse_left_to_right_modes(speculative, teacherless)
+        self.refuse_left_to_right_options(options)
         B, P = prompt_ids.shape
         self.check_generation_length(P + max_new_tokens)
         canvas = F.pad(prompt_ids, (0, max_new_tokens), value=self.mask_id)

@@ -14,7 +14,7 @@ from torch import nn
 
 from models.layers import DecodingCache, RMSNorm
 from objectives.training import metrics as M
-from objectives.training.base import Objective
+from objectives.training.causal import CausalObjective
 from objectives.decoding.greedy import token_probs
 from objectives.decoding.drafters import CacheGroup, Drafter, lookup_drafts
 from objectives.training.losses import chunk_positions, chunked_cross_entropy
@@ -130,7 +130,7 @@ class ResidualMLP(nn.Module):
         return x + F.silu(self.linear(x))
 
 
-class MultiTokenPrediction(Objective):
+class MultiTokenPrediction(CausalObjective):
     """n future tokens from one trunk (Gloeckle et al. 2024).
 
     Loss = sum_k w_k CE(head_k(h_t), x_{t+k}), weights normalised to sum to 1 (uniform by default).

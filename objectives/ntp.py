@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from objectives.training.base import Objective
+from objectives.training.causal import CausalObjective
 from objectives.training.losses import chunked_cross_entropy
 
 
-class NextTokenPrediction(Objective):
+class NextTokenPrediction(CausalObjective):
     """Cross-entropy of x[t+1] given x[<=t], computed in chunks over the sequence.
 
     Args:
@@ -18,6 +18,9 @@ class NextTokenPrediction(Objective):
     def __init__(self, *args, reverse: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.reverse = reverse
+
+    def likelihood_positions(self) -> slice:
+        return slice(None, -1) if self.reverse else slice(1, None)  # a reversed model predicts tokens[:, :-1]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.reverse:

@@ -1,9 +1,12 @@
 """The base every objective subclasses: embedding and tied unembedding around an injected trunk, optimizer and
-schedule, the shared metrics, KV-cached generation, answer scoring on reasoning data, and the `summaries` hook.
+schedule, the training and validation steps with the shared metrics, answer scoring on reasoning data, warm
+starts and checkpoints. Two tiers build on it: `CausalObjective` (`objectives/training/causal.py`: summaries,
+left-to-right and speculative decoding) and `DenoisingObjective` (`objectives/training/denoising.py`).
 
 A family implements `loss(batch) -> dict` (at least "loss"; causal families also "ntp_nll" and "ntp_tokens", the
 summed next-token NLL and its token count; diffusion families "nll_bound" and "bound_tokens", the summed NELBO and
-its token count) and, where it generates differently, `generate`.
+its token count; optionally "ntp_bytes"/"bound_bytes" and "metrics", name -> (value, weight)) and, where it
+generates differently from its tier, `generate`.
 """
 from __future__ import annotations
 
@@ -20,10 +23,7 @@ from torch import nn
 from objectives.training import metrics as M
 from objectives.decoding import scoring
 from objectives.training.checkpoints import check_companions, companion_records, companions, format_report, warm_start
-from objectives.decoding.greedy import left_to_right
-from objectives.training.losses import CHUNK_MIB, chunk_positions, chunked_cross_entropy
-from objectives.decoding.drafters import Drafter, lookup_drafts
-from objectives.decoding.speculative import speculative_generate
+from objectives.training.losses import CHUNK_MIB, chunk_positions
 from objectives.training.optim import WarmupCosine, decay_groups
 
 
@@ -56,7 +56,7 @@ class Objective(L.LightningModule):
     headline_metric: tuple[str, str] | None = None
 
     required_masks: tuple[str, ...] = ("causal",)
-    accepts_summaries = True
+    accepts_summaries = False  # future summaries attach to causal families (`CausalObjective`)
     extra_tokens = 0  # embedding rows a family adds after the data's vocabulary (MDLM's mask token)
     # positions beyond a reasoning batch's length that answer scoring lets a family generate: left-to-right
     # decoding may run on; a denoising family fills a canvas of exactly the length it was trained on
@@ -121,56 +121,13 @@ class Objective(L.LightningModule):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.unembedding)
 
-    def summary_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        """sum_i weight_i * L_i over the attached summaries (`objectives/summaries.py`), given the trunk's hidden
-        states [B, T, D] for the batch's tokens read in the order the objective reads them. Each unweighted L_i is
-        logged as train/<name>_loss in training and val/<name>_loss in validation."""
-        total = hidden.new_zeros((), dtype=torch.float32)
-        stage = "train" if self.training else "val"
-        for summary in self.summaries:
-            value = summary(hidden, batch, self)
-            self.log(f"{stage}/{summary.name}_loss", value, batch_size=int(batch["tokens"].shape[0]),
-                     sync_dist=stage == "val")
-            total = total + summary.weight * value
-        return total
-
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def next_token_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Next-token cross-entropy of a batch, what the families made for reasoning steps (Coconut, LaDiR) train
-        on plain text, which has none."""
-        hidden = self.hidden(batch["tokens"][:, :-1])
-        nll, count, _ = chunked_cross_entropy(hidden, self.unembedding, batch["tokens"][:, 1:],
-                                              batch["loss_mask"][:, 1:], self.hparams.ce_chunk_size)
-        return {"loss": nll / count.clamp(min=1), "ntp_nll": nll.detach(), "ntp_tokens": count}
-
-    def bound_draws(self, *tensors: torch.Tensor):
-        """Training: the tensors and no generator (fresh noise). Evaluation: each tensor repeated
-        `eval_time_samples` times along the batch and a generator with a fixed seed, so that a likelihood bound
-        is estimated from more draws, and from the same draws at every validation."""
-        if self.training:
-            return (*tensors, None)
-        repeats = self.hparams.eval_time_samples
-        generator = torch.Generator(device=tensors[0].device).manual_seed(0)
-        return (*(x.repeat(repeats, *[1] * (x.dim() - 1)) for x in tensors), generator)
-
-    def denoising_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For the families that denoise a whole sequence at once: x0 [B, L] (cut to the trunk's length), the
-        positions that are noised, and the positions a likelihood bound counts (`loss_mask`).
-
-        On reasoning batches the prompt is never noised, and the padding after a sequence's end (segment -1) is
-        noised as `<eos>` (LLaDA's fine-tuning recipe), so that a fixed-length canvas learns where to stop.
-        """
-        tokens, counted = batch["tokens"], batch["loss_mask"] > 0
-        length = min(tokens.shape[1], self.trunk.max_seq_len)
-        tokens, counted = tokens[:, :length], counted[:, :length]
-        noised = counted
-        if "segments" in batch and self.eos_id is not None:
-            padding = batch["segments"][:, :length] < 0
-            tokens = torch.where(padding, torch.full_like(tokens, self.eos_id), tokens)
-            noised = counted | padding
-        return tokens, noised, counted
+    def likelihood_positions(self) -> slice:
+        """The positions of `batch["tokens"]` whose tokens the comparable likelihood counts (for their UTF-8
+        bytes): each tier says (`objectives/training/causal.py`, `objectives/training/denoising.py`)."""
+        raise NotImplementedError
 
     # --- training and validation --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -192,16 +149,12 @@ class Objective(L.LightningModule):
         out = self.loss(batch)
         n = int(batch["tokens"].shape[0])
         self.log(M.VAL_LOSS, out["loss"], batch_size=n, sync_dist=True)
-        if "ntp_nll" in out:  # next-token targets: tokens[:, 1:] (a reversed model predicts tokens[:, :-1])
-            count = max(int(out["ntp_tokens"]), 1)
-            targets = slice(None, -1) if getattr(self, "reverse", False) else slice(1, None)
-            n_bytes = out.get("ntp_bytes", M.counted_bytes(batch, targets, out["ntp_tokens"]))
-            self.log_likelihood(M.VAL_NTP_LOSS, out["ntp_nll"] / count, count, n_bytes)
-        if "nll_bound" in out:  # diffusion families: summed NELBO over `bound_tokens` tokens
-            count = max(int(out["bound_tokens"]), 1)
-            n_bytes = out.get("bound_bytes", M.counted_bytes(batch, slice(0, self.trunk.max_seq_len),
-                                                             out["bound_tokens"]))
-            self.log_likelihood(M.VAL_NLL_BOUND, out["nll_bound"] / count, count, n_bytes)
+        for nll, tokens, n_bytes, name in (("ntp_nll", "ntp_tokens", "ntp_bytes", M.VAL_NTP_LOSS),
+                                           ("nll_bound", "bound_tokens", "bound_bytes", M.VAL_NLL_BOUND)):
+            if nll in out:  # a summed NLL (next-token, or a diffusion family's NELBO) over out[tokens] tokens
+                count = max(int(out[tokens]), 1)
+                counted = out.get(n_bytes, M.counted_bytes(batch, self.likelihood_positions(), out[tokens]))
+                self.log_likelihood(name, out[nll] / count, count, counted)
         for name, (value, weight) in out.get("metrics", {}).items():
             self.log(name, value, batch_size=max(int(weight), 1), sync_dist=True)
         if "answer" in batch and "prompt_len" in batch:
@@ -225,85 +178,25 @@ class Objective(L.LightningModule):
             raise ValueError(f"prompt plus max_new_tokens is {total} positions, more than the trunk's max_seq_len "
                              f"{limit}: shorten the prompt or lower max_new_tokens")
 
-    default_drafter = "lookup"
-
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int | torch.Tensor, temperature: float = 0.0,
-                 top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
-                 num_drafts: int = 4, teacherless: tuple[int, int] | None = None, tree=None,
-                 prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Left-to-right decoding with the trunk's cache: prompt [B, P] -> [B, P + max_new_tokens].
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int | torch.Tensor, **options) -> torch.Tensor:
+        """prompt [B, P] -> [B, P + max_new_tokens]: each tier and family declares its own options
+        (`objectives/training/causal.py`, `objectives/training/denoising.py`)."""
+        raise NotImplementedError
 
-        `prompt_lengths` [B]: the prompts are right-padded, row b's being its first prompt_lengths[b] tokens; row b
-        of the result is its prompt, then its own generation, then padding, token for token what it gives alone
-        (greedy). Plain decoding also takes per-row budgets (max_new_tokens a [B] tensor; see
-        `objectives.decoding.greedy.left_to_right`). Rows that reach `eos_id` keep emitting it and finish on their own;
-        decoding stops when every row has. With `speculative`,
-        a drafter (`drafters`; prompt lookup for every objective) proposes up to `num_drafts` tokens per step and
-        one forward verifies them: the same output as plain decoding (greedy) or the same distribution
-        (sampling), in fewer forwards; `tree` (widths per depth, or rank paths) verifies a tree of the drafter's
-        ranked candidates instead (objectives/decoding/speculative.py). `self.decode_stats` then holds the forwards and
-        tokens of the last call.
-        `teacherless` = (marker_id, dummy_id): once a row has emitted the answer marker, the model reads the dummy
-        token instead of its own output (Bachmann & Nagarajan 2024's teacherless models are decoded this way).
-        """
-        if speculative and teacherless is not None:
-            raise ValueError("speculative decoding verifies the model's own tokens; it cannot decode teacherless")
-        if speculative:
-            propose = self.drafters(num_drafts).get(drafter or self.default_drafter)
-            if propose is None:
-                raise ValueError(f"unknown drafter {drafter!r}: {type(self).__name__} offers {sorted(self.drafters(1))}")
-            ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens, propose, temperature, top_k,
-                                                          tree=tree, prompt_lengths=prompt_lengths)
-            return ids
-        return left_to_right(self, prompt_ids, max_new_tokens, temperature, top_k, teacherless, prompt_lengths)
-
-    # --- the decoding interface of speculative decoding ------------------------------------------------------------
-    def start_decoding(self, batch_size: int, device) -> object:
-        """A decoding state with `length` and `crop(n)`: here the trunk's cache."""
-        return self.trunk.make_cache(batch_size, device=device, dtype=self.embed.weight.dtype)
-
-    def decode_forward(self, tokens: torch.Tensor, state, **trunk_options) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance the state by tokens [B, m] (`trunk_options`: mask, positions, padding_mask): next-token logits
-        [B, m, V] and drafting features [B, m, ...]."""
-        hidden = self.hidden(tokens, cache=state, **trunk_options)
-        return self.logits(hidden), hidden
-
-    def drafters(self, num_drafts: int) -> dict:
-        """Drafting strategies by name (`objectives.decoding.drafters.Drafter`): each maps (tokens, state, features,
-        temperature, top_k, max_drafts) to (drafts [B, k], draft distributions [B, k, V] or None when drafts are
-        deterministic)."""
-        def lookup(tokens, state, features, temperature, top_k, max_drafts):
-            return lookup_drafts(tokens, min(num_drafts, max_drafts)), None
-        return {"lookup": Drafter(lookup)}
-
-    def after_eos(self, token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        """Rows already finished emit eos again; marks rows that just emitted eos as finished (in place)."""
-        if self.eos_id is None:
-            return token
-        token = torch.where(done, torch.full_like(token, self.eos_id), token)
-        done |= token == self.eos_id
-        return token
-
-    def refuse_left_to_right_modes(self, speculative: bool, teacherless) -> None:
-        """The families that generate by denoising have neither speculative nor teacherless decoding."""
-        if speculative or teacherless is not None:
-            raise ValueError(f"{type(self).__name__} generates by denoising: speculative and teacherless decoding "
-                             f"are left-to-right modes it does not have")
-
-    def fill_after_eos(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """A whole canvas generated at once: everything after a row's first eos (from `start`) becomes eos, the
-        form left-to-right decoding gives."""
-        if self.eos_id is not None:
-            after_eos = (ids[:, start:] == self.eos_id).int().cumsum(1) > 0
-            ids[:, start:] = ids[:, start:].masked_fill(after_eos, self.eos_id)
-        return ids
+    def refuse_options(self, options: dict, how: str) -> None:
+        """Fail naming the `generate` options this family does not have, rather than ignore them; an option given
+        as None or False counts as not given. `how` says how the family generates instead."""
+        given = sorted(name for name, value in options.items() if value is not None and value is not False)
+        if given:
+            raise ValueError(f"{type(self).__name__} {how}: it has no {', '.join(given)} option of generate")
 
     def pad_to(self, ids: torch.Tensor, length: int) -> torch.Tensor:
         if ids.shape[1] >= length:
             return ids[:, :length]
         fill = self.eos_id if self.eos_id is not None else 0
         return F.pad(ids, (0, length - ids.shape[1]), value=fill)
+
 
     # --- scoring generated answers (reasoning data) ---------------------------------------------------------------
     def test_step(self, batch: dict, batch_idx: int) -> None:
