@@ -57,7 +57,7 @@ from torch import nn
 
 from models.layers import block_mask
 from objectives.training import metrics as M
-from objectives.decoding import scoring
+from objectives.decoding.scoring import ragged_prompts
 from objectives.training.causal import CausalObjective
 from objectives.training.checkpoints import FrozenCompanion
 from objectives.decoding.greedy import decode_after
@@ -536,22 +536,22 @@ class LaDiR(Staged, CausalObjective):
         """{stage}/accuracy of the majority vote over `num_trajectories` trajectories, {stage}/answer_tokens, and
         with several trajectories {stage}/pass_at_N: whether any of them is right. (In the VAE stage the latent
         model has not trained yet: its accuracy there is the untrained model's.)"""
-        questions = scoring.scored_questions(self, batch, stage)
+        questions = self.scorer.questions(batch, stage)
         if questions is None:
             return
         tokens, prompt_len, answers, _ = questions
-        prompts_t, budgets = scoring.ragged_prompts(self, tokens, prompt_len)
+        prompts_t, budgets = ragged_prompts(self, tokens, prompt_len)
         trajectories = self.sample_trajectories(prompts_t, budgets, prompt_lengths=prompt_len).tolist()
         prompts = [tokens[row, :p].tolist() for row, p in enumerate(prompt_len.tolist())]
         golds = [[t for t in row if t >= 0] for row in answers.tolist()]
         gens, correct, passed = [], [], []
         for rows, prompt, gold, budget in zip(trajectories, prompts, golds, budgets.tolist()):
-            judged = [scoring.judge(self, prompt, row[len(prompt): len(prompt) + budget], gold) for row in rows]
+            judged = [self.scorer.judge(self, prompt, row[len(prompt): len(prompt) + budget], gold) for row in rows]
             vote = majority([self.answer_of(g) for g, _ in judged])
             gens.append(judged[vote][0])
             correct.append(judged[vote][1])
             passed.append(any(right for _, right in judged))
-        scoring.record_scores(self, stage, prompts, gens, golds, correct)
+        self.scorer.record(self, stage, prompts, gens, golds, correct)
         if len(trajectories[0]) > 1:
             self.log(M.pass_at(stage, len(trajectories[0])), sum(passed) / len(passed), batch_size=len(passed),
                      sync_dist=True)

@@ -204,7 +204,7 @@ def test_every_prosqa_config_fits_a_step_on_the_other_trunk(config, tmp_path):
     cli = run_cli(tmp_path, "--config", f"configs/experiments/{config}.yaml", *swap, *SMALL, steps=1)
     assert cli.trainer.global_step == 1
     assert type(cli.model.trunk).__name__ == {"transformer": "Transformer", "mamba": "Mamba"}[other]
-    assert cli.model._scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
+    assert cli.model.scorer.scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
     if isinstance(cli.model, Coconut):
         assert COCONUT_STAGE in cli.trainer.callback_metrics
 

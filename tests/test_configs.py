@@ -68,7 +68,7 @@ def test_data_config_fits_a_step(config, tmp_path, corpus_files):
                   *reasoning, steps=1)
     assert cli.trainer.global_step == 1
     if reasoning:
-        assert cli.model._scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
+        assert cli.model.scorer.scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
 
 
 @pytest.mark.parametrize("config", names("strategies"))
@@ -148,7 +148,7 @@ def test_every_objective_fits_a_step_and_scores_answers_on_reasoning_data(object
                   "--model.init_args.trunk.init_args.max_seq_len", "512", "--model.init_args.eval_examples", "2",
                   "--data.init_args.batch_size", "2", *small_generated_data(yaml.safe_load(open(data))), steps=1)
     assert cli.trainer.global_step == 1
-    assert cli.model._scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
+    assert cli.model.scorer.scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
 
 
 def comparison_runs() -> list[tuple[str, str]]:

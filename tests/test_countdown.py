@@ -73,7 +73,7 @@ def test_one_step_fit_and_answer_scoring_evaluates_the_solution(tmp_path):
                   "--trainer.limit_val_batches", "1", steps=1)
     assert cli.trainer.global_step == 1
     # the fit scores its two val questions; a model one step from random init writes no valid solution
-    assert cli.model._scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
+    assert cli.model.scorer.scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
     dm, model = cli.datamodule, cli.model
     batch = dm.val_dataloader().collate_fn([dm.val_set[0]])
     ex = dm.val_examples[0]

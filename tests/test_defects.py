@@ -151,4 +151,4 @@ def test_a_public_style_json_pair_of_500_and_300_records_trains_with_defaults_an
     assert len(cli.datamodule.val_set) == 300 and len(cli.datamodule.train_set) <= 500
     tags = scalars(tmp_path)
     # the validation at step 2 scored its 16 questions; a model two steps from random init answers none of them
-    assert cli.model._scored == 16 and tags[M.VAL_ACCURACY][-1] == 0.0
+    assert cli.model.scorer.scored == 16 and tags[M.VAL_ACCURACY][-1] == 0.0

@@ -4,16 +4,19 @@ The generation after the prompt, cut after the first eos, must end with the gold
 and the answer's tokens), so reasoning written before the answer is free; a datamodule with `check_answer`
 (Countdown) gives its own verdict instead, so that any valid solution counts. A family whose `generate` takes
 `prompt_lengths` decodes the whole batch at once, prompts of every length together (rows finishing on their
-own); the others (the denoising families, which fill a canvas) one prompt length at a time. A family with its own
-generation loop (LaDiR's trajectories) composes `scored_questions`, `ragged_prompts`, `judge` and `record_scores`. Each row gets the
+own); the others (the denoising families, which fill a canvas) one prompt length at a time. Each row gets the
 budget it would get alone: the batch's length minus its prompt plus the family's `generation_slack`, within the
 trunk's max_seq_len (per-row budgets where `generate` takes them; otherwise the largest, each row cut to its own).
 
-Both figures are torchmetrics means over questions (`AnswerScores`), so that under DDP every rank's questions
+`AnswerScorer`, one per objective (`model.scorer`), owns the state this needs: the running means, the count of
+questions a validation has scored, the examples for TensorBoard's text tab and the task's answer check. A family
+with its own generation loop (LaDiR's trajectories) composes its `questions`, `judge` and `record` with
+`ragged_prompts`. Both figures are torchmetrics means over questions, so that under DDP every rank's questions
 count once, however many each rank scored.
 """
 from __future__ import annotations
 
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,14 +25,79 @@ from torchmetrics import MeanMetric
 from objectives.training import metrics as M
 
 
-class AnswerScores(nn.Module):
-    """The running means behind {stage}/accuracy and {stage}/answer_tokens (logged as metric objects, so
-    Lightning computes, syncs and resets them per epoch)."""
+class AnswerScorer(nn.Module):
+    """Scores an objective's generated answers on reasoning data and logs {stage}/accuracy and
+    {stage}/answer_tokens (metric objects, so that Lightning computes, syncs and resets them per epoch).
 
-    def __init__(self):
+    Args:
+        eval_examples: questions scored per validation (test scores every question).
+        check_answer: the task's own verdict, ``check_answer(prompt_ids, generated_ids) -> bool | None``
+            (Countdown evaluates the generated solution, so any valid one counts; None from it = exact match).
+    """
+
+    def __init__(self, eval_examples: int, check_answer: Callable | None = None):
         super().__init__()
+        self.eval_examples, self.check_answer = eval_examples, check_answer
         self.accuracy = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.answer_tokens = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self.scored = 0  # questions this validation has scored
+        # (prompt, generation, gold or None) for TensorBoard's text tab, in the data's vocabulary
+        self.examples: list[tuple[list[int], list[int], list[int] | None]] = []
+
+    def start_validation(self) -> None:
+        self.scored, self.examples = 0, []
+
+    def score(self, model, batch: dict, stage: str = "val") -> None:
+        """Generate the answers of a batch (at most `eval_examples` per validation; every question in test), judge
+        them and log the figures."""
+        questions = self.questions(batch, stage)
+        if questions is None:
+            return
+        tokens, prompt_len, answers, teacherless = questions
+        prompts = [tokens[row, :p].tolist() for row, p in enumerate(prompt_len.tolist())]
+        golds = [[t for t in row if t >= 0] for row in answers.tolist()]
+        judged = [self.judge(model, prompt, gen, gold) for prompt, gen, gold in
+                  zip(prompts, generate_answers(model, tokens, prompt_len, teacherless), golds)]
+        self.record(model, stage, prompts, [g for g, _ in judged], golds, [r for _, r in judged])
+
+    def questions(self, batch: dict, stage: str = "val"):
+        """The questions of a batch that get scored: (tokens, prompt_len, answers, teacherless), or None when this
+        validation has scored its `eval_examples` already. On teacherless batches (`inputs` given) teacherless =
+        (answer marker, dummy id): after the marker the model reads the dummy token."""
+        budget = self.eval_examples - self.scored if stage == "val" else len(batch["tokens"])
+        if budget <= 0:
+            return None
+        tokens, prompt_len, answers = batch["tokens"][:budget], batch["prompt_len"][:budget], batch["answer"][:budget]
+        teacherless = None
+        if "inputs" in batch:
+            replaced = batch["inputs"][batch["inputs"] != batch["tokens"]]
+            teacherless = (int(answers[0, 0]), int(replaced[0])) if replaced.numel() else None
+        return tokens, prompt_len, answers, teacherless
+
+    def judge(self, model, prompt: list[int], gen: list[int], gold: list[int]) -> tuple[list[int], bool]:
+        """(the generation cut after its first eos, whether it is right): the task's own check where it has one,
+        else exact match of the answer at its end."""
+        gen, right = exact_match(gen, gold, model.eos_id)
+        # the task checks what is written in its own vocabulary (a family's markers and thoughts are not words)
+        verdict = None if self.check_answer is None else self.check_answer(
+            prompt, [t for t in gen if t < model.vocab_size])
+        return gen, right if verdict is None else verdict
+
+    def record(self, model, stage: str, prompts: list[list[int]], gens: list[list[int]], golds: list[list[int]],
+               correct: list[bool]) -> None:
+        """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions; keep the first four of a
+        validation as examples."""
+        if stage == "val":
+            for prompt, gen, gold in zip(prompts, gens, golds):
+                if len(self.examples) < 4:
+                    self.examples.append((prompt, [t for t in gen if t < model.vocab_size], gold))
+            self.scored += len(correct)
+        self.accuracy[stage].update(torch.tensor([float(c) for c in correct], device=model.device))
+        self.answer_tokens[stage].update(torch.tensor([float(len(g)) for g in gens], device=model.device))
+        accuracy, answer_tokens = ((M.VAL_ACCURACY, M.VAL_ANSWER_TOKENS) if stage == "val"
+                                   else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
+        model.log(accuracy, self.accuracy[stage])
+        model.log(answer_tokens, self.answer_tokens[stage])
 
 
 def ragged_prompts(model, tokens: torch.Tensor, prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,66 +140,3 @@ def exact_match(gen: list[int], gold: list[int], eos_id: int | None) -> tuple[li
         gen = gen[: gen.index(eos_id) + 1]
     body = gen[:-1] if gen and gen[-1] == eos_id else gen
     return gen, len(body) >= len(gold) and body[len(body) - len(gold):] == gold
-
-
-def task_check(model):
-    """The attached datamodule's own answer check, ``check_answer(prompt_ids, generated_ids) -> bool | None``
-    (Countdown evaluates the generated solution, so any valid one counts; None from it = exact match), or None."""
-    return getattr(getattr(getattr(model, "_trainer", None), "datamodule", None), "check_answer", None)
-
-
-def scored_questions(model, batch: dict, stage: str = "val"):
-    """The questions of a batch that get scored: (tokens, prompt_len, answers, teacherless), or None when this
-    validation has scored its `eval_examples` already (test scores every question). On teacherless batches
-    (`inputs` given) teacherless = (answer marker, dummy id): after the marker the model reads the dummy token."""
-    budget = model.hparams.eval_examples - model._scored if stage == "val" else len(batch["tokens"])
-    if budget <= 0:
-        return None
-    tokens, prompt_len, answers = batch["tokens"][:budget], batch["prompt_len"][:budget], batch["answer"][:budget]
-    teacherless = None
-    if "inputs" in batch:
-        replaced = batch["inputs"][batch["inputs"] != batch["tokens"]]
-        teacherless = (int(answers[0, 0]), int(replaced[0])) if replaced.numel() else None
-    return tokens, prompt_len, answers, teacherless
-
-
-def judge(model, prompt: list[int], gen: list[int], gold: list[int]) -> tuple[list[int], bool]:
-    """(the generation cut after its first eos, whether it is right): the datamodule's own check where it has
-    one (`task_check`), else exact match of the answer at its end."""
-    gen, right = exact_match(gen, gold, model.eos_id)
-    check = task_check(model)
-    # the task checks what is written in its own vocabulary (a family's markers and thoughts are not words)
-    verdict = None if check is None else check(prompt, [t for t in gen if t < model.vocab_size])
-    return gen, right if verdict is None else verdict
-
-
-def record_scores(model, stage: str, prompts: list[list[int]], gens: list[list[int]], golds: list[list[int]],
-                  correct: list[bool]) -> None:
-    """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions; keep the first four of a
-    validation for the TensorBoard text tab, in the data's vocabulary (which has no thoughts or markers)."""
-    for prompt, gen, gold in zip(prompts, gens, golds):
-        if stage == "val" and len(model.generated_examples) < 4:
-            model.generated_examples.append((prompt, [t for t in gen if t < model.vocab_size], gold))
-    if stage == "val":
-        model._scored += len(correct)
-    scores = model.answer_scores
-    scores.accuracy[stage].update(torch.tensor([float(c) for c in correct], device=model.device))
-    scores.answer_tokens[stage].update(torch.tensor([float(len(g)) for g in gens], device=model.device))
-    accuracy, answer_tokens = ((M.VAL_ACCURACY, M.VAL_ANSWER_TOKENS) if stage == "val"
-                               else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
-    model.log(accuracy, scores.accuracy[stage])
-    model.log(answer_tokens, scores.answer_tokens[stage])
-
-
-def score_answers(model, batch: dict, stage: str = "val") -> None:
-    """Generate the answers of a batch (at most the model's `eval_examples` per validation; every question in
-    test) and log {stage}/accuracy and {stage}/answer_tokens."""
-    questions = scored_questions(model, batch, stage)
-    if questions is None:
-        return
-    tokens, prompt_len, answers, teacherless = questions
-    prompts = [tokens[row, :p].tolist() for row, p in enumerate(prompt_len.tolist())]
-    golds = [[t for t in row if t >= 0] for row in answers.tolist()]
-    judged = [judge(model, prompt, gen, gold) for prompt, gen, gold in
-              zip(prompts, generate_answers(model, tokens, prompt_len, teacherless), golds)]
-    record_scores(model, stage, prompts, [g for g, _ in judged], golds, [r for _, r in judged])

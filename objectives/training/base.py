@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from objectives.training import metrics as M
-from objectives.decoding import scoring
+from objectives.decoding.scoring import AnswerScorer
 from objectives.training.checkpoints import check_companions, companion_records, companions, format_report, warm_start
 from objectives.training.losses import CHUNK_MIB, chunk_positions
 from objectives.training.optim import WarmupCosine, decay_groups
@@ -101,9 +101,7 @@ class Objective(L.LightningModule):
         for summary in self.summaries:  # each summary makes its head at this objective's width and vocabulary
             summary.attach(self)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.generated_examples: list[tuple[list[int], list[int], list[int] | None]] = []
-        self._scored = 0
-        self.answer_scores = scoring.AnswerScores()
+        self.scorer = AnswerScorer(eval_examples)
 
     # --- the pieces families compose -------------------------------------------------------------------------
     def embedding_width(self) -> int:
@@ -142,8 +140,7 @@ class Objective(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:  # a fit that trains on after its last validation gets one more (train.py)
             self.validated_at_step = self.trainer.global_step
-        self._scored = 0
-        self.generated_examples = []
+        self.scorer.start_validation()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.loss(batch)
@@ -207,14 +204,19 @@ class Objective(L.LightningModule):
     def score_answers(self, batch: dict, stage: str = "val") -> None:
         """{stage}/accuracy: exact match of the generated answer; {stage}/answer_tokens: tokens generated per
         question (objectives/decoding/scoring.py). Validation scores `eval_examples` questions; test scores all."""
-        scoring.score_answers(self, batch, stage)
+        self.scorer.score(self, batch, stage)
 
     def sample_continuation(self, batch: dict) -> None:
         """A greedy continuation of the first val window's opening, for the TensorBoard text tab."""
         prompt = batch["tokens"][:1, :32]
         n = min(self.hparams.sample_tokens, self.trunk.max_seq_len - prompt.shape[1])
         generated = self.generate(prompt, n)[0, prompt.shape[1]:].tolist()
-        self.generated_examples = [(prompt[0].tolist(), generated, None)]
+        self.scorer.examples = [(prompt[0].tolist(), generated, None)]
+
+    @property
+    def generated_examples(self) -> list[tuple[list[int], list[int], list[int] | None]]:
+        """This validation's (prompt, generation, gold or None) examples, for TensorBoard's text tab."""
+        return self.scorer.examples
 
     # --- optimisation, checkpoints, scaling -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -236,6 +238,8 @@ class Objective(L.LightningModule):
         return [None] * self.extra_tokens
 
     def setup(self, stage: str) -> None:
+        if self.scorer.check_answer is None:  # the task's own verdict, where the data has one (Countdown)
+            self.scorer.check_answer = getattr(self.trainer.datamodule, "check_answer", None)
         # a warm start (init_from) applies to a new fit, before the optimizer is built; a resumed fit
         # (--ckpt_path) restores its own weights instead
         if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
