@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import Transformer
+from objectives.decoding.greedy import continue_decoding
 from objectives.training.checkpoints import load_checkpoint
 
 
@@ -91,19 +92,12 @@ class StepVAE(nn.Module):
         """Greedy reconstruction [B, <= length] of steps from latents z [B, K, latent_dim], with the decoder's
         cache; a row that emits `stop_id` (the <step> that ends a step) emits padding after it, and decoding ends
         when every row has stopped."""
-        B = z.shape[0]
-        cache = self.decoder.make_cache(B, device=z.device, dtype=self.embed.weight.dtype)
+        cache = self.decoder.make_cache(z.shape[0], device=z.device, dtype=self.embed.weight.dtype)
         hidden = self.decoder(self.from_latent(z).to(self.embed.weight.dtype), cache=cache)[:, -1]
-        out, stopped = [], torch.zeros(B, dtype=torch.bool, device=z.device)
-        for _ in range(length):
-            token = F.linear(hidden, self.embed.weight).argmax(-1).masked_fill(stopped, self.pad_id)
-            out.append(token)
-            if stop_id is not None:
-                stopped |= token == stop_id
-                if stopped.all():
-                    break
-            hidden = self.decoder(self.embed(token)[:, None], cache=cache)[:, -1]
-        return torch.stack(out, 1) if out else z.new_zeros(B, 0, dtype=torch.long)
+
+        def feed(token: torch.Tensor) -> torch.Tensor:
+            return F.linear(self.decoder(self.embed(token)[:, None], cache=cache)[:, -1], self.embed.weight)
+        return continue_decoding(F.linear(hidden, self.embed.weight), feed, length, stop_id, self.pad_id)
 
     @torch.no_grad()
     def reconstruct(self, steps: torch.Tensor) -> torch.Tensor:

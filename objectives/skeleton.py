@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from objectives.decoding.greedy import decode_after
 from objectives.ntp import NextTokenPrediction
 
 
@@ -52,15 +53,8 @@ class SkeletonOfThought(NextTokenPrediction):
         real = torch.arange(fed.shape[1], device=device)[None] < lengths[:, None]
         hidden = self.hidden(fed, cache=cache, **({"padding_mask": real} if not bool(real.all()) else {}))
         logits = self.logits(hidden[torch.arange(N, device=device), lengths - 1])
-        done = torch.zeros(N, dtype=torch.bool, device=device)
-        out = torch.full((N, max_new_tokens), fill, dtype=torch.long, device=device)
-        for t in range(max_new_tokens):
-            token = self.after_eos(logits.argmax(-1), done)
-            out[:, t] = token
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            logits = self.logits(self.hidden(token[:, None], cache=cache)[:, -1])
-        return [cut_at(row, self.eos_id) for row in out.tolist()]
+        bodies = decode_after(self, logits, cache, max_new_tokens)
+        return [cut_at(row, self.eos_id) for row in bodies.tolist()]
 
     @staticmethod
     def assemble(preamble: str, headers: list[str], bodies: list[str]) -> str:

@@ -1,6 +1,9 @@
-"""Decoding shared by every objective: greedy and temperature / top-k sampling, and left-to-right generation of a
-ragged batch with the trunk's cache. Draft-then-verify decoding is in `objectives/decoding/speculative.py`."""
+"""Decoding shared by every objective: greedy and temperature / top-k sampling; `continue_decoding`, the loop that
+feeds each chosen token back until every row has stopped; and `left_to_right`, generation of a ragged batch of
+prompts with the trunk's cache. Draft-then-verify decoding is in `objectives/decoding/speculative.py`."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -83,18 +86,35 @@ def left_to_right(model, prompt_ids: torch.Tensor, max_new_tokens: int | torch.T
 
 
 @torch.no_grad()
+def continue_decoding(logits: torch.Tensor, feed: Callable[[torch.Tensor], torch.Tensor], steps: int,
+                      stop_id: int | None, fill_id: int | None = None, temperature: float = 0.0,
+                      top_k: int | None = None) -> torch.Tensor:
+    """Tokens [B, <= steps] from next-token logits [B, V]: each step chooses a token per row (greedy, or sampled),
+    and `feed(token [B])` advances the caller's cache and returns the next logits. A row that has emitted
+    `stop_id` emits `fill_id` (default: stop_id again) from then on; decoding stops once every row has stopped.
+    The loop of every family that writes after a part it produced otherwise (Coconut's thoughts, LaDiR's latent
+    blocks and its VAE's steps, Skeleton-of-Thought's points)."""
+    B = logits.shape[0]
+    fill_id = stop_id if fill_id is None else fill_id
+    stopped = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    written = []
+    for step in range(steps):
+        token = sample_token(logits, temperature, top_k)
+        if stop_id is not None:
+            token = token.masked_fill(stopped, fill_id)
+            stopped |= token == stop_id
+        written.append(token)
+        if step == steps - 1 or bool(stopped.all()):
+            break
+        logits = feed(token)
+    return torch.stack(written, 1) if written else logits.new_zeros(B, 0, dtype=torch.long)
+
+
 def decode_after(model, logits: torch.Tensor, cache, steps: int, temperature: float = 0.0,
                  top_k: int | None = None) -> torch.Tensor:
     """Tokens [B, <= steps] decoded from next-token logits [B, V] over the data's vocabulary, feeding each token
-    through the cache, for the families that write words after a part they produce otherwise (Coconut's thoughts,
-    LaDiR's latent blocks). Rows that reach eos keep emitting it; decoding stops early when every row has."""
-    B = logits.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    written = []
-    for _ in range(steps):
-        token = model.after_eos(sample_token(logits[:, : model.vocab_size], temperature, top_k), done)
-        written.append(token[:, None])
-        if done.all():
-            break
-        logits = model.logits(model.hidden(token[:, None], cache=cache)[:, -1])
-    return torch.cat(written, 1) if written else logits.new_zeros(B, 0, dtype=torch.long)
+    through the model's cache; rows that reach eos keep emitting it."""
+    def feed(token: torch.Tensor) -> torch.Tensor:
+        return model.logits(model.hidden(token[:, None], cache=cache)[:, -1])[:, : model.vocab_size]
+    return continue_decoding(logits[:, : model.vocab_size], feed, steps, model.eos_id, temperature=temperature,
+                             top_k=top_k)
