@@ -41,8 +41,8 @@ from typing import Literal
 
 import torch
 
-from objectives.training.causal import CausalObjective
 from objectives.decoding.greedy import decode_after
+from objectives.training.causal import CausalObjective
 from objectives.training.losses import chunked_cross_entropy
 from objectives.training.metrics import COCONUT_STAGE
 from objectives.training.stages import OptimizerReset, Staged

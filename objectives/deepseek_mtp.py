@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from models.layers import RMSNorm
-from objectives.decoding.greedy import token_probs
 from objectives.decoding.drafters import Drafter
+from objectives.decoding.greedy import token_probs
 from objectives.training import metrics as M
 from objectives.training.causal import CausalObjective
 from objectives.training.losses import chunked_cross_entropy

@@ -37,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives.decoding.drafters import Drafter
+from objectives.decoding.greedy import sample_token
+from objectives.decoding.speculative import speculative_generate
 from objectives.training import metrics as M
 from objectives.training.base import Objective
 from objectives.training.causal import CausalObjective
 from objectives.training.checkpoints import FrozenCompanion
-from objectives.decoding.greedy import sample_token
 from objectives.training.losses import chunked_cross_entropy
-from objectives.decoding.drafters import Drafter
-from objectives.decoding.speculative import speculative_generate
 
 
 class Gate:

@@ -56,14 +56,14 @@ import torch
 from torch import nn
 
 from models.layers import block_mask
-from objectives.training import metrics as M
+from objectives.decoding.greedy import decode_after
 from objectives.decoding.scoring import ragged_prompts
+from objectives.ladir_vae import StepVAE
+from objectives.training import metrics as M
 from objectives.training.causal import CausalObjective
 from objectives.training.checkpoints import FrozenCompanion
-from objectives.decoding.greedy import decode_after
 from objectives.training.losses import chunked_cross_entropy
-from objectives.planning import step_spans
-from objectives.ladir_vae import StepVAE
+from objectives.training.segments import step_spans
 from objectives.training.stages import OptimizerReset, Staged
 
 LADIR_STAGE = M.LADIR_STAGE  # 0: the VAE trains, 1: the latent model trains on the frozen VAE

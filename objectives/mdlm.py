@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from objectives.decoding.greedy import token_probs
 from objectives.training import metrics as M
 from objectives.training.denoising import DenoisingObjective
-from objectives.decoding.greedy import token_probs
 from objectives.training.losses import chunked_cross_entropy
 
 

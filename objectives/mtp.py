@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import DecodingCache, RMSNorm
+from objectives.decoding.drafters import CacheGroup, Drafter, lookup_drafts
+from objectives.decoding.greedy import token_probs
 from objectives.training import metrics as M
 from objectives.training.causal import CausalObjective
-from objectives.decoding.greedy import token_probs
-from objectives.decoding.drafters import CacheGroup, Drafter, lookup_drafts
 from objectives.training.losses import chunk_positions, chunked_cross_entropy
 from objectives.training.multi_token import head_metrics, shifted
 

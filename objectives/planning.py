@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from objectives.ntp import NextTokenPrediction
+from objectives.training.segments import step_spans
 
 
 # --- rules ------------------------------------------------------------------------------------------------------
@@ -64,17 +65,6 @@ RULES = {"multiplication": multiplication_rule, "prosqa": prosqa_rule, "prosqa_a
 
 
 # --- insertion and removal ---------------------------------------------------------------------------------------
-def step_spans(segments: list[int]) -> list[tuple[int, int]]:
-    """(start, end) of each reasoning step (segment >= 2) of one row, in order."""
-    spans: list[tuple[int, int]] = []
-    for t, g in enumerate(segments):
-        if g >= 2 and (t == 0 or segments[t - 1] != g):
-            spans.append((t, t + 1))
-        elif g >= 2:
-            spans[-1] = (spans[-1][0], t + 1)
-    return spans
-
-
 def insert_plans(batch: dict, types: list[list[int]], plan_base: int, pad_id: int) -> dict:
     """The batch with plan token plan_base + types[b][k] before step k of row b (its segment and loss weight are
     the step's first token's); other keys (prompt_len, answer) are unchanged, the prompt comes first."""

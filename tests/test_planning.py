@@ -5,8 +5,8 @@ import torch
 
 from conftest import TINY_MODEL, run_cli, train_on_batch
 from datamodules import ReasoningDataModule
-from objectives.planning import (insert_plans, kmeans, multiplication_rule, prosqa_rule, remove_plans,
-                                 step_spans)
+from objectives.planning import insert_plans, kmeans, multiplication_rule, prosqa_rule, remove_plans
+from objectives.training.segments import step_spans
 
 
 def small_batch(task="multiplication", **kw):
