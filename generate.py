@@ -15,19 +15,9 @@ import time
 
 import torch
 from jsonargparse import auto_cli
-from tokenizers import Tokenizer
 
-from objectives.training.base import Objective
-from objectives.training.checkpoints import checkpoint_tokenizer, load_checkpoint, load_objective
-
-
-def load(ckpt_path: str) -> tuple[Objective, Tokenizer]:
-    """The objective stored in a checkpoint (its own class and hyperparameters), in eval mode, and its tokenizer."""
-    checkpoint = load_checkpoint(ckpt_path)
-    tokenizer = checkpoint_tokenizer(checkpoint)
-    if tokenizer is None:
-        raise ValueError(f"{ckpt_path} carries no tokenizer: it was not written by train.py's datamodules")
-    return load_objective(ckpt_path, checkpoint=checkpoint), Tokenizer.from_str(tokenizer)
+from lab.cli import run_from_the_shell
+from objectives.training.checkpoints import load_with_tokenizer as load  # noqa: F401 (generate.load is public)
 
 
 def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
@@ -70,5 +60,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from train import run_from_the_shell
     run_from_the_shell(main)

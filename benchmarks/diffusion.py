@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import train
+from lab import cli as train
 from benchmarks.common import parser, report
 from benchmarks.path_star import BUDGET_MINUTES, BUDGET_STEPS, train_and_test
 from benchmarks.speculative import held_out_prompts
-from generate import load
+from objectives.training.checkpoints import load_with_tokenizer as load
 from objectives.training import metrics as M
 from objectives.training.callbacks import auto_precision
 

@@ -34,7 +34,7 @@ RECIPES = {"code": "configs/experiments/distill_code.yaml", "mult": "configs/exp
 def retrofit(task: str, teacher: str, steps: int, save_dir: str, extra: str = "") -> str:
     """Train the retrofit of `teacher` by its recipe for `steps` steps (trunk and length from the teacher; `extra`:
     more train.py flags)."""
-    import train
+    from lab import cli as train
     saved = load_checkpoint(teacher)
     flags = ["--model.init_args.trunk", json.dumps(saved["hyper_parameters"]["trunk"])]
     seq_len = saved.get("datamodule_hyper_parameters", {}).get("seq_len")
@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save_dir", default="runs")
     args = p.parse_args()
-    from generate import load
+    from objectives.training.checkpoints import load_with_tokenizer as load
     for part in args.parts:
         if getattr(args, f"{part}_teacher") is None:
             p.error(f"--parts {part} needs --{part}_teacher (a next-token checkpoint of the project)")

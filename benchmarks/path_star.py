@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import train
+from lab import cli as train
 from benchmarks.common import parser, report
 from objectives.training import metrics as M
 from objectives.training.callbacks import auto_precision

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-import train
+from lab import cli as train
 from benchmarks.common import parser, report
 from datamodules.skeleton import BODY, EXPAND, POINT
 from objectives.training import metrics as M

@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (batch-1 decoding is latency bound: a second thread mostly adds synchronisation)")
     args = p.parse_args()
-    from generate import load
+    from objectives.training.checkpoints import load_with_tokenizer as load
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     trees = [[int(w) for w in t.split(",")] for t in args.trees]

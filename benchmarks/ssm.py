@@ -281,7 +281,7 @@ def induction_recipe(kind: str, lengths=(256, 1024, 4096, 16384), eval_examples:
                      overrides: tuple[str, ...] = (), save_dir: str = "runs") -> dict:
     """Train configs/experiments/induction_heads_{kind}.yaml through the CLI (train.py, as a user would), then
     score the answer token on `eval_examples` test examples at each prompt length (one forward pass each)."""
-    import train
+    from lab import cli as train
     from datamodules.synthetic import SyntheticTaskDataset
     start = time.perf_counter()
     cli = train.main(["fit", "--config", INDUCTION_RECIPES[kind], "--trainer.enable_progress_bar", "false",

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 import compare
-from benchmarks.future_lens import fit_probes, hidden_states
+from lab.future_lens import fit_probes, hidden_states
 from conftest import ROOT, tiny_data
 
 STEPS = 60

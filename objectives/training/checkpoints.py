@@ -272,3 +272,14 @@ def check_companions(model: nn.Module, records: dict[str, dict]) -> None:
                 f"the companion {name!r} built from {companion.path} hashes to {companion.sha256[:12]}..., but the "
                 f"checkpoint was trained with weights hashing to {saved['sha256'][:12]}... (from {saved['path']}): "
                 f"the file changed since; give the original companion checkpoint")
+
+
+def load_with_tokenizer(ckpt_path: str):
+    """(the objective stored in a checkpoint, in eval mode with its own class and hyperparameters, and its
+    `tokenizers.Tokenizer`): what generate.py and the future lens load."""
+    from tokenizers import Tokenizer
+    checkpoint = load_checkpoint(ckpt_path)
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    if tokenizer is None:
+        raise ValueError(f"{ckpt_path} carries no tokenizer: it was not written by train.py's datamodules")
+    return load_objective(ckpt_path, checkpoint=checkpoint), Tokenizer.from_str(tokenizer)

@@ -1,0 +1,241 @@
+"""The side-by-side report of an experiment, read back from its runs' TensorBoard event files into
+runs/<name>/report/: report.md, report.json, PNG plots against training tokens, and a custom-scalars layout
+(TensorBoard's "Custom Scalars" tab) that puts every run's comparable figures on shared charts."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import objectives
+from lab.experiment import Experiment, Run
+from lab.runner import FUTURE_LENS, PEAK_MEMORY, REPORT_LENS_KS, TOKENS_SEEN, WALL_CLOCK, clock, read_json, run_dir
+from objectives.training import metrics as M
+
+# on reasoning data, a family without a figure of its own shows the tokens its answers took
+REASONING_HEADLINE = (M.VAL_ANSWER_TOKENS, "answer tokens")
+
+
+# --- reading the runs back -------------------------------------------------------------------------------------------------
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every finite scalar in the event files of one run folder: tag -> [(step, value)] by step; where a resumed
+    run logged a step twice, the later write wins."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    by_tag: dict[str, dict[int, tuple[float, float]]] = {}
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            for e in accumulator.Scalars(tag):
+                if math.isfinite(e.value) and (e.step not in by_tag.setdefault(tag, {})
+                                               or by_tag[tag][e.step][0] <= e.wall_time):
+                    by_tag[tag][e.step] = (e.wall_time, e.value)
+    return {tag: sorted((step, v) for step, (_, v) in values.items()) for tag, values in by_tag.items()}
+
+
+def summarise(values: list[float | None]) -> dict | None:
+    """Mean and spread (sample standard deviation; 0 with one seed) over seeds."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def seed_figures(folder: Path, run: Run) -> dict:
+    """The figures of one (run, seed), all from its event files except the static facts in run.json."""
+    info = read_json(folder / "run.json") or {}
+    scalars = read_scalars(folder)
+    last = lambda tag: scalars[tag][-1][1] if scalars.get(tag) else None  # noqa: E731
+    best = lambda tag: min(v for _, v in scalars[tag]) if scalars.get(tag) else None  # noqa: E731
+    throughput = [v for _, v in scalars.get(M.TOKENS_PER_SEC, [])]
+    figures = {M.VAL_BPB: last(M.VAL_BPB), "best val/bpb": best(M.VAL_BPB), M.VAL_NTP_LOSS: last(M.VAL_NTP_LOSS),
+               M.VAL_NLL_BOUND: last(M.VAL_NLL_BOUND), M.VAL_ACCURACY: last(M.VAL_ACCURACY),
+               "tokens seen": last(TOKENS_SEEN), "tokens/s": statistics.median(throughput) if throughput else None,
+               "peak memory MiB": last(PEAK_MEMORY), "wall-clock s": last(WALL_CLOCK),
+               "steps": max((s for values in scalars.values() for s, _ in values), default=0)}
+    for k in REPORT_LENS_KS:
+        figures[f"future lens k={k}"] = last(FUTURE_LENS.format(k))
+    tag, _ = headline(run, info, scalars)
+    if tag is not None:
+        figures["headline"] = (info.get("hparams", {}).get(tag.split(".", 1)[1]) if tag.startswith("hparams.")
+                               else last(tag))
+    return {"info": info, "figures": figures, "scalars": scalars}
+
+
+def headline(run: Run, info: dict, scalars: dict) -> tuple[str | None, str | None]:
+    """The family's own figure: the run's `headline`, else the family's default, else answer tokens on reasoning
+    data. Returns (tag or hparams.<name>, label)."""
+    if run.headline:
+        return run.headline, run.headline
+    family = getattr(objectives, info.get("family") or "", None)
+    tag, label = getattr(family, "headline_metric", None) or (None, None)
+    if tag is not None and (tag.startswith("hparams.") or tag in scalars):
+        return tag, label
+    return REASONING_HEADLINE if REASONING_HEADLINE[0] in scalars else (None, None)
+
+
+def collect(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int]) -> list[dict]:
+    rows = []
+    for name in names:
+        run = experiment.runs[name]
+        per_seed = {s: seed_figures(run_dir(runs_dir, experiment, name, s), run) for s in seeds
+                    if run_dir(runs_dir, experiment, name, s).is_dir()}
+        if not per_seed:
+            continue
+        info = next(iter(per_seed.values()))["info"]
+        first = next(iter(per_seed.values()))
+        tag, label = headline(run, info, first["scalars"])
+        keys = list(first["figures"])
+        rows.append({
+            "run": name, "label": run.label, "family": info.get("family"), "trunk": info.get("trunk"),
+            "d_model": info.get("d_model"), "n_layers": info.get("n_layers"), "parameters": info.get("parameters"),
+            "causal": info.get("causal"), "seeds": sorted(per_seed),
+            "finished": all((p["info"] or {}).get("finished") for p in per_seed.values()),
+            "likelihood": "bound" if any(p["figures"][M.VAL_NLL_BOUND] is not None for p in per_seed.values())
+            else "likelihood",
+            "headline_tag": tag, "headline_label": label,
+            "figures": {k: summarise([p["figures"].get(k) for p in per_seed.values()]) for k in keys},
+            "curves": {str(s): {t: p["scalars"].get(t, []) for t in (M.VAL_BPB, M.VAL_ACCURACY, TOKENS_SEEN)}
+                       for s, p in per_seed.items()},
+        })
+    return rows
+
+
+# --- the report ------------------------------------------------------------------------------------------------------------
+def cell(summary: dict | None, digits: int = 3, prefix: str = "") -> str:
+    if summary is None:
+        return "-"
+    fmt = lambda v: f"{v:,.0f}" if digits == 0 else f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"  # noqa: E731
+    text = prefix + fmt(summary["mean"])
+    return text + f" ± {fmt(summary['std'])}" if summary["n"] > 1 else text
+
+
+def markdown(experiment: Experiment, rows: list[dict]) -> str:
+    columns = ["run", "family", "trunk", "params", "tokens seen", "final val/bpb", "best val/bpb",
+               M.VAL_NTP_LOSS, "val/nll_bound (bound)", M.VAL_ACCURACY, "tokens/s", "peak MiB", "wall-clock",
+               "future lens k=2", "future lens k=4", "family's figure"]
+    reduced = (f"Run with {' '.join(experiment.overrides)} on top of the experiment file (a reduced budget)."
+               if experiment.overrides else "")
+    lines = [f"# {experiment.name}", "", experiment.description, "", *([reduced, ""] if reduced else []),
+             "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        f, bound = row["figures"], row["likelihood"] == "bound"
+        trunk = f"{row['trunk']} d{row['d_model']}x{row['n_layers']}" if row["trunk"] else "-"
+        wall = f["wall-clock s"]
+        h = f.get("headline")
+        figure = (f"{row['headline_label']} {cell(h, 0 if h and float(h['mean']).is_integer() else 2)}"
+                  if row["headline_tag"] else "-")
+        values = [row["label"] + ("" if row["finished"] else " (unfinished)"), row["family"] or "-", trunk,
+                  f"{row['parameters'] / 1e6:.2f}M" if row["parameters"] else "-",
+                  cell(f["tokens seen"], 0), cell(f[M.VAL_BPB], 3, "≤ " if bound else ""),
+                  cell(f["best val/bpb"], 3, "≤ " if bound else ""), cell(f[M.VAL_NTP_LOSS]),
+                  cell(f[M.VAL_NLL_BOUND], 3, "≤ " if bound else ""), cell(f[M.VAL_ACCURACY]),
+                  cell(f["tokens/s"], 0), cell(f["peak memory MiB"], 0),
+                  clock(wall["mean"]) if wall else "-", cell(f["future lens k=2"]), cell(f["future lens k=4"]),
+                  figure]
+        lines.append("| " + " | ".join(values) + " |")
+    seeds = sorted({s for row in rows for s in row["seeds"]})
+    lines += ["", f"Seeds: {', '.join(map(str, seeds))} (a ± is the standard deviation over seeds). "
+              "`val/ntp_loss` is the next-token NLL in nats/token; `val/nll_bound` is an upper bound on the NLL "
+              "(diffusion families), and their `val/bpb` (marked ≤) is the same bound in bits per byte, not a "
+              "likelihood. Future lens: held-out accuracy of a linear probe from the trunk's hidden state at t to "
+              "the token at t+k (causal runs). Peak memory: allocated GPU memory, or the process's peak resident "
+              "set on CPU. Wall-clock: training time, validation included, data preparation not."]
+    return "\n".join(lines) + "\n"
+
+
+def tokens_at(curves: dict, steps: list[int]) -> list[float]:
+    """Tokens seen at each step, interpolated from the run's perf/tokens_seen points."""
+    import numpy as np
+    points = curves.get(TOKENS_SEEN) or []
+    if not points:
+        return [float("nan")] * len(steps)
+    xs, ys = zip(*points)
+    slope = ys[-1] / xs[-1] if xs[-1] else 0.0
+    return [float(np.interp(s, (0, *xs), (0, *ys))) if s <= xs[-1] else s * slope for s in steps]
+
+
+def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str) -> bool:
+    """`tag` against tokens seen, one line per run (the mean over seeds) and a band from the lowest to the highest
+    seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = False
+    for row in rows:
+        series = []
+        for curves in row["curves"].values():
+            points = curves.get(tag) or []
+            if points:
+                steps, values = zip(*points)
+                series.append((tokens_at(curves, list(steps)), list(values)))
+        if not series:
+            continue
+        grid = np.array(series[0][0])
+        values = np.array([np.interp(grid, x, y) for x, y in series])
+        line, = ax.plot(grid, values.mean(0), marker="o", markersize=3,
+                        label=row["label"] + (" (bound)" if row["likelihood"] == "bound" and tag == M.VAL_BPB else ""))
+        if len(series) > 1:
+            ax.fill_between(grid, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
+        drawn = True
+    if drawn:
+        ax.set_xlabel("training tokens seen")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def layout(experiment: Experiment) -> dict:
+    """TensorBoard custom-scalars layout: the comparable figures of every run of the experiment on shared charts
+    (each chart's tags are regular expressions matched in every run)."""
+    return {f"{experiment.name}: comparison": {
+        "val/bpb (diffusion families: a bound)": ["Multiline", [r"^val/bpb$"]],
+        "likelihood and bound: val/ntp_loss beside val/nll_bound": ["Multiline", [r"^val/ntp_loss$", r"^val/nll_bound$"]],
+        "val/accuracy (reasoning data)": ["Multiline", [r"^val/accuracy$"]],
+        "future lens: probe accuracy of x(t+k) from h(t)": ["Multiline", [r"^future_lens/"]],
+        "training tokens/s": ["Multiline", [r"^perf/tokens_per_sec$"]],
+        "training tokens seen": ["Multiline", [r"^perf/tokens_seen$"]],
+    }}
+
+
+def write_layout(folder: Path, experiment: Experiment) -> None:
+    """The layout as its own small event file in the report folder (a run named `report` in TensorBoard)."""
+    from torch.utils.tensorboard import SummaryWriter
+    for old in folder.glob("events.out.tfevents.*"):
+        old.unlink()
+    writer = SummaryWriter(str(folder))
+    writer.add_custom_scalars(layout(experiment))
+    writer.close()
+
+
+def write_report(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int]) -> Path:
+    folder = runs_dir / experiment.name / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = collect(runs_dir, experiment, names, seeds)
+    if not rows:
+        raise SystemExit(f"no runs of {experiment.name} under {runs_dir / experiment.name}: train them first "
+                         f"(python compare.py EXPERIMENT without --report-only)")
+    plots = []
+    if plot(rows, M.VAL_BPB, "val/bpb (bits per byte)", folder / "val_bpb.png",
+            f"{experiment.name}: val/bpb against training tokens"):
+        plots.append("val_bpb.png")
+    if plot(rows, M.VAL_ACCURACY, "val/accuracy (exact match)", folder / "val_accuracy.png",
+            f"{experiment.name}: val/accuracy against training tokens"):
+        plots.append("val_accuracy.png")
+    text = markdown(experiment, rows) + "".join(f"\n![{p}]({p})\n" for p in plots)
+    (folder / "report.md").write_text(text)
+    (folder / "report.json").write_text(json.dumps(
+        {"experiment": experiment.name, "description": experiment.description, "steps": experiment.steps,
+         "overrides": experiment.overrides,
+         "plots": plots, "rows": rows}, indent=1))
+    write_layout(folder, experiment)
+    return folder

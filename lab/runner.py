@@ -1,0 +1,251 @@
+"""Training an experiment's runs: one train.py process per (run, seed) with the `RunRecord` callback, resumed
+from its last checkpoint when interrupted and skipped when finished, then the future-lens probe of each causal
+run (`lab/future_lens.py`)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+from lab.experiment import ROOT, Experiment, flag_value
+from objectives.training.checkpoints import load_checkpoint
+
+TRAIN = ROOT / "train.py"
+BASE_CONFIG = ROOT / "configs" / "base.yaml"
+
+# the tags RunRecord logs at every validation (and at the end), beside the family's own metrics
+TOKENS_SEEN, PEAK_MEMORY, WALL_CLOCK = "perf/tokens_seen", "perf/peak_memory_mib", "perf/wall_clock_s"
+FUTURE_LENS = "future_lens/k{}_acc"  # held-out accuracy of the probe h_t -> x_(t+k)
+REPORT_LENS_KS = (2, 4)
+
+
+# --- one run: the train.py command, and the callback that records it -----------------------------------------------------
+def run_dir(runs_dir: Path, experiment: Experiment, run: str, seed: int) -> Path:
+    return runs_dir / experiment.name / run / f"seed{seed}"
+
+
+def callbacks(experiment: Experiment, configs: list[str]) -> list[dict]:
+    """The trainer's callbacks of the last config that sets them, with checkpoints every `checkpoint_every` steps
+    (and `last.ckpt`), plus RunRecord."""
+    found = yaml.safe_load(BASE_CONFIG.read_text())["trainer"]["callbacks"]
+    for config in configs:
+        trainer = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {}
+        found = trainer.get("callbacks", found)
+    out = []
+    for callback in found:
+        callback = dict(callback)
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"] = {**(callback.get("init_args") or {}), "save_last": True,
+                                     "every_n_train_steps": experiment.checkpoint_every}
+        out.append(callback)
+    return out + [{"class_path": "lab.runner.RunRecord", "init_args": {"max_tokens": experiment.tokens}}]
+
+
+def train_command(runs_dir: Path, experiment: Experiment, name: str, seed: int, resume: Path | None = None) -> list[str]:
+    run, out = experiment.runs[name], run_dir(runs_dir, experiment, name, seed)
+    configs = [*experiment.configs, *run.configs]
+    cmd = [sys.executable, str(TRAIN), "fit"]
+    for config in configs:
+        cmd += ["--config", config]
+    cmd += ["--model", run.model]
+    for key, value in experiment.args.items():
+        cmd += [f"--{key}", flag_value(value)]
+    if run.trunk:  # a run's own trunk and data replace the base's
+        cmd += ["--model.init_args.trunk", run.trunk]
+    if run.data:
+        cmd += ["--data", run.data]
+    for summary in run.summaries:
+        cmd += [f"--model.init_args.summaries+={summary}"]
+    for key, value in run.args.items():
+        cmd += [f"--{key}", flag_value(value)]
+    cmd += ["--trainer.callbacks", json.dumps(callbacks(experiment, configs)),
+            "--trainer.max_steps", str(experiment.steps), "--seed_everything", str(seed),
+            "--trainer.logger.init_args.save_dir", str(out.parent.parent), "--trainer.logger.init_args.name", name,
+            "--trainer.logger.init_args.version", out.name, "--trainer.default_root_dir", str(out),
+            "--trainer.enable_progress_bar", "false"]
+    if resume is not None:
+        cmd += ["--ckpt_path", str(resume)]
+    return cmd
+
+
+class RunRecord(L.Callback):
+    """Added to every run of an experiment: logs the training tokens seen, the peak memory and the training
+    wall-clock (kept across resumes) at every validation and at the end, writes `progress.json` for the progress
+    line, stops at `max_tokens`, and writes `run.json` (family, trunk, parameters, finished) in the log folder."""
+
+    def __init__(self, max_tokens: int | None = None):
+        self.max_tokens = max_tokens
+        self.tokens, self.seconds, self.started, self.written = 0, 0.0, None, 0.0
+
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "seconds": self.elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens, self.seconds = int(state["tokens"]), float(state["seconds"])
+
+    def elapsed(self) -> float:
+        return self.seconds + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    @staticmethod
+    def folder(trainer) -> Path | None:
+        return Path(trainer.logger.log_dir) if trainer.logger is not None and trainer.is_global_zero else None
+
+    def write(self, trainer, pl_module, finished: bool) -> None:
+        folder = self.folder(trainer)
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"family": type(pl_module).__name__, "trunk": type(pl_module.trunk).__name__,
+                "d_model": getattr(pl_module.trunk, "d_model", None),
+                "n_layers": len(getattr(pl_module.trunk, "blocks", [])),
+                "parameters": sum(p.numel() for p in pl_module.parameters()),
+                "causal": "full" not in pl_module.required_masks,
+                "hparams": {k: v for k, v in pl_module.hparams.items() if isinstance(v, (int, float, str, bool))},
+                "steps": trainer.global_step, "max_steps": trainer.max_steps, "tokens_seen": self.tokens,
+                "wall_clock_s": self.elapsed(), "peak_memory_mib": peak_memory_mib(pl_module.device),
+                "finished": finished}
+        (folder / "run.json").write_text(json.dumps(info, indent=1))
+
+    def figures(self, pl_module) -> dict[str, float]:
+        return {TOKENS_SEEN: float(self.tokens), WALL_CLOCK: self.elapsed(), PEAK_MEMORY: peak_memory_mib(pl_module.device)}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+        self.write(trainer, pl_module, finished=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += int(batch["tokens"].numel()) * trainer.world_size
+        if self.max_tokens and self.tokens >= self.max_tokens:
+            trainer.should_stop = True
+        folder = self.folder(trainer)
+        if folder is not None and time.perf_counter() - self.written > 2.0:
+            self.written = time.perf_counter()
+            (folder / "progress.json").write_text(json.dumps(
+                {"step": trainer.global_step, "max_steps": trainer.max_steps, "seconds": self.elapsed()}))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # logged through Lightning: the same step as the validation's metrics
+            for name, value in self.figures(pl_module).items():
+                pl_module.log(name, value, rank_zero_only=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.logger is not None:  # the totals, validation or not
+            trainer.logger.log_metrics(self.figures(pl_module), step=trainer.global_step)
+        self.write(trainer, pl_module, finished=True)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or on CPU the process's peak resident set (the run is its own process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def state(runs_dir: Path, experiment: Experiment, name: str, seed: int) -> tuple[str, Path | None]:
+    """("finished", None), ("resume", last.ckpt) or ("new", None)."""
+    out = run_dir(runs_dir, experiment, name, seed)
+    info = read_json(out / "run.json")
+    if info and info.get("finished"):
+        return "finished", None
+    last = out / "checkpoints" / "last.ckpt"
+    return ("resume", last) if last.is_file() else ("new", None)
+
+
+# --- training the experiment --------------------------------------------------------------------------------------------
+def clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int], poll: float = 5.0) -> list[str]:
+    """Train every (run, seed) that is not finished, one process each; returns the ones that failed."""
+    jobs = [(n, s) for n in names for s in seeds]
+    todo = [(n, s) for n, s in jobs if state(runs_dir, experiment, n, s)[0] != "finished"]
+    for n, s in jobs:
+        if (n, s) not in todo:
+            print(f"[{experiment.name}] {n} seed{s}: finished, skipped", flush=True)
+    done_steps, busy, failed = 0, 0.0, []
+    for i, (name, seed) in enumerate(todo):
+        status, last = state(runs_dir, experiment, name, seed)
+        out = run_dir(runs_dir, experiment, name, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        if status == "new":  # an attempt that died before its first checkpoint starts over, without its old events
+            for stale in glob.glob(str(out / "events.out.tfevents.*")):
+                os.remove(stale)
+        start_step = int(load_checkpoint(last)["global_step"]) if last else 0
+        print(f"[{experiment.name} {i + 1}/{len(todo)}] {name} seed{seed}: "
+              f"{'resuming from ' + str(last) + f' (step {start_step})' if last else 'training'}", flush=True)
+        (out / "progress.json").unlink(missing_ok=True)
+        started = time.perf_counter()
+        with open(out / "train.log", "a") as log:
+            process = subprocess.Popen(train_command(runs_dir, experiment, name, seed, last), cwd=ROOT,
+                                       stdout=log, stderr=subprocess.STDOUT)
+            step = start_step
+            while process.poll() is None:
+                time.sleep(poll)
+                step = (read_json(out / "progress.json") or {}).get("step", step)
+                run_seconds = time.perf_counter() - started
+                trained = done_steps + step - start_step  # steps trained by this invocation so far
+                rate = (busy + run_seconds) / trained if trained > 0 else None
+                remaining = experiment.steps - step + experiment.steps * (len(todo) - i - 1)
+                eta = clock(rate * remaining) if rate else "--"
+                print(f"[{experiment.name} {i + 1}/{len(todo)}] {name} seed{seed}: step {step}/"
+                      f"{experiment.steps}, {clock(run_seconds)} in this run, experiment ETA {eta}", flush=True)
+        busy += time.perf_counter() - started
+        done_steps += experiment.steps - start_step
+        if process.returncode != 0 or state(runs_dir, experiment, name, seed)[0] != "finished":
+            tail = (out / "train.log").read_text(errors="replace").splitlines()[-5:]
+            print(f"[{experiment.name}] {name} seed{seed} FAILED (exit {process.returncode}); "
+                  f"log {out / 'train.log'}:\n  " + "\n  ".join(tail), flush=True)
+            failed.append(f"{name} seed{seed}")
+        else:  # probe it now, so that an experiment stopped later still has this run's figures
+            lens_all(runs_dir, experiment, [name], [seed])
+    return failed
+
+
+def lens_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int]) -> None:
+    """Future-lens probes for every finished causal run that has none yet, written as future_lens.json and as
+    scalars in the run's folder."""
+    settings = experiment.future_lens
+    if not settings:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lab.future_lens import future_lens
+    for name in names:
+        for seed in seeds:
+            out = run_dir(runs_dir, experiment, name, seed)
+            info = read_json(out / "run.json") or {}
+            if not info.get("finished") or not info.get("causal") or (out / "future_lens.json").is_file():
+                continue
+            print(f"[{experiment.name}] {name} seed{seed}: future lens", flush=True)
+            started = time.perf_counter()
+            try:
+                results = future_lens(str(out / "checkpoints" / "last.ckpt"), settings["max_k"],
+                                      settings["train_windows"], settings["val_windows"], settings["epochs"], seed)
+            except Exception as error:  # the report still comes out, without this run's probe
+                print(f"[{experiment.name}] {name} seed{seed}: future lens failed: {error}", flush=True)
+                continue
+            writer = SummaryWriter(str(out), filename_suffix=".future_lens")
+            for k, r in results.items():
+                writer.add_scalar(FUTURE_LENS.format(k), r["accuracy"], info["steps"])
+            writer.close()
+            (out / "future_lens.json").write_text(json.dumps(
+                {"settings": settings, "seconds": time.perf_counter() - started,
+                 "results": {str(k): r for k, r in results.items()}}, indent=1))
