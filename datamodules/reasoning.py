@@ -398,6 +398,9 @@ class ReasoningDataModule(L.LightningDataModule):
         self.pad_id, self.eos_id, self.unk_id = tid(PAD), tid(EOS), tid(UNK)
         self.step_id, self.answer_id, self.dummy_id = tid(STEP), tid(ANS), tid(DUMMY)
         self.ids = SpecialIds(self.pad_id, self.eos_id, self.step_id, self.answer_id, self.dummy_id)
+        # what train.py links into the objective (model.init_args.special_ids)
+        self.special_ids = {"pad": self.pad_id, "eos": self.eos_id, "step": self.step_id, "answer": self.answer_id,
+                            "dummy": self.dummy_id}
         self._itos = [tok.id_to_token(i) for i in range(self.vocab_size)]
         lengths = None if word_level else token_byte_lengths(tok)
         self.token_bytes = None if lengths is None else torch.from_numpy(lengths)

@@ -78,6 +78,12 @@ class BeyondNTPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for name in ("vocab_size", "bytes_per_token", "eos_id"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        # where the data has them: the ids of its special tokens (LaDiR's <step> and <ans>, the padding) and the
+        # task's own answer check (Countdown's), so that no objective reads them off trainer.datamodule
+        parser.link_arguments("data", "model.init_args.special_ids", apply_on="instantiate",
+                              compute_fn=lambda data: getattr(data, "special_ids", None))
+        parser.link_arguments("data", "model.init_args.answer_check", apply_on="instantiate",
+                              compute_fn=lambda data: getattr(data, "check_answer", None))
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)

@@ -250,7 +250,7 @@ class Transformer(nn.Module):
                  mlp_hidden: int | None = None, rope_base: float = 10000.0, norm_eps: float = 1e-5,
                  qkv_bias: bool = False):
         super().__init__()
-        self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
+        self.d_model, self.n_layers, self.max_seq_len, self.n_heads = d_model, n_layers, max_seq_len, n_heads
         mlp_hidden = mlp_hidden or 64 * math.ceil(8 * d_model / 3 / 64)
         self._block_args = (d_model, n_heads, mlp_hidden, max_seq_len, rope_base, norm_eps, qkv_bias)
         self.blocks = nn.ModuleList(self.make_block() for _ in range(n_layers))

@@ -169,7 +169,8 @@ class LaDiR(Staged, CausalObjective):
             (self-conditioning, Chen et al. 2022, "Analog Bits", arXiv:2208.04202): in training a first pass without
             gradient gives the estimate half the time (zeros otherwise); in sampling, the previous Euler step's.
             On by default; off is the paper's model.
-        step_id, answer_id: the data's <step> and <ans> ids (read from the datamodule where it has them).
+        step_id, answer_id: the data's <step> and <ans> ids; by default those of `special_ids`, which train.py
+            links from reasoning data.
         **kwargs: the base objective's arguments.
     """
 
@@ -184,8 +185,15 @@ class LaDiR(Staged, CausalObjective):
                  flow_weight: float = 1.0, prediction: Literal["velocity", "clean"] = "clean",
                  denoising_steps: int = 8, num_trajectories: int = 1,
                  repulsion: float = 0.0, repulsion_bandwidth: float | None = None, max_blocks: int = 8,
-                 reencode: bool = True, self_condition: bool = True, step_id: int = 3, answer_id: int = 4, **kwargs):
+                 reencode: bool = True, self_condition: bool = True, step_id: int | None = None,
+                 answer_id: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        step_id = self.special_ids.get("step") if step_id is None else step_id
+        answer_id = self.special_ids.get("answer") if answer_id is None else answer_id
+        if step_id is None or answer_id is None:
+            raise ValueError("LaDiR reads the data's <step> and <ans> tokens: train it on reasoning data (train.py "
+                             "links their ids), or pass special_ids= (or step_id= and answer_id=) when building it "
+                             "by hand")
         if block_size < 1 or denoising_steps < 1 or num_trajectories < 1 or max_blocks < 1:
             raise ValueError(f"LaDiR needs block_size, denoising_steps, num_trajectories and max_blocks >= 1; got "
                              f"{block_size}, {denoising_steps}, {num_trajectories}, {max_blocks}")
@@ -203,8 +211,8 @@ class LaDiR(Staged, CausalObjective):
                 raise ValueError(f"vae_from={vae_from} is not a LaDiR checkpoint: give the last.ckpt of a LaDiR "
                                  f"VAE-stage run (configs/experiments/ladir_vae_*.yaml)")
         else:
-            heads = self.trunk.blocks[0].attn.n_heads
-            self.own_vae = StepVAE(self.vocab_size, 0, block_size, latent_dim, self.trunk.d_model,
+            heads = self.trunk.n_heads  # the VAE is a transformer of the trunk's shape (LaDiR needs tensor masks)
+            self.own_vae = StepVAE(self.vocab_size, self.special_ids.get("pad", 0), block_size, latent_dim, self.trunk.d_model,
                                    vae_layers or self.trunk.n_layers, heads, max_step_len, beta, beta_warmup_steps)
             if decoder_from:
                 self.own_vae.load_decoder(decoder_from)
@@ -239,13 +247,6 @@ class LaDiR(Staged, CausalObjective):
 
     def configure_callbacks(self):
         return [OptimizerReset()] if self.vae_steps > 0 else []
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        self.step_id = getattr(dm, "step_id", self.step_id)
-        self.answer_id = getattr(dm, "answer_id", self.answer_id)
-        self.vae.pad_id = getattr(dm, "pad_id", self.vae.pad_id)
 
     # --- the batch's steps and their latents ----------------------------------------------------------------------
     def batch_steps(self, batch: dict) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:

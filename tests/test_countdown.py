@@ -74,6 +74,10 @@ def test_one_step_fit_and_answer_scoring_evaluates_the_solution(tmp_path):
     assert cli.trainer.global_step == 1
     # the fit scores its two val questions; a model one step from random init writes no valid solution
     assert cli.model.scorer.scored == 2 and float(cli.trainer.callback_metrics["val/accuracy"]) == 0.0
+    # the task's own check and the special tokens' ids reach the objective through train.py's links
+    assert cli.model.scorer.check_answer == cli.datamodule.check_answer
+    assert cli.model.special_ids == cli.datamodule.special_ids and cli.model.special_ids["step"] == cli.datamodule.step_id
+    assert "answer_check" not in cli.model.hparams  # behaviour stays out of the checkpoint's settings
     dm, model = cli.datamodule, cli.model
     batch = dm.val_dataloader().collate_fn([dm.val_set[0]])
     ex = dm.val_examples[0]

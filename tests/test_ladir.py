@@ -77,7 +77,8 @@ def tiny_ladir(**options):
 
     torch.manual_seed(0)
     options = {"block_size": 2, "latent_dim": 4, "vae_steps": 0, "max_blocks": 3, "denoising_steps": 3, **options}
-    model = LaDiR(Transformer(32, 2, 2, 96), vocab_size=20, eos_id=1, **options)
+    model = LaDiR(Transformer(32, 2, 2, 96), vocab_size=20, eos_id=1, special_ids={"pad": 0, "step": 3, "answer": 4},
+                  **options)
     return model.eval()
 
 
@@ -196,7 +197,8 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
 
     dm = ReasoningDataModule(task="countdown", num_numbers=3, train_size=64, val_size=8, test_size=8, batch_size=8)
     torch.manual_seed(0)
-    model = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id, vae_steps=3,
+    model = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id,
+                  special_ids=dm.special_ids, vae_steps=3,
                   eval_examples=2, num_trajectories=2)
     snaps = Snapshots()
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, limit_val_batches=1,
@@ -216,7 +218,7 @@ def test_the_stages_vae_first_then_the_latent_model_on_the_frozen_vae_and_a_vae_
     first = run_cli(tmp_path, "--config", "configs/quickstart.yaml", "--model", "configs/objectives/ladir.yaml",
                     *TINY_MODEL, "--data", "configs/data/countdown.yaml", "--data.init_args.batch_size", "4",
                     "--model.init_args.eval_examples", "1", steps=1).model
-    second = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id,
+    second = LaDiR(Transformer(32, 1, 2, 64), vocab_size=dm.vocab_size, eos_id=dm.eos_id, special_ids=dm.special_ids,
                    vae_from=str(next(tmp_path.rglob("last.ckpt"))))
     assert second.stage == 1 and list(companions(second)) == ["vae_companion"]
     assert same(snapshot(second), snapshot(first))
@@ -233,7 +235,8 @@ def test_the_vae_decoder_starts_from_a_cot_checkpoint_frozen_or_fine_tuned(tmp_p
     cot = run_cli(tmp_path, "--config", "configs/quickstart.yaml", *TINY_MODEL, "--data", "configs/data/countdown.yaml",
                   "--data.init_args.batch_size", "4", "--model.init_args.eval_examples", "1", steps=1).model
     checkpoint = str(next(tmp_path.rglob("last.ckpt")))
-    model = LaDiR(Transformer(32, 1, 2, 64), vocab_size=cot.vocab_size, eos_id=cot.eos_id, decoder_from=checkpoint,
+    model = LaDiR(Transformer(32, 1, 2, 64), vocab_size=cot.vocab_size, eos_id=cot.eos_id,
+                  special_ids=cot.special_ids, decoder_from=checkpoint,
                   freeze_decoder=freeze)
     decoder, trunk = model.vae.decoder.state_dict(), cot.trunk.state_dict()
     assert decoder.keys() == trunk.keys() and all(torch.equal(decoder[k], trunk[k]) for k in trunk)
@@ -241,4 +244,5 @@ def test_the_vae_decoder_starts_from_a_cot_checkpoint_frozen_or_fine_tuned(tmp_p
     assert all(p.requires_grad != freeze for p in model.vae.decoder.parameters())
     assert all(p.requires_grad for p in model.vae.encoder.parameters())
     with pytest.raises(ValueError, match="decoder_from"):  # another width: refused, with the fix named
-        LaDiR(Transformer(64, 1, 2, 64), vocab_size=cot.vocab_size, eos_id=cot.eos_id, decoder_from=checkpoint)
+        LaDiR(Transformer(64, 1, 2, 64), vocab_size=cot.vocab_size, eos_id=cot.eos_id, special_ids=cot.special_ids,
+              decoder_from=checkpoint)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import Callable
 
 import lightning as L
 import torch
@@ -47,6 +48,10 @@ class Objective(L.LightningModule):
         check_finite: stop at the first non-finite training loss, naming the step. It raises in the step itself,
             before the optimizer applies it, so every checkpoint holds finite weights; Lightning's
             EarlyStopping(check_finite=True) looks at a monitored metric only at validation or epoch end.
+        special_ids: the data's special tokens by role ("pad", "eos", "step", "answer", "dummy"; linked from the
+            datamodule by train.py where it has them), for the families that read them (LaDiR).
+        answer_check: the task's own verdict on a generated answer, ``check_answer(prompt_ids, generated_ids) ->
+            bool | None`` (linked from the datamodule; Countdown's counts any valid solution); else exact match.
         init_from: a project checkpoint whose weights a new fit starts from (optimizer, schedule and step fresh;
             rows for this family's extra tokens initialised by `extra_token_sources`); `--ckpt_path` resumes instead.
     """
@@ -70,11 +75,13 @@ class Objective(L.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable = WarmupCosine,
                  summaries: list[nn.Module] | None = None, compile: bool = False, ce_chunk_size: float = CHUNK_MIB,
                  eval_examples: int = 64, sample_tokens: int = 48, check_finite: bool = True,
-                 init_from: str | None = None):
+                 init_from: str | None = None, special_ids: dict[str, int] | None = None,
+                 answer_check: Callable | None = None):
         super().__init__()
         with warnings.catch_warnings():  # modules passed by hand live in the state dict, not in the hparams
             warnings.simplefilter("ignore")
             self.save_hyperparameters()
+        self.hparams.pop("answer_check", None)  # behaviour, not a setting: the data links it again
         for name in ("trunk", "summaries"):  # through the CLI these are config dicts and stay
             value = self.hparams.get(name)
             if isinstance(value, nn.Module) or (isinstance(value, list) and any(isinstance(v, nn.Module) for v in value)):
@@ -101,7 +108,8 @@ class Objective(L.LightningModule):
         for summary in self.summaries:  # each summary makes its head at this objective's width and vocabulary
             summary.attach(self)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.scorer = AnswerScorer(eval_examples)
+        self.special_ids = dict(special_ids or {})
+        self.scorer = AnswerScorer(eval_examples, answer_check)
 
     # --- the pieces families compose -------------------------------------------------------------------------
     def embedding_width(self) -> int:
@@ -238,8 +246,6 @@ class Objective(L.LightningModule):
         return [None] * self.extra_tokens
 
     def setup(self, stage: str) -> None:
-        if self.scorer.check_answer is None:  # the task's own verdict, where the data has one (Countdown)
-            self.scorer.check_answer = getattr(self.trainer.datamodule, "check_answer", None)
         # a warm start (init_from) applies to a new fit, before the optimizer is built; a resumed fit
         # (--ckpt_path) restores its own weights instead
         if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
