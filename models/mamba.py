@@ -311,6 +311,23 @@ def check_causal_mask(mask: Mask, owner: str = "Mamba trunk") -> None:
         f"(models.Transformer) for an objective that needs mask='full' or a tensor mask")
 
 
+def recurrent_forward(trunk: nn.Module, x: torch.Tensor, mask: Mask, cache, padding_mask: torch.Tensor | None,
+                      owner: str) -> torch.Tensor:
+    """The forward of a recurrent trunk (Mamba, Mamba-2): the causal mask and the length checked, padding checked
+    (at either end of a row, or with a cache after each row's real tokens only), then the blocks with their caches
+    and the final norm."""
+    check_causal_mask(mask, owner)
+    check_length((cache.length if cache is not None else 0) + x.shape[1], trunk.max_seq_len, "trunk")
+    if padding_mask is not None:
+        padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
+        check_padding(padding_mask, f"{owner}'s decoding cache" if cache is not None else owner,
+                      at_the_end=cache is not None)
+    layer_caches = list(cache) if cache is not None else [None] * len(trunk.blocks)
+    for block, layer_cache in zip(trunk.blocks, layer_caches):
+        x = block(x, mask=mask, cache=layer_cache, padding_mask=padding_mask)
+    return trunk.norm(x)
+
+
 class MambaResidualBlock(nn.Module):
     """x + MambaBlock(RMSNorm(x)): the pre-norm residual block of the Mamba trunk (`mixer`, `norm` as in
     mamba_ssm's Block)."""
@@ -392,13 +409,4 @@ class Mamba(nn.Module):
         sequence's). padding_mask [B, T] bool, True = a real token: padding leaves the state unchanged (see
         MambaBlock.forward); padding at either end of a row, or, with a cache, after the real tokens only.
         """
-        check_causal_mask(mask)
-        check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
-        if padding_mask is not None:
-            padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
-            owner = "Mamba trunk's decoding cache" if cache is not None else "Mamba trunk"
-            check_padding(padding_mask, owner, at_the_end=cache is not None)
-        layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
-        for block, layer_cache in zip(self.blocks, layer_caches):
-            x = block(x, mask=mask, cache=layer_cache, padding_mask=padding_mask)
-        return self.norm(x)
+        return recurrent_forward(self, x, mask, cache, padding_mask, "Mamba trunk")

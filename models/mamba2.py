@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import RMSNorm, check_length, check_padding
-from models.mamba import MambaCache, MambaDecodingCache, check_causal_mask
+from models.layers import RMSNorm
+from models.mamba import MambaCache, MambaDecodingCache, check_causal_mask, recurrent_forward
 
 try:  # the reference's fused Triton kernel, used as a drop-in where it is installed
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _mamba_ssm_chunk_scan
@@ -444,13 +444,4 @@ class Mamba2(nn.Module):
         """x (B, T, d_model) -> hidden states (B, T, d_model). `positions` is accepted for the trunk contract and
         unused (a recurrence has no positional encoding); `padding_mask` (B, T) True at real tokens: padding
         at either end of a row, or, with a cache, after each row's real tokens only (row b advances by its own)."""
-        check_causal_mask(mask, "Mamba-2 trunk")
-        check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
-        if padding_mask is not None:
-            padding_mask = padding_mask.to(device=x.device, dtype=torch.bool)
-            owner = "Mamba-2 trunk's decoding cache" if cache is not None else "Mamba-2 trunk"
-            check_padding(padding_mask, owner, at_the_end=cache is not None)
-        layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
-        for block, layer_cache in zip(self.blocks, layer_caches):
-            x = block(x, mask=mask, cache=layer_cache, padding_mask=padding_mask)
-        return self.norm(x)
+        return recurrent_forward(self, x, mask, cache, padding_mask, "Mamba-2 trunk")

@@ -188,12 +188,9 @@ class LaDiR(Staged, CausalObjective):
                  reencode: bool = True, self_condition: bool = True, step_id: int | None = None,
                  answer_id: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # None on plain text, which has no steps: LaDiR then trains and writes it as next-token prediction does
         step_id = self.special_ids.get("step") if step_id is None else step_id
         answer_id = self.special_ids.get("answer") if answer_id is None else answer_id
-        if step_id is None or answer_id is None:
-            raise ValueError("LaDiR reads the data's <step> and <ans> tokens: train it on reasoning data (train.py "
-                             "links their ids), or pass special_ids= (or step_id= and answer_id=) when building it "
-                             "by hand")
         if block_size < 1 or denoising_steps < 1 or num_trajectories < 1 or max_blocks < 1:
             raise ValueError(f"LaDiR needs block_size, denoising_steps, num_trajectories and max_blocks >= 1; got "
                              f"{block_size}, {denoising_steps}, {num_trajectories}, {max_blocks}")
@@ -286,6 +283,9 @@ class LaDiR(Staged, CausalObjective):
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "segments" not in batch:  # plain text: no steps to encode, next-token prediction
             return self.next_token_loss(batch)
+        if self.step_id is None or self.answer_id is None:
+            raise ValueError("LaDiR reads the data's <step> and <ans> tokens: train.py links their ids from reasoning "
+                             "data; when building it by hand pass special_ids= (or step_id= and answer_id=)")
         steps, spans = self.batch_steps(batch)
         if self.current_stage() == 0 and len(steps):  # a batch without steps has only the answer to train
             return self.vae_loss(steps)
@@ -516,6 +516,8 @@ class LaDiR(Staged, CausalObjective):
                  noise: torch.Tensor | None = None, **options) -> torch.Tensor:
         """The majority-vote trajectory of `sample_trajectories` for every question: [B, P + max_new_tokens]."""
         self.refuse_options(options, "generates latent blocks, then the answer")
+        if self.answer_id is None:  # trained on plain text, which has no reasoning to write as latent blocks
+            return super().generate(prompt_ids, max_new_tokens, temperature, top_k, prompt_lengths=prompt_lengths)
         trajectories = self.sample_trajectories(prompt_ids, max_new_tokens, prompt_lengths, num_trajectories,
                                                 repulsion, temperature, top_k, noise)
         P = prompt_ids.shape[1]

@@ -154,7 +154,7 @@ def test_every_objective_fits_a_step_and_scores_answers_on_reasoning_data(object
 def comparison_runs() -> list[tuple[str, str]]:
     import compare
     return [(c, run) for c in names("experiments") if comparison_experiment(c)
-            for run in compare.load_experiment(c)["runs"]]
+            for run in compare.load_experiment(c).runs]
 
 
 @pytest.mark.parametrize("config,run", comparison_runs())
@@ -163,10 +163,10 @@ def test_comparison_experiment_run_fits_a_step(config, run, tmp_path, corpus_fil
     import compare
     import train
     experiment = compare.load_experiment(config)
-    spec = experiment["runs"][run]
-    sources = [yaml.safe_load(open(c)) or {} for c in experiment["configs"] + spec["configs"]]
+    spec = experiment.runs[run]
+    sources = [yaml.safe_load(open(c)) or {} for c in experiment.configs + spec.configs]
     data = next((s["data"] for s in reversed(sources) if s.get("data")), {})
-    for swapped in (experiment["args"].get("data"), spec["data"]):
+    for swapped in (experiment.args.get("data"), spec.data):
         data = yaml.safe_load(open(swapped)) if swapped else data
     small = (tiny_data(corpus_files) if data["class_path"].endswith("TextDataModule")
              else ["--data.init_args.train_size", "256", "--data.init_args.batch_size", "2"])
@@ -176,4 +176,4 @@ def test_comparison_experiment_run_fits_a_step(config, run, tmp_path, corpus_fil
                       "--model.init_args.trunk.init_args.n_layers", "1", "--model.init_args.eval_examples", "2",
                       "--model.init_args.sample_tokens", "4", *small])
     assert cli.trainer.global_step == 1
-    assert cli.model.__class__.__name__ == yaml.safe_load(open(spec["model"]))["class_path"].rsplit(".", 1)[1]
+    assert cli.model.__class__.__name__ == yaml.safe_load(open(spec.model))["class_path"].rsplit(".", 1)[1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Callable
+from typing import Callable, TypedDict
 
 import lightning as L
 import torch
@@ -26,6 +26,18 @@ from objectives.decoding.scoring import AnswerScorer
 from objectives.training.checkpoints import check_companions, companion_records, companions, format_report, warm_start
 from objectives.training.losses import CHUNK_MIB, chunk_positions
 from objectives.training.optim import WarmupCosine, decay_groups
+
+
+class LossOutput(TypedDict, total=False):
+    """What `Objective.loss(batch)` returns; only `loss` is required. Counts and sums are over the batch."""
+    loss: torch.Tensor  # the scalar that is optimised
+    ntp_nll: torch.Tensor  # summed next-token NLL (nats) of the positions the tier's likelihood counts
+    ntp_tokens: torch.Tensor  # how many tokens that sum covers
+    ntp_bytes: int  # their UTF-8 bytes, where the family counts them itself (else from `token_bytes`)
+    nll_bound: torch.Tensor  # a diffusion family's summed NELBO (nats), an upper bound on the NLL
+    bound_tokens: torch.Tensor
+    bound_bytes: int
+    metrics: dict[str, tuple[torch.Tensor | float, int]]  # the family's own figures: tag -> (value, weight)
 
 
 class Objective(L.LightningModule):
@@ -127,7 +139,7 @@ class Objective(L.LightningModule):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.unembedding)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
 
     def likelihood_positions(self) -> slice:
