@@ -114,17 +114,17 @@ def max_time(minutes: float) -> str:
 
 
 def fit_experiment(config: str | Path, steps: int, minutes: float, save_dir: str, extra=()) -> tuple[object, dict]:
-    """Fit an experiment config through the CLI (train.main) for `steps` optimizer steps or `minutes`, whichever
-    ends first, logging under save_dir without a progress bar; `extra` flags come last. Returns the CLI object
-    and what the fit took: {"steps", "train min", "cut by time"}."""
-    import train  # the CLI (and every objective behind it) only where a benchmark fits something
+    """Fit an experiment config through the CLI (lab.cli.main, what train.py runs) for `steps` optimizer steps or
+    `minutes`, whichever ends first, logging under save_dir without a progress bar; `extra` flags come last.
+    Returns the CLI object and what the fit took: {"steps", "train min", "cut by time"}."""
+    from lab.cli import main  # the CLI (and every objective behind it) only where a benchmark fits something
     config = Path(config)
     if not config.exists():
         config = EXPERIMENTS / config
     start = time.perf_counter()
-    cli = train.main(["fit", "-c", str(config), "--trainer.max_steps", str(steps), "--trainer.max_time",
-                      max_time(minutes), "--trainer.logger.init_args.save_dir", save_dir,
-                      "--trainer.enable_progress_bar", "false", *extra])
+    cli = main(["fit", "-c", str(config), "--trainer.max_steps", str(steps), "--trainer.max_time",
+                max_time(minutes), "--trainer.logger.init_args.save_dir", save_dir,
+                "--trainer.enable_progress_bar", "false", *extra])
     taken = (time.perf_counter() - start) / 60
     return cli, {"steps": cli.trainer.global_step, "train min": taken, "cut by time": cli.trainer.global_step < steps}
 

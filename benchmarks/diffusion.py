@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lab import cli as train
 from benchmarks.common import parser, report
 from benchmarks.path_star import BUDGET_MINUTES, BUDGET_STEPS, train_and_test
 from benchmarks.speculative import held_out_prompts
-from objectives.training.checkpoints import load_with_tokenizer as load
+from lab import cli as train
 from objectives.training import metrics as M
 from objectives.training.callbacks import auto_precision
+from objectives.training.checkpoints import load_with_tokenizer as load
 
 RECIPES = {"ntp": "configs/quickstart.yaml", "mdlm": "configs/experiments/mdlm_code.yaml",
            "diffusion_lm": "configs/experiments/diffusion_lm_code.yaml"}

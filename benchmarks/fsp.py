@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lab import cli as train
 from benchmarks.common import RandomTokens, attach_trainer_for_optimizers, bare_seconds_per_step, parser, report
 from benchmarks.path_star import EXPERIMENTS, train_and_test
+from lab import cli as train
 from objectives.training import metrics as M
 from objectives.training.callbacks import auto_precision
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lab import cli as train
 from benchmarks.common import parser, report
+from lab import cli as train
 from objectives.training import metrics as M
 from objectives.training.callbacks import auto_precision
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from lab import cli as train
 from benchmarks.common import parser, report
 from datamodules.skeleton import BODY, EXPAND, POINT
+from lab import cli as train
 from objectives.training import metrics as M
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"

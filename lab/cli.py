@@ -17,11 +17,10 @@ from torch import nn
 import datamodules
 import models
 import objectives
-
 from objectives.training import metrics as M
 from objectives.training.base import Objective
-from objectives.training.checkpoints import UnsafeCheckpointError, load_checkpoint
 from objectives.training.callbacks import auto_precision
+from objectives.training.checkpoints import UnsafeCheckpointError, load_checkpoint
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.yaml")
 SHOW_TRACEBACK = "BEYOND_NTP_TRACEBACK"

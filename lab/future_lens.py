@@ -1,7 +1,7 @@
 """How far ahead a trunk sees: linear probes from the hidden state at position t to the token at t + k.
 
 Pal et al. 2023, "Future Lens: Anticipating Subsequent Tokens from a Single Hidden State", show that a single
-hidden state of a causal language model already encodes tokens beyond the next one. This script measures that for
+hidden state of a causal language model already encodes tokens beyond the next one. This module measures that for
 any causal run of the project. With h_t the frozen trunk's output at t (what the next-token head reads, after the
 final norm), it fits one linear probe per offset k = 1 .. max_k,
 
