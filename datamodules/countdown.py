@@ -150,7 +150,7 @@ class CountdownTask:
     def check(self, question: list[str], generated: list[str]) -> bool:
         return check(question, generated, self.max_value)
 
-    def sample(self, rng: random.Random) -> Example:
+    def sample(self, rng: random.Random, split: str = "train") -> Example:
         for _ in range(10_000):
             numbers = [rng.randint(1, self.max_number) for _ in range(self.n)]
             pool, steps = list(numbers), []

@@ -23,6 +23,13 @@ Text (word-level, punctuation as its own token, as the datamodule's whitespace t
 files): facts "Every X is a Y ." (or "Tom is a Y ." for an entity), shuffled, then "Is Tom a A or B ?";
 steps "Tom is a X .", "Every X is a Y .", ...; answer "Tom is a A .".
 
+ProsQA-mini (`configs/data/prosqa_mini.yaml`): the same construction with options that make the task learnable
+in minutes on a CPU: a range of graph sizes (`nodes`), the shares of 1-, 2- and 3-step questions in training
+(`step_shares`) and the test split's step count (`test_steps`), a smaller pool of concept names (`concepts`), and
+a compact syntax: facts "X Y ." ("every X is a Y"), the question "? Tom A B", steps "Tom X .", "X Y .", the
+answer "Tom A .": about 60-token questions, against the public set's 209. The DAG keeps its branching and an
+entity's several parents, so a first step can still lead into a dead end.
+
 Deviations: a draw of zero in-nodes is kept only with probability 0.1 and otherwise redrawn, which gives the
 public set's in-degrees (2.8% parentless non-root nodes, 2.6 entities per question; a plain Poisson(1.5) would
 leave 22% of the nodes parentless); the number of nodes of a graph is drawn uniformly from [0.6 n, 1.2 n] for
@@ -55,23 +62,49 @@ class ProsQAGraphTask:
     """A generator of ProsQA-style examples for `ReasoningDataModule(task="prosqa_alg1")`.
 
     Args:
-        num_nodes: mean number of graph nodes (entities and concepts); 23 is the public set's mean (22.8).
+        num_nodes: mean number of graph nodes (entities and concepts); 23 is the public set's mean (22.8). Graphs
+            have 0.6 to 1.2 times as many nodes.
         max_len: questions whose full training sequence is longer are redrawn.
+        nodes: (lo, hi), the range of graph sizes instead of num_nodes's.
+        step_shares: {steps: share} of the training and val questions (default: the public test set's 3-6).
+        test_steps: the test split's questions all have this many steps (default: drawn as in training).
+        concepts: how many concept names a graph's concepts are named from (default: all 220).
+        syntax: "words" (the public set's sentences) or "compact" (facts "X Y .", about a third of the tokens).
     """
 
     name = "prosqa_alg1"
 
-    def __init__(self, num_nodes: int = 23, max_len: int = 384):
-        lo, hi = round(0.6 * num_nodes), round(1.2 * num_nodes)
-        if not MIN_NODES <= num_nodes <= len(CONCEPTS) / 1.2:
-            raise ValueError(f"prosqa_alg1: num_nodes={num_nodes} is out of range: graphs of fewer than about "
-                             f"{MIN_NODES} nodes seldom hold a {max(STEP_SHARES)}-step question, and there are "
-                             f"{len(CONCEPTS)} concept names; use {MIN_NODES} <= num_nodes <= "
-                             f"{int(len(CONCEPTS) / 1.2)}")
+    def __init__(self, num_nodes: int = 23, max_len: int = 384, nodes: tuple[int, int] | None = None,
+                 step_shares: dict[int, float] | None = None, test_steps: int | None = None,
+                 concepts: int | None = None, syntax: str = "words"):
+        self.step_shares = {int(k): float(v) for k, v in (step_shares or STEP_SHARES).items()}
+        self.test_steps, self.syntax = test_steps, syntax
+        self.concepts = CONCEPTS[: len(CONCEPTS) if concepts is None else concepts]
+        if syntax not in ("words", "compact"):
+            raise ValueError(f"prosqa_alg1: syntax={syntax!r}: use 'words' or 'compact'")
+        if min(self.step_shares) < 1 or min(self.step_shares.values()) < 0 or not sum(self.step_shares.values()):
+            raise ValueError(f"prosqa_alg1: step_shares={step_shares}: give {{steps >= 1: share >= 0}} with a "
+                             f"positive total")
+        if test_steps is not None and test_steps < 1:
+            raise ValueError(f"prosqa_alg1: test_steps={test_steps} must be at least 1")
+        if nodes is None:
+            if not MIN_NODES <= num_nodes <= len(CONCEPTS) / 1.2:
+                raise ValueError(f"prosqa_alg1: num_nodes={num_nodes} is out of range: graphs of fewer than about "
+                                 f"{MIN_NODES} nodes seldom hold a {max(STEP_SHARES)}-step question, and there are "
+                                 f"{len(CONCEPTS)} concept names; use {MIN_NODES} <= num_nodes <= "
+                                 f"{int(len(CONCEPTS) / 1.2)}, or give the range of sizes as nodes=[lo, hi]")
+            nodes = (round(0.6 * num_nodes), round(1.2 * num_nodes))
+        lo, hi = nodes
+        deepest = max(max(self.step_shares), test_steps or 0)
+        if not deepest + 2 <= lo <= hi <= len(self.concepts) + len(ENTITIES):
+            raise ValueError(f"prosqa_alg1: nodes=[{lo}, {hi}] must hold a {deepest}-step question (at least "
+                             f"{deepest + 2} nodes) and be named from {len(self.concepts)} concepts and "
+                             f"{len(ENTITIES)} entities: use {deepest + 2} <= lo <= hi, or more concepts")
         self.sizes, self.limit = (lo, hi), max_len
 
     def vocab(self) -> list[str]:
-        return CONCEPTS + ENTITIES + ["Every", "is", "a", "Is", "or", ".", "?"]
+        words = ["Every", "is", "a", "Is", "or"] if self.syntax == "words" else []
+        return self.concepts + ENTITIES + words + [".", "?"]
 
     def max_len(self) -> int:
         return self.limit
@@ -98,8 +131,11 @@ class ProsQAGraphTask:
             groups[label].append(idx)
         return parents, labels
 
-    def sample(self, rng: random.Random) -> Example:
-        wanted = rng.choices(list(STEP_SHARES), weights=list(STEP_SHARES.values()))[0]
+    def sample(self, rng: random.Random, split: str = "train") -> Example:
+        if split == "test" and self.test_steps is not None:
+            wanted = self.test_steps
+        else:
+            wanted = rng.choices(list(self.step_shares), weights=list(self.step_shares.values()))[0]
         for _ in range(GRAPH_TRIES):
             n = rng.randint(*self.sizes)
             parents, labels = self.graph(rng, n)
@@ -125,7 +161,8 @@ class ProsQAGraphTask:
             leaves = [v for v in range(2, n) if not children[v]]
             targets = [v for v in leaves if labels[v] == 1 << root and steps_to(v) == wanted]
             negatives = [v for v in leaves if labels[v] == 2 >> root]
-            if targets and negatives and n - len(concepts_of(parents)) <= len(ENTITIES):
+            if (targets and negatives and n - len(concepts_of(parents)) <= len(ENTITIES)
+                    and len(concepts_of(parents)) <= len(self.concepts)):
                 break
         else:  # pragma: no cover - less likely than 1e-26 per question (GRAPH_TRIES)
             raise RuntimeError(f"prosqa_alg1: could not draw a graph of {self.sizes[0]}..{self.sizes[1]} nodes with "
@@ -135,20 +172,25 @@ class ProsQAGraphTask:
         entity = [v for v in range(n) if not parents[v]]
         names = dict(zip(entity, rng.sample(ENTITIES, len(entity))))
         concepts = concepts_of(parents)
-        names.update(zip(concepts, rng.sample(CONCEPTS, len(concepts))))
+        names.update(zip(concepts, rng.sample(self.concepts, len(concepts))))
+        compact = self.syntax == "compact"
 
         def fact(u: int, v: int) -> list[str]:
+            if compact:
+                return [names[u], names[v], "."]
             return ([names[u]] if not parents[u] else ["Every", names[u]]) + ["is", "a", names[v], "."]
 
         facts = [fact(u, v) for v in range(n) for u in parents[v]]
         rng.shuffle(facts)
         options = [names[target], names[negative]]
         rng.shuffle(options)
-        ask = ["Is", names[root], "a", options[0], "or", options[1], "?"]
+        ask = (["?", names[root], *options] if compact
+               else ["Is", names[root], "a", options[0], "or", options[1], "?"])
         path = [target]
         while prev[path[-1]] != -1:
             path.append(prev[path[-1]])
         path.reverse()
         steps = [fact(u, v) for u, v in zip(path, path[1:])]
         key = "pq2:" + "|".join(sorted(" ".join(f) for f in facts)) + "|" + " ".join(ask)
-        return Example([t for f in facts for t in f] + ask, steps, [names[root], "is", "a", names[target], "."], key)
+        answer = [names[root], names[target], "."] if compact else [names[root], "is", "a", names[target], "."]
+        return Example([t for f in facts for t in f] + ask, steps, answer, key)

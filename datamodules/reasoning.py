@@ -175,6 +175,7 @@ def build_sequence(question: Sequence[int], steps: Sequence[Sequence[int]], answ
         "loss_mask": [1.0 if trained(g) else 0.0 for g in segments],
         "prompt_len": len(question),
         "answer": [ids.ans] + answer,
+        "num_steps": len(steps),  # the worked solution's, written or not (a no-CoT batch has the same questions)
     }
     if opts.teacherless:
         out["inputs"] = tokens[:start] + [ids.dummy] * len(answer) + tokens[start + len(answer):]
@@ -192,6 +193,7 @@ def collate(items: list[dict], pad_id: int, token_bytes: torch.Tensor | None = N
         "segments": torch.full((B, T), -1, dtype=torch.long),
         "prompt_len": torch.tensor([it["prompt_len"] for it in items], dtype=torch.long),
         "answer": torch.full((B, A), -1, dtype=torch.long),
+        "num_steps": torch.tensor([it["num_steps"] for it in items], dtype=torch.long),
     }
     if "inputs" in items[0]:
         batch["inputs"] = torch.full((B, T), pad_id, dtype=torch.long)
@@ -259,7 +261,7 @@ class GeneratedDataset(Dataset):
 def draw(task, seed: int, split: str, index: int, exclude: set[bytes], encode,
          max_attempts: int = 1000) -> tuple[Example, Encoded]:
     for attempt in range(max_attempts):
-        ex = task.sample(example_rng(seed, split, index, attempt))
+        ex = task.sample(example_rng(seed, split, index, attempt), split)
         if key_hash(ex.key) in exclude:
             continue
         enc = encode(ex)
@@ -291,6 +293,10 @@ class ReasoningDataModule(L.LightningDataModule):
         num_nodes: path-star number of node labels N (default 50); "prosqa" number of concept nodes in the DAG;
             "prosqa_alg1" mean number of graph nodes, entities included (both default 23, the mean graph size of
             the public ProsQA set). Not a Countdown option (see num_numbers).
+        graph_nodes, step_shares, test_steps, concepts, syntax: "prosqa_alg1" only (ProsQA-mini,
+            `configs/data/prosqa_mini.yaml`): the range [lo, hi] of graph sizes (instead of num_nodes), the
+            {steps: share} of training and val questions, the test split's step count, the size of the concept
+            name pool, and "words" or "compact" syntax (`datamodules/prosqa.py`).
         num_numbers: Countdown: how many numbers a question gives (default 3, Countdown-3); a solution has
             num_numbers - 1 steps.
         reverse_answer: write the answer tokens in reverse order (path-star: the path goal-first).
@@ -324,6 +330,11 @@ class ReasoningDataModule(L.LightningDataModule):
         path_length: int = 5,
         num_nodes: int | None = None,
         num_numbers: int | None = None,
+        graph_nodes: list[int] | None = None,
+        step_shares: dict[int, float] | None = None,
+        test_steps: int | None = None,
+        concepts: int | None = None,
+        syntax: Literal["words", "compact"] = "words",
         reverse_answer: bool = False,
         teacherless: bool = False,
         digits: int = 4,
@@ -364,6 +375,12 @@ class ReasoningDataModule(L.LightningDataModule):
         if task not in ("countdown", "file") and num_numbers is not None:
             raise ValueError(f"num_numbers={num_numbers} is a Countdown option (task='countdown'), not one of "
                              f"task={task!r}: leave it out")
+        graph_options = {"graph_nodes": graph_nodes, "step_shares": step_shares, "test_steps": test_steps,
+                         "concepts": concepts, "syntax": None if syntax == "words" else syntax}
+        given = ", ".join(f"{k}={v}" for k, v in graph_options.items() if v is not None)
+        if task != "prosqa_alg1" and given:
+            raise ValueError(f"{given}: options of task='prosqa_alg1' (ProsQA-mini), not of task={task!r}: leave "
+                             f"them out")
         if task == "file":
             sizes = {"train_size": train_size, "val_size": val_size, "test_size": test_size}
             unused = ", ".join(f"{k}={v}" for k, v in sizes.items() if v is not None)
@@ -377,7 +394,9 @@ class ReasoningDataModule(L.LightningDataModule):
                 gen = ProsQATask(23 if num_nodes is None else num_nodes, 384 if max_seq_len is None else max_seq_len)
             elif task == "prosqa_alg1":  # several entities, 3..6 steps, the public set's statistics (prosqa.py)
                 gen = ProsQAGraphTask(23 if num_nodes is None else num_nodes,
-                                      384 if max_seq_len is None else max_seq_len)
+                                      384 if max_seq_len is None else max_seq_len,
+                                      tuple(graph_nodes) if graph_nodes is not None else None, step_shares,
+                                      test_steps, concepts, syntax)
             elif task == "countdown":
                 gen = CountdownTask(3 if num_numbers is None else num_numbers)
             else:

@@ -89,7 +89,7 @@ class PathStarTask:
         n_edges = self.d * (self.l - 1)
         return full_length((3 * n_edges - 1 + 3, [], self.l))
 
-    def sample(self, rng: random.Random) -> Example:
+    def sample(self, rng: random.Random, split: str = "train") -> Example:
         d, l = self.d, self.l
         labels = rng.sample(range(self.n), 1 + d * (l - 1))
         source = labels[0]
@@ -199,7 +199,7 @@ class ProsQATask:
             groups[label].append(idx)
         return parents, labels, depth, groups
 
-    def sample(self, rng: random.Random) -> Example:
+    def sample(self, rng: random.Random, split: str = "train") -> Example:
         for _ in range(1000):
             parents, labels, depth, groups = self._graph(rng)
             target = rng.randrange(2)  # concept node 0 or 1 is the answer
@@ -267,7 +267,7 @@ class MultiplicationTask:
         s = list(str(n).zfill(width))
         return s[::-1] if self.reverse else s
 
-    def sample(self, rng: random.Random) -> Example:
+    def sample(self, rng: random.Random, split: str = "train") -> Example:
         k = self.k
         lo = 10 ** (k - 1) if k > 1 else 0
         a, b = rng.randint(lo, 10**k - 1), rng.randint(lo, 10**k - 1)

@@ -54,13 +54,17 @@ class Coconut(Staged, CausalObjective):
     Args:
         thought: "continuous" (Coconut: the previous position's last hidden state) or "pause" (one learned
             <pause> embedding at every thought position: the paper's pause-as-thought baseline).
-        thoughts_per_step: thoughts c per replaced step.
+        thoughts_per_step: thoughts c per replaced step; 0 is the "w/o thought" control (Hao et al. 2024, Table 1):
+            the same curriculum removes the first k steps and nothing takes their place but <bot> <eot>.
         max_latent_stage: beyond this stage every step is latent, with max_latent_stage * c thoughts (the
             reference's last stage): on data with more steps than max_latent_stage, the steps beyond them are then
             dropped, and only the answer is written. A run that should keep writing its last steps stops its
             curriculum at max_latent_stage (from stage 0: max_steps <= stage_every * (max_latent_stage + 1)).
         stage_every: training steps (or epochs, see `stage_unit`) per curriculum stage; 0 keeps `start_stage`.
         stage_unit: "step" or "epoch".
+        first_stage: steps (or epochs) of the first stage, where it should last longer than the others (0: as long
+            as the others). Stage 0 is plain chain-of-thought training; a model trained from scratch must learn it
+            before steps can be replaced (the paper fine-tunes a pretrained GPT-2, which reads facts already).
         start_stage: the stage of the first step (max_latent_stage: the "w/o curriculum" baseline).
         pad_latent_to_max: beyond max_latent_stage, every question gets max_latent_stage * c thoughts (the
             reference code's ProsQA setting); False: min(its steps, max_latent_stage) * c. Generation always uses
@@ -84,7 +88,7 @@ class Coconut(Staged, CausalObjective):
 
     def __init__(self, *args, thought: Literal["continuous", "pause"] = "continuous", thoughts_per_step: int = 1,
                  max_latent_stage: int = 6, stage_every: int = 0, stage_unit: Literal["step", "epoch"] = "step",
-                 start_stage: int = 0, pad_latent_to_max: bool = True, reset_optimizer: bool = True,
+                 first_stage: int = 0, start_stage: int = 0, pad_latent_to_max: bool = True, reset_optimizer: bool = True,
                  rewarm_steps: int = 0, passes: Literal["auto", "cache", "recompute"] = "auto",
                  init_special_from: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -94,11 +98,12 @@ class Coconut(Staged, CausalObjective):
             raise ValueError(f"stage_unit must be 'step' or 'epoch', got {stage_unit!r}")
         if passes not in ("auto", "cache", "recompute"):
             raise ValueError(f"passes must be 'auto', 'cache' or 'recompute', got {passes!r}")
-        if thoughts_per_step < 1 or min(max_latent_stage, stage_every, start_stage, rewarm_steps) < 0:
-            raise ValueError("Coconut needs thoughts_per_step >= 1 and max_latent_stage, stage_every, start_stage, "
-                             "rewarm_steps >= 0")
+        if min(thoughts_per_step, max_latent_stage, stage_every, first_stage, start_stage, rewarm_steps) < 0:
+            raise ValueError("Coconut needs thoughts_per_step, max_latent_stage, stage_every, first_stage, "
+                             "start_stage and rewarm_steps >= 0")
         self.thought, self.c = thought, thoughts_per_step
         self.max_latent_stage, self.stage_every, self.stage_unit = max_latent_stage, stage_every, stage_unit
+        self.first_stage = first_stage
         self.start_stage, self.pad_latent_to_max, self.reset_optimizer = start_stage, pad_latent_to_max, reset_optimizer
         self.rewarm_steps = rewarm_steps
         # every trunk takes ragged rows through its cache (models.contracts.Trunk: padding_mask with a cache)
@@ -112,7 +117,12 @@ class Coconut(Staged, CausalObjective):
         """The curriculum stage at a training step / epoch."""
         if self.stage_every <= 0:
             return self.start_stage
-        return self.start_stage + (step if self.stage_unit == "step" else epoch) // self.stage_every
+        t = step if self.stage_unit == "step" else epoch
+        if self.first_stage and t < self.first_stage:
+            return self.start_stage
+        if self.first_stage:  # the first stage ends at first_stage; every later one lasts stage_every
+            return self.start_stage + 1 + (t - self.first_stage) // self.stage_every
+        return self.start_stage + t // self.stage_every
 
     def thoughts_at(self, stage: int, num_steps: int | None = None) -> int:
         """Thoughts of a question at a stage (`num_steps`: its reasoning steps; None = unknown, padded count)."""

@@ -15,7 +15,8 @@ def scored(generate_fn) -> dict[str, float]:
     model = NextTokenPrediction(Transformer(d_model=32, n_layers=1, n_heads=2, max_seq_len=256),
                                 vocab_size=data.vocab_size, eos_id=data.eos_id)
     logged = {}
-    model.log = lambda name, metric, **kw: logged.__setitem__(name, float(metric.compute()))
+    model.log = lambda name, metric, **kw: logged.__setitem__(
+        name, float(metric.compute()) if hasattr(metric, "compute") else float(metric))
     model.generate = lambda prompt, max_new, prompt_lengths=None, **kw: generate_fn(batch, prompt, max_new, data,
                                                                                     prompt_lengths)
     model.score_answers(batch)
@@ -38,6 +39,8 @@ def gold(batch, prompt, max_new, data, prompt_lengths=None):
 def test_a_perfect_generator_scores_one():
     logged = scored(gold)
     assert logged["val/accuracy"] == 1.0 and logged["val/answer_tokens"] > 3
+    # 2-digit multiplication has 2 steps: the accuracy by step count, and every answer in the gold's shape
+    assert logged["val/accuracy_2_steps"] == 1.0 and logged["val/answer_format"] == 1.0
 
 
 def test_a_generator_with_one_wrong_answer_token_scores_zero():
@@ -48,12 +51,15 @@ def test_a_generator_with_one_wrong_answer_token_scores_zero():
             row[last] = (row[last] + 1) % data.vocab_size if row[last] + 1 != data.eos_id else row[last] + 2
         return out
 
-    assert scored(wrong)["val/accuracy"] == 0.0
+    logged = scored(wrong)
+    assert logged["val/accuracy"] == 0.0 and logged["val/accuracy_2_steps"] == 0.0
+    assert logged["val/answer_format"] == 1.0  # wrong, but an answer of the right shape
 
 
 def test_a_generator_that_never_answers_scores_zero():
-    assert scored(lambda batch, prompt, max_new, data, prompt_lengths: torch.nn.functional.pad(
-        prompt, (0, int(torch.as_tensor(max_new).max())), value=data.eos_id))["val/accuracy"] == 0.0
+    logged = scored(lambda batch, prompt, max_new, data, prompt_lengths: torch.nn.functional.pad(
+        prompt, (0, int(torch.as_tensor(max_new).max())), value=data.eos_id))
+    assert logged["val/accuracy"] == 0.0 and logged["val/answer_format"] == 0.0
 
 
 def test_teacherless_decoding_reads_the_dummy_token_after_the_answer_marker():

@@ -263,3 +263,33 @@ def test_public_file_format_loads_and_trains(tmp_path):
     lb = m.latent_batch(batch, 1)
     assert (lb["n_thoughts"] == 1).all()
     assert bool(torch.isfinite(m.loss(batch)["loss"]))
+
+
+def test_without_thoughts_the_curriculum_removes_exactly_k_steps_and_inserts_no_latent():
+    """thoughts_per_step=0, the paper's "w/o thought" control: stage k drops the first k steps and nothing but
+    <bot> <eot> takes their place."""
+    m = model("transformer", thoughts_per_step=0)
+    bot, eot, lat = V, V + 1, V + 2
+    batch = hand_batch()
+    answers = [[4, 15, 16, 1], [4, 17, 1], [4, 18, 19, 1]]
+    steps = [[[9, 10, 3], [11, 3], [12, 13, 14, 3]], [[12, 3], [13, 14, 3]], [[8, 3], [9, 3], [10, 3], [11, 3]]]
+    questions = [[6, 7, 8], [6, 7, 8, 9, 10, 11], [7, 7]]
+    for stage in range(5):
+        lb = m.latent_batch(batch, stage)
+        assert lb["n_thoughts"].tolist() == [0, 0, 0] and not bool((lb["ids"] == lat).any())
+        for b in range(3):
+            skip = len(steps[b]) if stage > 3 else stage
+            words = [t for s in steps[b][skip:] for t in s] + answers[b]
+            L_b = int(lb["lengths"][b])
+            assert lb["ids"][b, :L_b].tolist() == questions[b] + [bot, eot] + words, (stage, b)
+    loss = m.loss(batch)["loss"]
+    assert torch.isfinite(loss)
+    out = m.generate(torch.tensor([questions[0]]), 6)
+    assert out[0, 3:5].tolist() == [bot, eot]  # no thought between the markers
+
+
+def test_a_longer_first_stage_delays_every_later_stage():
+    m = model("transformer", stage_every=10, first_stage=25)
+    assert [m.stage_at(s, 0) for s in (0, 24, 25, 34, 35, 45)] == [0, 0, 1, 1, 2, 3]
+    plain = model("transformer", stage_every=10)
+    assert [plain.stage_at(s, 0) for s in (0, 9, 10, 25)] == [0, 0, 1, 2]

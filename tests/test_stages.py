@@ -88,7 +88,7 @@ def test_no_coconut_recipe_trains_into_a_stage_that_drops_written_steps():
         model = config.get("model")
         if not isinstance(model, dict) or model.get("class_path") != "objectives.Coconut":
             continue
-        args = {"stage_every": 0, "start_stage": 0, "stage_unit": "step", "max_latent_stage": 6,
+        args = {"stage_every": 0, "start_stage": 0, "stage_unit": "step", "max_latent_stage": 6, "first_stage": 0,
                 **model["init_args"]}
         last = Coconut.stage_at(SimpleNamespace(**args), config["trainer"]["max_steps"] - 1, 0)
         steps = most_steps(config["data"])

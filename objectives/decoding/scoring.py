@@ -58,7 +58,8 @@ class AnswerScorer(nn.Module):
         golds = [[t for t in row if t >= 0] for row in answers.tolist()]
         judged = [self.judge(model, prompt, gen, gold) for prompt, gen, gold in
                   zip(prompts, generate_answers(model, tokens, prompt_len, teacherless), golds)]
-        self.record(model, stage, prompts, [g for g, _ in judged], golds, [r for _, r in judged])
+        num_steps = batch["num_steps"][: len(prompts)].tolist() if "num_steps" in batch else None
+        self.record(model, stage, prompts, [g for g, _ in judged], golds, [r for _, r in judged], num_steps)
 
     def questions(self, batch: dict, stage: str = "val"):
         """The questions of a batch that get scored: (tokens, prompt_len, answers, teacherless), or None when this
@@ -84,9 +85,10 @@ class AnswerScorer(nn.Module):
         return gen, right if verdict is None else verdict
 
     def record(self, model, stage: str, prompts: list[list[int]], gens: list[list[int]], golds: list[list[int]],
-               correct: list[bool]) -> None:
-        """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions; keep the first four of a
-        validation as examples."""
+               correct: list[bool], num_steps: list[int] | None = None) -> None:
+        """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions, and where the batch
+        says how many steps each question's solution has, the accuracy per step count and the share of answers
+        in the right format; keep the first four of a validation as examples."""
         if stage == "val":
             for prompt, gen, gold in zip(prompts, gens, golds):
                 if len(self.examples) < 4:
@@ -98,6 +100,14 @@ class AnswerScorer(nn.Module):
                                    else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
         model.log(accuracy, self.accuracy[stage])
         model.log(answer_tokens, self.answer_tokens[stage])
+        if num_steps is None:
+            return
+        for k in sorted(set(num_steps)):  # epoch means weighted by each batch's questions with k steps
+            right = [c for c, n in zip(correct, num_steps) if n == k]
+            model.log(M.accuracy_with_steps(stage, k), sum(right) / len(right), batch_size=len(right),
+                      sync_dist=True)
+        shaped = [well_formed(gen, gold, model.eos_id) for gen, gold in zip(gens, golds)]
+        model.log(M.answer_format(stage), sum(shaped) / len(shaped), batch_size=len(shaped), sync_dist=True)
 
 
 def ragged_prompts(model, tokens: torch.Tensor, prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +142,16 @@ def generate_answers(model, tokens: torch.Tensor, prompt_len: torch.Tensor, teac
         for row, gen in zip(rows.tolist(), new.tolist()):
             generated[row] = gen
     return generated
+
+
+def well_formed(gen: list[int], gold: list[int], eos_id: int | None) -> bool:
+    """Whether a generation (cut after its first eos) ends with an answer of the gold's shape: the gold's first
+    token (the answer marker), then as many tokens as the gold has after it."""
+    body = gen[:-1] if gen and gen[-1] == eos_id else gen
+    if not gold or gold[0] not in body:
+        return False
+    last = len(body) - 1 - body[::-1].index(gold[0])
+    return len(body) - last == len(gold)
 
 
 def exact_match(gen: list[int], gold: list[int], eos_id: int | None) -> tuple[list[int], bool]:

@@ -63,6 +63,17 @@ def answer_nll(stage: str) -> str:
     return f"{stage}/answer_nll"
 
 
+def accuracy_with_steps(stage: str, k: int) -> str:
+    """Accuracy on the questions whose worked solution has k reasoning steps (ProsQA-mini's hops)."""
+    return f"{stage}/accuracy_{k}_steps"
+
+
+def answer_format(stage: str) -> str:
+    """The share of generations that write an answer of the gold's shape: an answer marker, then as many tokens
+    as the gold answer before eos (right or wrong), against answers that are missing or malformed."""
+    return f"{stage}/answer_format"
+
+
 def pass_at(stage: str, n: int) -> str:
     """Whether any of n sampled trajectories answers right (LaDiR with n > 1)."""
     return f"{stage}/pass_at_{n}"
