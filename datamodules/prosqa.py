@@ -27,7 +27,7 @@ ProsQA-mini (`configs/data/prosqa_mini.yaml`): the same construction with option
 in minutes on a CPU: a range of graph sizes (`nodes`), the shares of 1-, 2- and 3-step questions in training
 (`step_shares`) and the test split's step count (`test_steps`), a smaller pool of concept names (`concepts`), and
 a compact syntax: facts "X Y ." ("every X is a Y"), the question "? Tom A B", steps "Tom X .", "X Y .", the
-answer "Tom A .": about 60-token questions, against the public set's 209. The DAG keeps its branching and an
+answer "Tom A .": about 30-token questions at 6-9 nodes, against the public set's 209. The DAG keeps its branching and an
 entity's several parents, so a first step can still lead into a dead end.
 
 Deviations: a draw of zero in-nodes is kept only with probability 0.1 and otherwise redrawn, which gives the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def seed_figures(folder: Path, run: Run) -> dict:
                "steps": max((s for values in scalars.values() for s, _ in values), default=0)}
     for k in REPORT_LENS_KS:
         figures[f"future lens k={k}"] = last(FUTURE_LENS.format(k))
+    # reasoning data: accuracy per step count (ProsQA-mini's hops), tokens written per answer, answers in shape
+    for k in sorted(int(t.split("_")[1]) for t in scalars if re.fullmatch(r"val/accuracy_\d+_steps", t)):
+        figures[f"accuracy {k} steps"] = last(M.accuracy_with_steps("val", k))
+    if M.VAL_ANSWER_TOKENS in scalars:
+        figures["answer tokens"] = last(M.VAL_ANSWER_TOKENS)
+        figures["answer format"] = last(M.answer_format("val"))
     tag, _ = headline(run, info, scalars)
     if tag is not None:
         figures["headline"] = (info.get("hparams", {}).get(tag.split(".", 1)[1]) if tag.startswith("hparams.")
@@ -136,6 +143,7 @@ def markdown(experiment: Experiment, rows: list[dict]) -> str:
                   clock(wall["mean"]) if wall else "-", cell(f["future lens k=2"]), cell(f["future lens k=4"]),
                   figure]
         lines.append("| " + " | ".join(values) + " |")
+    lines += reasoning_table(rows)
     seeds = sorted({s for row in rows for s in row["seeds"]})
     lines += ["", f"Seeds: {', '.join(map(str, seeds))} (a ± is the standard deviation over seeds). "
               "`val/ntp_loss` is the next-token NLL in nats/token; `val/nll_bound` is an upper bound on the NLL "
@@ -144,6 +152,23 @@ def markdown(experiment: Experiment, rows: list[dict]) -> str:
               "the token at t+k (causal runs). Peak memory: allocated GPU memory, or the process's peak resident "
               "set on CPU. Wall-clock: training time, validation included, data preparation not."]
     return "\n".join(lines) + "\n"
+
+
+def reasoning_table(rows: list[dict]) -> list[str]:
+    """On reasoning data, a second table: val/accuracy per step count of the questions' worked solutions, the
+    tokens written per answer and the share of answers in the right format (none elsewhere)."""
+    if not any("answer tokens" in row["figures"] for row in rows):
+        return []
+    ks = sorted({int(k.split()[1]) for row in rows for k in row["figures"] if k.startswith("accuracy ")})
+    columns = ["run", M.VAL_ACCURACY, *(f"accuracy, {k}-step questions" for k in ks), "answer tokens",
+               "answers in format"]
+    lines = ["", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        f = row["figures"]
+        lines.append("| " + " | ".join([row["label"], cell(f[M.VAL_ACCURACY]),
+                                        *(cell(f.get(f"accuracy {k} steps")) for k in ks),
+                                        cell(f.get("answer tokens"), 1), cell(f.get("answer format"))]) + " |")
+    return lines
 
 
 def tokens_at(curves: dict, steps: list[int]) -> list[float]:

@@ -241,3 +241,27 @@ def test_future_lens_recovers_a_planted_future_token():
                          (hidden_states(toy_trunk, held_out), held_out, real(held_out)), [1, 2, 3], vocab, epochs=8)
     assert results[2]["accuracy"] > 0.95
     assert results[1]["accuracy"] < 0.2 and results[3]["accuracy"] < 0.2
+
+
+def test_reasoning_runs_report_accuracy_by_step_count_from_their_event_files(tmp_path):
+    """On reasoning data the report gets a second table: val/accuracy per step count (read back from the
+    val/accuracy_<k>_steps scalars), tokens per answer and answers in format; text runs get none."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lab.experiment import Run
+    from lab.report import reasoning_table, seed_figures, summarise
+    writer = SummaryWriter(str(tmp_path))
+    for step, (acc, one, three) in enumerate([(0.4, 0.5, 0.3), (0.75, 1.0, 0.625)]):
+        for tag, value in (("val/accuracy", acc), ("val/accuracy_1_steps", one), ("val/accuracy_3_steps", three),
+                           ("val/answer_tokens", 11.5), ("val/answer_format", 0.96)):
+            writer.add_scalar(tag, value, 100 * (step + 1))
+    writer.close()
+    figures = seed_figures(tmp_path, Run(model="m.yaml"))["figures"]
+    assert figures["accuracy 1 steps"] == 1.0 and figures["accuracy 3 steps"] == 0.625
+    assert figures["answer tokens"] == 11.5 and abs(figures["answer format"] - 0.96) < 1e-6
+    row = {"label": "CoT", "figures": {k: summarise([v]) for k, v in figures.items()}}
+    header, rule, line = reasoning_table([row])[1:]
+    assert "accuracy, 1-step questions | accuracy, 3-step questions" in header
+    assert line.startswith("| CoT | 0.750 | 1.000 | 0.625 | 11.5 |")
+    text_row = {"label": "NTP", "figures": {"val/accuracy": None}}
+    assert reasoning_table([text_row]) == []
