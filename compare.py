@@ -1,6 +1,7 @@
 """Train an experiment's runs on the same data, trunk size, budget and seeds, and write the side-by-side report.
 
     python compare.py configs/experiments/zoo_code.yaml [--runs ntp,mdlm] [--seeds 0,1] [--dry-run] [--report-only]
+        [--test]
 
 An experiment file names a shared base and the runs:
 
@@ -38,8 +39,8 @@ import yaml
 
 from lab.experiment import ROOT, RUN_KEYS, ExperimentError, load_experiment  # noqa: F401 (used by tests)
 from lab.report import write_report
-from lab.runner import (TOKENS_SEEN, WALL_CLOCK, RunRecord, lens_all, run_dir, state, train_all,  # noqa: F401
-                        train_command)
+from lab.runner import (TOKENS_SEEN, WALL_CLOCK, RunRecord, lens_all, run_dir, state, test_all,  # noqa: F401
+                        train_all, train_command)
 
 
 # --- the command line -------------------------------------------------------------------------------------------------------
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a train.py flag for every run on top of the experiment's base (repeatable), e.g. "
                         "--set data.init_args.batch_size=8; the report names it")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--test", action="store_true", help="also score every finished run on the test split (once)")
     args = p.parse_args(argv)
     try:
         experiment = load_experiment(args.experiment)
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         failed = train_all(runs_dir, experiment, names, seeds, args.poll)
         lens_all(runs_dir, experiment, names, seeds)
+    if args.test:
+        test_all(runs_dir, experiment, names, seeds)
     folder = write_report(runs_dir, experiment, names, seeds)
     print((folder / "report.md").read_text())
     print(f"report: {folder / 'report.md'}; TensorBoard: tensorboard --logdir {runs_dir / experiment.name}")

@@ -6,7 +6,7 @@ Skeleton-of-Thought's parallel against sequential expansion (Ning et al. 2023).
 
 (a) For each task (3-digit multiplication, ProsQA-style questions) and seed: CoT (`plans: none`), planning tokens
 with rule types, and planning tokens with k-means types clustered on the step embeddings of that seed's trained
-CoT checkpoint (`plan_from`; the k-means run itself trains from scratch on the same budget). Rows: test accuracy
+CoT checkpoint (`kmeans_from`; the k-means run itself trains from scratch on the same budget). Rows: test accuracy
 and generated tokens per question (plan tokens not counted), mean and spread (max - min) over seeds.
 (b) The skeleton model (configs/experiments/skeleton_code.yaml, shrunk) trained on the code corpus; on held-out
 test modules, each module's true skeleton is given and its points expanded greedily, in one batched decode from a
@@ -56,7 +56,7 @@ def planning_table(args, save_dir: str) -> list[dict]:
             for plans in ("cot", "rule", "kmeans"):
                 config = CONFIG[task].format("kmeans" if plans == "kmeans" else "rule")
                 extra = {"cot": ["--model.init_args.plans", "none"], "rule": [],
-                         "kmeans": ["--model.init_args.plan_from", f"{save_dir}/{task}_cot_{seed}.ckpt"]}[plans]
+                         "kmeans": ["--model.init_args.kmeans_from", f"{save_dir}/{task}_cot_{seed}.ckpt"]}[plans]
                 cli = fit(config, args, save_dir, seed, extra + ["--data.init_args.test_size", str(args.test_size)])
                 if plans == "cot":
                     cli.trainer.save_checkpoint(f"{save_dir}/{task}_cot_{seed}.ckpt")

@@ -64,6 +64,9 @@ def seed_figures(folder: Path, run: Run) -> dict:
     if M.VAL_ANSWER_TOKENS in scalars:
         figures["answer tokens"] = last(M.VAL_ANSWER_TOKENS)
         figures["answer format"] = last(M.answer_format("val"))
+    if M.TEST_ACCURACY in scalars:  # compare.py --test: the run's last checkpoint on the test split
+        figures["test accuracy"] = last(M.TEST_ACCURACY)
+        figures["test answer tokens"] = last(M.TEST_ANSWER_TOKENS)
     tag, _ = headline(run, info, scalars)
     if tag is not None:
         figures["headline"] = (info.get("hparams", {}).get(tag.split(".", 1)[1]) if tag.startswith("hparams.")
@@ -160,14 +163,17 @@ def reasoning_table(rows: list[dict]) -> list[str]:
     if not any("answer tokens" in row["figures"] for row in rows):
         return []
     ks = sorted({int(k.split()[1]) for row in rows for k in row["figures"] if k.startswith("accuracy ")})
+    tested = any(row["figures"].get("test accuracy") is not None for row in rows)
     columns = ["run", M.VAL_ACCURACY, *(f"accuracy, {k}-step questions" for k in ks), "answer tokens",
-               "answers in format"]
+               "answers in format", *([M.TEST_ACCURACY, "test answer tokens"] if tested else [])]
     lines = ["", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         f = row["figures"]
         lines.append("| " + " | ".join([row["label"], cell(f[M.VAL_ACCURACY]),
                                         *(cell(f.get(f"accuracy {k} steps")) for k in ks),
-                                        cell(f.get("answer tokens"), 1), cell(f.get("answer format"))]) + " |")
+                                        cell(f.get("answer tokens"), 1), cell(f.get("answer format")),
+                                        *([cell(f.get("test accuracy")), cell(f.get("test answer tokens"), 1)]
+                                          if tested else [])]) + " |")
     return lines
 
 

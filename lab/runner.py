@@ -219,6 +219,29 @@ def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: l
     return failed
 
 
+def test_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int]) -> None:
+    """Every finished run's last checkpoint scored once on the test split (`train.py test`, the same command with
+    the run's checkpoint): test/accuracy and its companions land as scalars in the run's own folder, where the
+    report reads them, and `test.json` marks the run tested."""
+    for name in names:
+        for seed in seeds:
+            out = run_dir(runs_dir, experiment, name, seed)
+            info = read_json(out / "run.json") or {}
+            if not info.get("finished") or (out / "test.json").is_file():
+                continue
+            print(f"[{experiment.name}] {name} seed{seed}: test split", flush=True)
+            command = train_command(runs_dir, experiment, name, seed, out / "checkpoints" / "last.ckpt")
+            command[command.index("fit")] = "test"
+            started = time.perf_counter()
+            with open(out / "test.log", "w") as log:
+                code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                print(f"[{experiment.name}] {name} seed{seed}: test failed (exit {code}); log {out / 'test.log'}",
+                      flush=True)
+                continue
+            (out / "test.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+
+
 def lens_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int]) -> None:
     """Future-lens probes for every finished causal run that has none yet, written as future_lens.json and as
     scalars in the run's folder."""

@@ -93,10 +93,13 @@ def comparison_experiment(config: str) -> bool:
 
 # experiments that read a frozen companion's checkpoint: the experiment that trains it, and the flag that names it
 SUMMARY_CHECKPOINT = "--model.init_args.summaries.init_args.checkpoint"
+KMEANS_CHECKPOINT = "--model.init_args.kmeans_from"  # a chain-of-thought run's: any PlanningTokens run of the data
 COMPANIONS = {"fsp_revlm_code.yaml": ("reverse_lm_code.yaml", SUMMARY_CHECKPOINT),
               "path_star_fsp_revlm.yaml": ("path_star_reverse_lm.yaml", SUMMARY_CHECKPOINT),
               "ladir_prosqa.yaml": ("ladir_vae_prosqa.yaml", "--model.init_args.vae_from"),
-              "ladir_countdown.yaml": ("ladir_vae_countdown.yaml", "--model.init_args.vae_from")}
+              "ladir_countdown.yaml": ("ladir_vae_countdown.yaml", "--model.init_args.vae_from"),
+              "planning_multiplication_kmeans.yaml": ("planning_multiplication_rule.yaml", KMEANS_CHECKPOINT),
+              "planning_prosqa_kmeans.yaml": ("planning_prosqa_rule.yaml", KMEANS_CHECKPOINT)}
 
 
 def companion_flags(config: str, tmp_path) -> list[str]:
@@ -170,10 +173,14 @@ def test_comparison_experiment_run_fits_a_step(config, run, tmp_path, corpus_fil
         data = yaml.safe_load(open(swapped)) if swapped else data
     small = (tiny_data(corpus_files) if data["class_path"].endswith("TextDataModule")
              else ["--data.init_args.train_size", "256", "--data.init_args.batch_size", "2"])
+    one_step = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+                "--trainer.enable_model_summary", "false", "--model.init_args.trunk.init_args.n_layers", "1",
+                "--model.init_args.eval_examples", "2", "--model.init_args.sample_tokens", "4", *small]
+    if "model.init_args.kmeans_from" in spec.args:  # the k-means arm clusters the states of the experiment's cot run
+        cot = train.main([*compare.train_command(tmp_path / "cot", experiment, "cot", seed=0)[2:], *one_step])
+        cot.trainer.save_checkpoint(tmp_path / "cot.ckpt")
+        one_step += ["--model.init_args.kmeans_from", str(tmp_path / "cot.ckpt")]
     argv = compare.train_command(tmp_path, experiment, run, seed=0)[2:]  # what follows `python train.py`
-    cli = train.main([*argv, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
-                      "--trainer.limit_val_batches", "1", "--trainer.enable_model_summary", "false",
-                      "--model.init_args.trunk.init_args.n_layers", "1", "--model.init_args.eval_examples", "2",
-                      "--model.init_args.sample_tokens", "4", *small])
+    cli = train.main([*argv, *one_step])
     assert cli.trainer.global_step == 1
     assert cli.model.__class__.__name__ == yaml.safe_load(open(spec.model))["class_path"].rsplit(".", 1)[1]
