@@ -172,7 +172,9 @@ def test_comparison_experiment_run_fits_a_step(config, run, tmp_path, corpus_fil
     for swapped in (experiment.args.get("data"), spec.data):
         data = yaml.safe_load(open(swapped)) if swapped else data
     small = (tiny_data(corpus_files) if data["class_path"].endswith("TextDataModule")
-             else ["--data.init_args.train_size", "256", "--data.init_args.batch_size", "2"])
+             else ["--data.init_args.train_size", "256", "--data.init_args.batch_size", "2",
+                   # a few held-out questions: drawing the full ProsQA val and test sets costs 10 s a run
+                   "--data.init_args.val_size", "8", "--data.init_args.test_size", "8"])
     one_step = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
                 "--trainer.enable_model_summary", "false", "--model.init_args.trunk.init_args.n_layers", "1",
                 "--model.init_args.eval_examples", "2", "--model.init_args.sample_tokens", "4", *small]
