@@ -4,12 +4,12 @@ count without failing."""
 from __future__ import annotations
 
 import random
-from collections import deque
 
 import pytest
 
 import datamodules.prosqa as prosqa
 from datamodules.prosqa import MIN_NODES, ProsQAGraphTask
+from test_reasoning_data import bfs
 
 
 def subject(fact: list[str]) -> str:
@@ -33,13 +33,7 @@ def check_chain(ex) -> None:
     graph: dict[str, set[str]] = {}
     for f in facts:
         graph.setdefault(subject(list(f)), set()).add(f[-2])
-    dist, todo = {entity: 0}, deque([entity])
-    while todo:
-        u = todo.popleft()
-        for v in graph.get(u, ()):
-            if v not in dist:
-                dist[v] = dist[u] + 1
-                todo.append(v)
+    dist = bfs(graph, entity)
     assert len(ex.steps) == dist[target]
 
 
@@ -94,13 +88,7 @@ def check_compact_chain(ex) -> None:
     graph: dict[str, set[str]] = {}
     for u, v, _ in facts:
         graph.setdefault(u, set()).add(v)
-    dist, todo = {entity: 0}, deque([entity])
-    while todo:
-        u = todo.popleft()
-        for v in graph.get(u, ()):
-            if v not in dist:
-                dist[v] = dist[u] + 1
-                todo.append(v)
+    dist = bfs(graph, entity)
     assert len(ex.steps) == dist[target]
     other = options[1 - options.index(target)]
     assert other not in dist, "the wrong option must not be reachable from the entity"
