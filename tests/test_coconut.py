@@ -33,6 +33,19 @@ def hand_batch() -> dict:
     return collate([build_sequence(q, s, a, IDS, SequenceOptions()) for q, s, a in items], IDS.pad)
 
 
+# hand_batch()'s rows as the batch writes them: answers (<ans> ... <eos>), steps (each ending in <step>), questions
+HAND_ANSWERS = [[4, 15, 16, 1], [4, 17, 1], [4, 18, 19, 1]]
+HAND_STEPS = [[[9, 10, 3], [11, 3], [12, 13, 14, 3]], [[12, 3], [13, 14, 3]], [[8, 3], [9, 3], [10, 3], [11, 3]]]
+HAND_QUESTIONS = [[6, 7, 8], [6, 7, 8, 9, 10, 11], [7, 7]]
+
+
+def words_at(b: int, stage: int) -> list[int]:
+    """What row b keeps in words at a stage (max_latent_stage 3): the steps after the first `stage`, or none beyond
+    stage 3, then the answer."""
+    skip = len(HAND_STEPS[b]) if stage > 3 else stage
+    return [t for s in HAND_STEPS[b][skip:] for t in s] + HAND_ANSWERS[b]
+
+
 def trunk(kind: str):
     torch.manual_seed(0)
     if kind == "transformer":
@@ -48,15 +61,12 @@ def test_stage_replaces_exactly_the_first_k_steps():
     m = model("transformer", thoughts_per_step=2)
     bot, eot, lat = V, V + 1, V + 2
     batch = hand_batch()
-    answers = [[4, 15, 16, 1], [4, 17, 1], [4, 18, 19, 1]]
-    steps = [[[9, 10, 3], [11, 3], [12, 13, 14, 3]], [[12, 3], [13, 14, 3]], [[8, 3], [9, 3], [10, 3], [11, 3]]]
-    questions = [[6, 7, 8], [6, 7, 8, 9, 10, 11], [7, 7]]
+    questions = HAND_QUESTIONS
     for stage in range(6):
         lb = m.latent_batch(batch, stage)
         for b in range(3):
-            skip = len(steps[b]) if stage > 3 else stage
             n = 2 * min(stage, 3)  # beyond max_latent_stage: padded to 3 stages of 2 thoughts
-            words = [t for s in steps[b][skip:] for t in s] + answers[b]
+            words = words_at(b, stage)
             expected = questions[b] + [bot] + [lat] * n + [eot] + words
             L_b = int(lb["lengths"][b])
             assert lb["ids"][b, :L_b].tolist() == expected, (stage, b)
@@ -271,20 +281,15 @@ def test_without_thoughts_the_curriculum_removes_exactly_k_steps_and_inserts_no_
     m = model("transformer", thoughts_per_step=0)
     bot, eot, lat = V, V + 1, V + 2
     batch = hand_batch()
-    answers = [[4, 15, 16, 1], [4, 17, 1], [4, 18, 19, 1]]
-    steps = [[[9, 10, 3], [11, 3], [12, 13, 14, 3]], [[12, 3], [13, 14, 3]], [[8, 3], [9, 3], [10, 3], [11, 3]]]
-    questions = [[6, 7, 8], [6, 7, 8, 9, 10, 11], [7, 7]]
     for stage in range(5):
         lb = m.latent_batch(batch, stage)
         assert lb["n_thoughts"].tolist() == [0, 0, 0] and not bool((lb["ids"] == lat).any())
         for b in range(3):
-            skip = len(steps[b]) if stage > 3 else stage
-            words = [t for s in steps[b][skip:] for t in s] + answers[b]
             L_b = int(lb["lengths"][b])
-            assert lb["ids"][b, :L_b].tolist() == questions[b] + [bot, eot] + words, (stage, b)
+            assert lb["ids"][b, :L_b].tolist() == HAND_QUESTIONS[b] + [bot, eot] + words_at(b, stage), (stage, b)
     loss = m.loss(batch)["loss"]
     assert torch.isfinite(loss)
-    out = m.generate(torch.tensor([questions[0]]), 6)
+    out = m.generate(torch.tensor([HAND_QUESTIONS[0]]), 6)
     assert out[0, 3:5].tolist() == [bot, eot]  # no thought between the markers
 
 
