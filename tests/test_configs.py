@@ -22,7 +22,9 @@ def build(config: str):
     return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
 
 
-@pytest.mark.parametrize("config", names("models"))
+# configs/models/hf.yaml names a Hugging Face model by path or hub id, a placeholder here: tests/test_hf.py builds
+# tiny models locally and fits HFTrunk on them
+@pytest.mark.parametrize("config", [c for c in names("models") if not c.endswith("/hf.yaml")])
 def test_model_config_fits_a_step(config, tmp_path, corpus_files):
     # the shipped shape instantiates; the fit step runs one layer of it so that the suite stays fast
     trunk = build(config)
