@@ -113,3 +113,16 @@ def test_the_whole_batch_is_generated_at_once_with_the_budgets_of_the_per_length
     assert len(calls) == 1 + len(prompt_len.unique())
     assert batched == per_length
     assert [len(g) for g in batched] == (tokens.shape[1] - prompt_len + model.generation_slack).tolist()
+
+
+def test_an_answer_one_token_short_is_out_of_format():
+    """answer_format counts answers of the gold's shape: the marker, then as many tokens as the gold answer."""
+    def short(batch, prompt, max_new, data, prompt_lengths):
+        out = gold(batch, prompt, max_new, data, prompt_lengths)
+        for row in out:
+            last = (row == data.eos_id).nonzero()[0, 0] - 1  # the final answer token becomes eos
+            row[last] = data.eos_id
+        return out
+
+    logged = scored(short)
+    assert logged["val/accuracy"] == 0.0 and logged["val/answer_format"] == 0.0
