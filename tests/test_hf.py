@@ -301,3 +301,16 @@ def test_the_core_install_imports_models_without_transformers():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert 'pip install -e ".[hf]"' in done.stdout
+
+
+def test_the_shipped_config_builds_the_trunk_once_pretrained_is_given(saved):
+    """configs/models/hf.yaml with its placeholder replaced, as `--model.init_args.trunk.init_args.pretrained`
+    replaces it on the command line: every other setting of the file is a valid HFTrunk argument."""
+    import yaml
+
+    from conftest import ROOT
+    spec = yaml.safe_load(open(ROOT / "configs" / "models" / "hf.yaml"))
+    assert spec["class_path"] == "models.HFTrunk"
+    trunk = HFTrunk(**{**spec["init_args"], "pretrained": saved["llama"]})
+    assert (trunk.d_model, trunk.n_layers) == (64, 2)
+    assert all(p.requires_grad for p in trunk.parameters())  # freeze_trunk: false, as the file says
