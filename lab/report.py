@@ -62,6 +62,7 @@ def seed_figures(folder: Path, run: Run) -> dict:
     for k in sorted(int(t.split("_")[1]) for t in scalars if re.fullmatch(r"val/accuracy_\d+_steps", t)):
         figures[f"accuracy {k} steps"] = last(M.accuracy_with_steps("val", k))
     if M.VAL_ANSWER_TOKENS in scalars:
+        figures.update(learning_curve(scalars.get(M.VAL_ACCURACY, [])))
         figures["answer tokens"] = last(M.VAL_ANSWER_TOKENS)
         figures["answer format"] = last(M.answer_format("val"))
     if M.TEST_ACCURACY in scalars:  # compare.py --test: the run's last checkpoint on the test split
@@ -72,6 +73,25 @@ def seed_figures(folder: Path, run: Run) -> dict:
         figures["headline"] = (info.get("hparams", {}).get(tag.split(".", 1)[1]) if tag.startswith("hparams.")
                                else last(tag))
     return {"info": info, "figures": figures, "scalars": scalars}
+
+
+def learning_curve(points: list[tuple[int, float]]) -> dict:
+    """How fast val/accuracy rises (Wang et al. 2023 compare planning tokens by such curves): its area, the mean
+    accuracy over the validated steps (trapezoid rule between validations, divided by the steps they span; the
+    curve starts at the first validation, not at step 0), and the steps at which it first reaches 50% and 90%
+    (linear between validations; None where it never does)."""
+    if len(points) < 2:
+        return {"accuracy AUC": None, "steps to 50%": None, "steps to 90%": None}
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(points, points[1:]))
+    figures = {"accuracy AUC": area / (points[-1][0] - points[0][0])}
+    for level in (0.5, 0.9):
+        reached = None
+        for (s0, a0), (s1, a1) in zip([(points[0][0], points[0][1])] + points, points):
+            if a1 >= level:
+                reached = s1 if a1 == a0 or a0 >= level else s0 + (s1 - s0) * (level - a0) / (a1 - a0)
+                break
+        figures[f"steps to {level:.0%}"] = reached
+    return figures
 
 
 def headline(run: Run, info: dict, scalars: dict) -> tuple[str | None, str | None]:
@@ -159,22 +179,41 @@ def markdown(experiment: Experiment, rows: list[dict]) -> str:
 
 def reasoning_table(rows: list[dict]) -> list[str]:
     """On reasoning data, a second table: val/accuracy per step count of the questions' worked solutions, the
-    tokens written per answer and the share of answers in the right format (none elsewhere)."""
+    tokens written per answer, the share of answers in the right format and, where val/accuracy was logged more
+    than once, its learning curve (none elsewhere)."""
     if not any("answer tokens" in row["figures"] for row in rows):
         return []
-    ks = sorted({int(k.split()[1]) for row in rows for k in row["figures"] if k.startswith("accuracy ")})
+    ks = sorted({int(m[1]) for row in rows for k in row["figures"]
+                 if (m := re.fullmatch(r"accuracy (\d+) steps", k))})
     tested = any(row["figures"].get("test accuracy") is not None for row in rows)
+    curves = any(row["figures"].get("accuracy AUC") is not None for row in rows)
     columns = ["run", M.VAL_ACCURACY, *(f"accuracy, {k}-step questions" for k in ks), "answer tokens",
-               "answers in format", *([M.TEST_ACCURACY, "test answer tokens"] if tested else [])]
+               "answers in format", *(["val/accuracy AUC", "steps to 50%", "steps to 90%"] if curves else []),
+               *([M.TEST_ACCURACY, "test answer tokens"] if tested else [])]
     lines = ["", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         f = row["figures"]
         lines.append("| " + " | ".join([row["label"], cell(f[M.VAL_ACCURACY]),
                                         *(cell(f.get(f"accuracy {k} steps")) for k in ks),
                                         cell(f.get("answer tokens"), 1), cell(f.get("answer format")),
+                                        *([cell(f.get("accuracy AUC")), reached(f, "50%", row),
+                                           reached(f, "90%", row)] if curves else []),
                                         *([cell(f.get("test accuracy")), cell(f.get("test answer tokens"), 1)]
                                           if tested else [])]) + " |")
+    if curves:
+        lines += ["", "AUC: the mean val/accuracy over the validated steps (trapezoid rule between validations). "
+                  "Steps to 50% / 90%: where val/accuracy first reaches the level (linear between validations), "
+                  "over the seeds that reach it, their count in brackets where some do not."]
     return lines
+
+
+def reached(figures: dict, level: str, row: dict) -> str:
+    """Steps to a level over the seeds that reached it, with (k/n seeds) where not all did."""
+    summary = figures.get(f"steps to {level}")
+    n = len(row["seeds"])
+    if summary is None:
+        return f"never (0/{n})"
+    return cell(summary, 0) + ("" if summary["n"] == n else f" ({summary['n']}/{n})")
 
 
 def tokens_at(curves: dict, steps: list[int]) -> list[float]:

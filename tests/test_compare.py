@@ -259,9 +259,12 @@ def test_reasoning_runs_report_accuracy_by_step_count_from_their_event_files(tmp
     figures = seed_figures(tmp_path, Run(model="m.yaml"))["figures"]
     assert figures["accuracy 1 steps"] == 1.0 and figures["accuracy 3 steps"] == 0.625
     assert figures["answer tokens"] == 11.5 and abs(figures["answer format"] - 0.96) < 1e-6
-    row = {"label": "CoT", "figures": {k: summarise([v]) for k, v in figures.items()}}
-    header, rule, line = reasoning_table([row])[1:]
+    # the learning curve: area 100 * (0.4 + 0.75) / 2 over 100 steps; 50% reached a third of the way from 0.4 to 0.75
+    assert abs(figures["accuracy AUC"] - 0.575) < 1e-6 and figures["steps to 90%"] is None
+    assert abs(figures["steps to 50%"] - (100 + 100 * 0.1 / 0.35)) < 1e-3
+    row = {"label": "CoT", "seeds": [0], "figures": {k: summarise([v]) for k, v in figures.items()}}
+    header, rule, line = reasoning_table([row])[1:4]
     assert "accuracy, 1-step questions | accuracy, 3-step questions" in header
-    assert line.startswith("| CoT | 0.750 | 1.000 | 0.625 | 11.5 |")
+    assert line.startswith("| CoT | 0.750 | 1.000 | 0.625 | 11.5 | 0.960 | 0.575 | 129 | never (0/1) |")
     text_row = {"label": "NTP", "figures": {"val/accuracy": None}}
     assert reasoning_table([text_row]) == []
