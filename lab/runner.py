@@ -77,6 +77,14 @@ def train_command(runs_dir: Path, experiment: Experiment, name: str, seed: int, 
     return cmd
 
 
+def own_parameters(module) -> int:
+    """Parameters of the objective itself: a frozen companion it holds (a teacher, the checkpoint k-means reads) is
+    another model, left out as the objective's checkpoint leaves it out."""
+    from objectives.training.checkpoints import FrozenCompanion
+    borrowed = {id(p) for m in module.modules() if isinstance(m, FrozenCompanion) for p in m.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in borrowed)
+
+
 class RunRecord(L.Callback):
     """Added to every run of an experiment: logs the training tokens seen, the peak memory and the training
     wall-clock (kept across resumes) at every validation and at the end, writes `progress.json` for the progress
@@ -107,7 +115,7 @@ class RunRecord(L.Callback):
         info = {"family": type(pl_module).__name__, "trunk": type(pl_module.trunk).__name__,
                 "d_model": getattr(pl_module.trunk, "d_model", None),
                 "n_layers": len(getattr(pl_module.trunk, "blocks", [])),
-                "parameters": sum(p.numel() for p in pl_module.parameters()),
+                "parameters": own_parameters(pl_module),
                 "causal": "full" not in pl_module.required_masks,
                 "hparams": {k: v for k, v in pl_module.hparams.items() if isinstance(v, (int, float, str, bool))},
                 "steps": trainer.global_step, "max_steps": trainer.max_steps, "tokens_seen": self.tokens,
