@@ -56,7 +56,12 @@ class Gate:
 
 class GatedLoRA(nn.Module):
     """y = W x + gate * (alpha / r) B A x on a frozen linear layer, as a forward hook, so that the layer and its
-    state-dict names stay the network's own. B starts at zero; where the gate is shut, y is W x exactly."""
+    state-dict names stay the network's own. B starts at zero; where the gate is shut, y is W x exactly.
+
+    The low-rank delta is computed for the gated rows alone and added to the layer's own output there: the dense
+    product W x runs once over all positions (it is the frozen network's), and the adapter's cost grows with the
+    mask positions only, so that a verify step costs the next-token forward plus a small rank-r term (a merged
+    dense product on every position, then a selection, would compute every linear twice)."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, gate: Gate):
         super().__init__()
@@ -66,21 +71,11 @@ class GatedLoRA(nn.Module):
         linear.register_forward_hook(self.apply_to)
 
     def apply_to(self, linear: nn.Linear, inputs: tuple, output: torch.Tensor):
-        if self.gate.open is None:
+        rows = self.gate.open
+        if rows is None:
             return None
-        x = inputs[0]
-        if torch.is_grad_enabled():
-            adapted = output + F.linear(F.linear(x, self.a.to(output.dtype)), self.b.to(output.dtype)) * self.scale
-        else:  # decoding: one product with the merged weight W + (alpha / r) B A
-            adapted = F.linear(x, self.merged(linear).to(output.dtype), linear.bias)
-        return torch.where(self.gate.open[..., None], adapted, output)
-
-    def merged(self, linear: nn.Linear) -> torch.Tensor:
-        """W + (alpha / r) B A, recomputed only after an optimizer step changed A, B or W."""
-        key = (self.a._version, self.b._version, linear.weight._version, linear.weight.device)
-        if getattr(self, "_merged_key", None) != key:
-            self._merged_key, self._merged = key, linear.weight + self.scale * self.b @ self.a
-        return self._merged
+        delta = F.linear(F.linear(inputs[0][rows], self.a.to(output.dtype)), self.b.to(output.dtype)) * self.scale
+        return output.index_put((rows,), output[rows] + delta)
 
 
 class SamplerHead(nn.Module):

@@ -12,7 +12,7 @@ from models import Transformer
 from conftest import quickstart, run_cli
 from ntp_checkpoint import ntp_checkpoint
 from objectives.training.checkpoints import load_checkpoint
-from objectives.distill import SelfDistillation, mask_layout
+from objectives.distill import Gate, GatedLoRA, SelfDistillation, mask_layout
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,9 @@ def test_retrofit_trains_adapters_and_keeps_the_teacher_out_of_its_checkpoint(re
     ckpt, cli = retrofit
     model = cli.model
     assert cli.trainer.global_step == 3 and model.teacher is not None
+    from lab.runner import own_parameters  # the report counts the student, not the teacher it holds
+    borrowed = sum(p.numel() for p in model.teacher.parameters())
+    assert borrowed > 0 and own_parameters(model) == sum(p.numel() for p in model.parameters()) - borrowed
     assert any(a.b.abs().sum() > 0 for a in model.adapters.values())  # B starts at zero: the adapters trained
     saved = load_checkpoint(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
     assert not [k for k in saved["state_dict"] if k.startswith("teacher.")]
@@ -53,6 +56,25 @@ def test_gate_closed_logits_equal_the_teacher_exactly(retrofit):
     tokens = batch_of(model)["tokens"]
     with torch.no_grad():
         assert torch.equal(model.logits(model.hidden(tokens)), teacher.logits(teacher.hidden(tokens)))
+
+
+def test_gated_adapter_adds_its_low_rank_delta_at_mask_rows_only():
+    """At mask rows the layer gives the merged weight's product (W + alpha/r B A) x; elsewhere W x, bit for bit."""
+    torch.manual_seed(0)
+    gate, linear = Gate(), torch.nn.Linear(16, 12)
+    adapter = GatedLoRA(linear, rank=4, alpha=8.0, gate=gate)
+    torch.nn.init.normal_(adapter.b)
+    x = torch.randn(2, 7, 16)
+    rows = torch.zeros(2, 7, dtype=torch.bool)
+    rows[0, 5:], rows[1, 2] = True, True
+    plain = linear(x)
+    gate.open = rows
+    adapted = linear(x)
+    gate.open = None
+    merged = torch.nn.functional.linear(x, linear.weight + adapter.scale * adapter.b @ adapter.a, linear.bias)
+    assert torch.equal(adapted[~rows], plain[~rows])
+    torch.testing.assert_close(adapted[rows], merged[rows])
+    assert (adapted[rows] - plain[rows]).abs().max() > 0.1
 
 
 def test_adapters_get_gradients_only_from_mask_positions(retrofit):
