@@ -10,12 +10,18 @@ their own), is a point. One model learns two tasks, told apart by a marker at th
 
 The preamble is the module's text before its first def or class (cut to `preamble_tokens`). Only the text after
 `<|body|>` is a training target. Sequences are cut to `seq_len` tokens. The tokenizer, splits and cache are the
-text datamodule's (`TextDataModule`).
+text datamodule's (`TextDataModule`); the markers are plain text to its byte-level BPE, not added tokens.
+`SkeletonFormat` writes both kinds of prompt, for training and for generation alike (`SkeletonOfThought.write`
+writes a skeleton, splits it with `split_skeleton` and expands each point). With `whole_modules` the same modules
+are served whole instead, as next-token windows: the plain next-token control that SoT's quality is measured
+against (benchmarks/planning.py).
 """
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -92,19 +98,136 @@ def _body_start(node) -> int:
     return _start_any(node.body[0])
 
 
+_SIGNATURE = re.compile(r"(async\s+def|def|class)\b")
+
+
+def _code(line: str) -> str:
+    """The line with its comment cut off and its string literals emptied: what bracket counting reads."""
+    out, i, quote = [], 0, None
+    while i < len(line):
+        if quote:
+            if line[i] == "\\":
+                i += 2
+            elif line.startswith(quote, i):
+                out.append(quote)
+                i, quote = i + len(quote), None
+            else:
+                i += 1
+        elif line[i] == "#":
+            break
+        elif line[i] in "'\"":
+            quote = line[i:i + 3] if line[i:i + 3] in ('"""', "'''") else line[i]
+            out.append(quote)
+            i += len(quote)
+        else:
+            out.append(line[i])
+            i += 1
+    return "".join(out)
+
+
+def split_skeleton(text: str) -> list[str]:
+    """The points' headers of a skeleton's text: the inverse of `Skeleton.text`, so that
+    `split_skeleton(extract(src).text) == extract(src).headers`.
+
+    A header is a point's decorator lines, its def or class line and the lines that continue its signature until
+    the brackets close (and no backslash continues it), then the blank and comment lines after it (`extract` keeps
+    those that stand between a signature and its body). Every line ends in a newline.
+
+    A model's skeleton may be malformed; what is not a header is dropped, never attached to a neighbour: a line
+    that is neither a decorator, a signature nor a blank or comment line (a statement, stray text), decorators that
+    no def or class follows, a signature whose brackets have not closed when the next def or class line or the end
+    of the text comes (a skeleton cut off by its token budget), and blank or comment lines before the first point.
+    Brackets are counted on each line with its strings and comment left out; a string literal that spans lines
+    inside a signature is not read as one.
+    """
+    headers: list[str] = []
+    point: list[str] = []   # the point being read: its decorators, then its signature and what follows it
+    has_def = False         # whether the point has its def or class line yet
+    depth = 0               # brackets open in the decorator or signature being read
+    continued = False       # whether that decorator or signature goes on to the next line
+    lines = text.split("\n")  # not splitlines: a form feed or a lone carriage return does not end a line here
+    for line in lines[:-1] if lines[-1] == "" else lines:
+        line, stripped = line + "\n", line.strip()
+        starts_def = bool(_SIGNATURE.match(stripped))
+        if continued and not starts_def:
+            point.append(line)
+        elif starts_def:
+            if has_def and not continued:
+                headers.append("".join(point))
+            point = (point if point and not has_def and not continued else []) + [line]
+            has_def, depth = True, 0
+        elif stripped.startswith("@"):
+            if has_def:
+                headers.append("".join(point))
+            point = (point if not has_def else []) + [line]
+            has_def, depth = False, 0
+        else:
+            if point and (not stripped or stripped.startswith("#")):
+                point.append(line)
+            continue
+        code = _code(line.rstrip("\n"))
+        depth += sum(code.count(c) for c in "([{") - sum(code.count(c) for c in ")]}")
+        continued = depth > 0 or code.rstrip().endswith("\\")
+    if has_def and not continued:
+        headers.append("".join(point))
+    return headers
+
+
+@dataclass
+class SkeletonFormat:
+    """The two kinds of sequence (this module's docstring) built from a tokenizer's `encode` and `decode`: training
+    examples and generation (`SkeletonOfThought.write`) build their prompts here, so they agree token for token.
+
+    Args:
+        encode, decode: text -> token ids and back (the markers are encoded as text).
+        preamble_tokens: tokens of the module's preamble in the skeleton prompt.
+        skeleton_tokens: tokens of the skeleton kept (in its target and in every expansion prefix).
+    """
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    preamble_tokens: int = 64
+    skeleton_tokens: int = 128
+
+    def skeleton_prompt(self, preamble: str) -> list[int]:
+        """`<|skeleton|> preamble <|body|>`: what the skeleton is written after."""
+        return self.encode(SKELETON) + self.encode(preamble)[:self.preamble_tokens] + self.encode(BODY)
+
+    def skeleton_ids(self, skeleton: str) -> list[int]:
+        """A skeleton's text as the model writes and reads it (cut to `skeleton_tokens`)."""
+        return self.encode(skeleton)[:self.skeleton_tokens]
+
+    def expand_prefix(self, skeleton_ids: list[int]) -> list[int]:
+        """`<|expand|> skeleton <|point|>`: the prefix every point's expansion shares."""
+        return self.encode(EXPAND) + skeleton_ids + self.encode(POINT)
+
+    def point_prompt(self, header: str) -> list[int]:
+        """`header <|body|>`: what follows the shared prefix in point i's expansion."""
+        return self.encode(header) + self.encode(BODY)
+
+    split = staticmethod(split_skeleton)
+
+
 def encode_examples(skel: Skeleton, encode, eos_id: int, seq_len: int, preamble_tokens: int = 64,
                     skeleton_tokens: int | None = None) -> list[tuple[list[int], int]]:
     """(tokens, prompt length) of the skeleton example and of each point's expansion example."""
-    skeleton_tokens = skeleton_tokens or seq_len // 2
-    head = encode(skel.text)[:skeleton_tokens]
-    prompt = encode(SKELETON) + encode(skel.preamble)[:preamble_tokens] + encode(BODY)
+    fmt = SkeletonFormat(encode, None, preamble_tokens, skeleton_tokens or seq_len // 2)
+    head = fmt.skeleton_ids(skel.text)
+    prompt = fmt.skeleton_prompt(skel.preamble)
     out = [((prompt + head + [eos_id])[:seq_len], len(prompt))]
-    context = encode(EXPAND) + head + encode(POINT)
+    context = fmt.expand_prefix(head)
     for header, body in zip(skel.headers, skel.bodies):
-        p = context + encode(header) + encode(BODY)
+        p = context + fmt.point_prompt(header)
         if len(p) < seq_len:
             out.append(((p + encode(body) + [eos_id])[:seq_len], len(p)))
     return out
+
+
+def whole_module_windows(skels: list[Skeleton], encode, eos_id: int, seq_len: int) -> list[tuple[list[int], int]]:
+    """The modules' whole texts (`Skeleton.assemble()`, the text the skeleton examples are cut from) as one stream,
+    each module after an eos, in windows of seq_len tokens that overlap by one, so every token but the stream's
+    first is a target once: (tokens, 0) items for `collate`."""
+    stream = [t for skel in skels for t in [eos_id] + encode(skel.assemble())]
+    return [(stream[i:i + seq_len], 0) for i in range(0, max(len(stream) - 1, 1), seq_len - 1)]
 
 
 class SkeletonDataset(Dataset):
@@ -142,13 +265,21 @@ class SkeletonDataModule(TextDataModule):
     Args:
         max_files: modules per split turned into examples (0: all); modules `ast` cannot parse are skipped.
         preamble_tokens: tokens of the module's preamble in the skeleton prompt.
+        whole_modules: serve the same modules whole, as next-token windows of seq_len tokens
+            (`whole_module_windows`), for a plain next-token model to learn the same text from.
         **kwargs: the text datamodule's arguments (seq_len cuts every sequence).
     """
 
-    def __init__(self, *args, max_files: int = 200, preamble_tokens: int = 64, **kwargs):
+    def __init__(self, *args, max_files: int = 200, preamble_tokens: int = 64, whole_modules: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
         self._splits: dict[str, list[Skeleton]] = {}
+
+    @property
+    def format(self) -> SkeletonFormat:
+        """The sequences' format with this datamodule's tokenizer (the skeleton kept to seq_len // 2 tokens)."""
+        return SkeletonFormat(self.encode, self.decode, self.hparams.preamble_tokens, self.hparams.seq_len // 2)
 
     def modules(self, split: str) -> list[Skeleton]:
         """The parsed modules of a split (the text datamodule's document split)."""
@@ -172,6 +303,8 @@ class SkeletonDataModule(TextDataModule):
 
     def _dataset(self, split: str) -> SkeletonDataset:
         h = self.hparams
+        if h.whole_modules:
+            return SkeletonDataset(whole_module_windows(self.modules(split), self.encode, self.eos_id, h.seq_len))
         examples = [e for skel in self.modules(split)
                     for e in encode_examples(skel, self.encode, self.eos_id, h.seq_len, h.preamble_tokens)]
         return SkeletonDataset(examples)
