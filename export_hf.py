@@ -7,10 +7,12 @@
 The folder holds `config.json` (a `LlamaConfig`), `model.safetensors` (the weights under Llama's names),
 `tokenizer.json` (the checkpoint's own tokenizer) with a `tokenizer_config.json` that makes `AutoTokenizer` load it
 as a `PreTrainedTokenizerFast` with its end-of-text token, and, for a family with more than a trunk (multi-token
-heads, DeepSeek's MTP modules, summary heads), `beyond_ntp_heads.safetensors`: those tensors under the objective's
-own names (the project's layout, rotary convention included), with the objective's class and hyperparameters in
-the file's metadata. transformers ignores that file: the heads come back only through this project, and no loader
-reads it back yet.
+heads, DeepSeek's MTP modules, summary heads), `beyond_ntp_heads.safetensors`: those tensors under the names the
+same objective has over `models.HFTrunk(pretrained=<folder>)`: a head's or module's transformer block becomes the
+one Llama decoder layer of an `HFBlock` (`<name>.body.layers.0.` + the per-block mapping below), every other
+tensor keeps its name; the objective's class and hyperparameters are in the file's metadata. transformers ignores
+that file; the objective reads it back when built over the folder's HFTrunk (at setup, or by hand with
+`finish_pretrained_start()`), so the same family with the same settings gets its heads back and drafts as before.
 
 The mapping (`models/transformer.py`, `models/layers.py` -> transformers' `modeling_llama.py`):
 - token embedding `embed.weight` -> `model.embed_tokens.weight`; the project ties its unembedding to it, so
@@ -46,11 +48,13 @@ from jsonargparse import auto_cli
 
 from lab.cli import run_from_the_shell
 from models import Transformer
+from models.hf import HEADS_FILE
 from models.layers import Rotary
+from models.transformer import Block
 from objectives.training.base import Objective
 from objectives.training.checkpoints import checkpoint_tokenizer, load_checkpoint, load_objective
 
-HEADS_FILE = "beyond_ntp_heads.safetensors"
+HF_BLOCK_LAYER = "body.layers.0."  # the one decoder layer of a models.hf.HFBlock (a head block over HFTrunk)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -116,39 +120,55 @@ def llama_config(objective, eos_id: int | None, dtype: str) -> dict:
     }
 
 
+def llama_layer(block: Block, prefix: str) -> dict[str, torch.Tensor]:
+    """One project block under the names of a Llama decoder layer at `prefix` (the mapping in the module docstring)."""
+    attn = block.attn
+    order = rotate_half_order(attn.n_heads, attn.head_dim)
+    q, k, v = attn.qkv.weight.chunk(3, dim=0)
+    gate, up = block.mlp.gate_up.weight.chunk(2, dim=0)
+    weights = {
+        prefix + "input_layernorm.weight": block.attn_norm.weight,
+        prefix + "self_attn.q_proj.weight": q[order],
+        prefix + "self_attn.k_proj.weight": k[order],
+        prefix + "self_attn.v_proj.weight": v,
+        prefix + "self_attn.o_proj.weight": attn.out.weight,
+        prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+        prefix + "mlp.gate_proj.weight": gate,
+        prefix + "mlp.up_proj.weight": up,
+        prefix + "mlp.down_proj.weight": block.mlp.out.weight,
+    }
+    if attn.qkv.bias is not None:
+        q_bias, k_bias, v_bias = attn.qkv.bias.chunk(3)
+        weights.update({prefix + "self_attn.q_proj.bias": q_bias[order],
+                        prefix + "self_attn.k_proj.bias": k_bias[order],
+                        prefix + "self_attn.v_proj.bias": v_bias,
+                        prefix + "self_attn.o_proj.bias": torch.zeros_like(v_bias)})
+    return weights
+
+
 def llama_weights(objective) -> dict[str, torch.Tensor]:
     """The trunk and the embedding under Llama's names (the mapping in the module docstring)."""
     trunk = objective.trunk
-    order = rotate_half_order(trunk.n_heads, trunk.d_model // trunk.n_heads)
     weights = {"model.embed_tokens.weight": objective.embed.weight, "model.norm.weight": trunk.norm.weight}
     for i, block in enumerate(trunk.blocks):
-        prefix = f"model.layers.{i}."
-        q, k, v = block.attn.qkv.weight.chunk(3, dim=0)
-        gate, up = block.mlp.gate_up.weight.chunk(2, dim=0)
-        weights.update({
-            prefix + "input_layernorm.weight": block.attn_norm.weight,
-            prefix + "self_attn.q_proj.weight": q[order],
-            prefix + "self_attn.k_proj.weight": k[order],
-            prefix + "self_attn.v_proj.weight": v,
-            prefix + "self_attn.o_proj.weight": block.attn.out.weight,
-            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
-            prefix + "mlp.gate_proj.weight": gate,
-            prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": block.mlp.out.weight,
-        })
-        if block.attn.qkv.bias is not None:
-            q_bias, k_bias, v_bias = block.attn.qkv.bias.chunk(3)
-            weights.update({prefix + "self_attn.q_proj.bias": q_bias[order],
-                            prefix + "self_attn.k_proj.bias": k_bias[order],
-                            prefix + "self_attn.v_proj.bias": v_bias,
-                            prefix + "self_attn.o_proj.bias": torch.zeros_like(v_bias)})
+        weights.update(llama_layer(block, f"model.layers.{i}."))
     return weights
 
 
 def head_weights(objective) -> dict[str, torch.Tensor]:
-    """Every tensor of the objective the Llama folder does not hold (heads, MTP modules, summary heads)."""
-    return {name: tensor for name, tensor in objective.state_dict().items()
-            if not name.startswith("trunk.") and name != "embed.weight"}
+    """Every tensor of the objective the Llama folder does not hold (heads, MTP modules, summary heads), under the
+    names the same objective has over an HFTrunk of the folder: blocks outside the trunk as HFBlocks' Llama
+    layers, everything else as it is."""
+    blocks = {name: m for name, m in objective.named_modules()
+              if isinstance(m, Block) and not name.startswith("trunk.")}
+    weights = {}
+    for name, tensor in objective.state_dict().items():
+        if name.startswith("trunk.") or name == "embed.weight" or any(name.startswith(b + ".") for b in blocks):
+            continue
+        weights[name] = tensor
+    for name, block in blocks.items():
+        weights.update(llama_layer(block, f"{name}.{HF_BLOCK_LAYER}"))
+    return weights
 
 
 def end_of_text(objective, tokenizer) -> int | None:

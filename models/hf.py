@@ -6,14 +6,13 @@
   key padding, and a decoding cache with per-row lengths, crop and fork (`HFDecodingCache`) over transformers'
   `DynamicCache`. The token embedding is not part of the trunk (the objective owns it): a stand-in without
   parameters takes its place, so the trunk neither stores nor trains it.
-- `pretrained_embeddings(pretrained)`: the model's input embedding [V, D] and its output head [V, D] (None where
-  the model ties them), for the objective's warm start. A user (or the objective's warm start) copies them in:
-
-      embedding, head = pretrained_embeddings("gpt2")
-      model = NextTokenPrediction(HFTrunk("gpt2"), vocab_size=embedding.shape[0])
-      model.embed.weight.data.copy_(embedding)   # head is None for GPT-2: its unembedding is the embedding
-
-  A model whose head is not tied (Llama-3 8B, Mistral) needs an objective with an untied unembedding for `head`.
+- The pretrained token embedding and output head go to the objective: `HFTrunk` keeps them from the model it loads
+  and hands them over once (`take_pretrained_embeddings`), when the objective is built (`Objective.__init__`, through
+  `objectives/training/checkpoints.py`); `tied_embeddings` says whether the model's head is its embedding (GPT-2)
+  or a matrix of its own (Llama-3 8B, Mistral), in which case the objective gets an untied unembedding. The file
+  export_hf.py writes beside a Llama folder (`HEADS_FILE`: multi-token heads, DeepSeek modules) and the folder's
+  `tokenizer.json` are read the same way (`pretrained_heads`, `tokenizer_vocab`). `pretrained_embeddings(name)`
+  gives the two matrices without a trunk.
 - `HFBlock`: what `HFTrunk.make_block()` returns: one fresh decoder layer of the model's own class and config (a
   one-layer model of the same class, its final norm removed), for multi-token heads and DeepSeek's MTP modules.
 
@@ -36,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -44,6 +44,9 @@ from torch import nn
 from models.layers import as_index, as_lengths, check_length, check_padding
 
 INSTALL = 'pip install -e ".[hf]"'
+# what export_hf.py writes beside a Llama folder: the objective's tensors beyond the trunk and the embedding (heads,
+# DeepSeek modules, summary heads), under the names an objective over an HFTrunk of that folder gives them
+HEADS_FILE = "beyond_ntp_heads.safetensors"
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm")  # the base models' names
 COMPACT_AFTER = 32  # unused slots inside the cache (past the longest row) that trigger a compaction
 
@@ -85,21 +88,44 @@ def load_causal_lm(pretrained: str, dtype: str | None = None):
 
 def pretrained_embeddings(pretrained: str, dtype: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input embedding [V, D], output head [V, D] or None where the model ties it to the input embedding) of a
-    causal LM, for the objective's embedding and unembedding. It loads the model (once more, beside the trunk).
+    causal LM, without a trunk (an `HFTrunk` hands its own to the objective). It loads the model.
 
     V is the model's embedding rows, which may exceed its tokenizer's vocabulary (rows padded to a multiple of 64
     or 128): a warm start copies the first `vocab_size` rows. What the model's head does beyond a matrix product
     (a bias, Gemma-2's logit soft-capping, Cohere's logit scale) is not carried: a head with a bias is refused.
     """
-    lm = load_causal_lm(pretrained, dtype)
+    embedding, head, bias = _embedding_and_head(load_causal_lm(pretrained, dtype))
+    _refuse_a_head_bias(pretrained, bias)
+    return embedding, head
+
+
+def _embedding_and_head(lm) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(input embedding, output head or None where tied to it, whether the head has a bias)."""
     embedding = lm.get_input_embeddings().weight.detach()
     head = lm.get_output_embeddings()
     if head is None or head.weight.data_ptr() == embedding.data_ptr():
-        return embedding, None
-    if getattr(head, "bias", None) is not None:
+        return embedding, None, False
+    return embedding, head.weight.detach(), getattr(head, "bias", None) is not None
+
+
+def _refuse_a_head_bias(pretrained: str, bias: bool) -> None:
+    if bias:
         raise NotImplementedError(f"{pretrained}'s output head has a bias, which the objective's unembedding (a "
                                   f"matrix) cannot hold")
-    return embedding, head.weight.detach()
+
+
+def model_file(pretrained: str, name: str) -> str | None:
+    """The path of a file of the model's folder (or, for a hub id, of its repository, downloaded or cached), or None
+    where it has no such file or the hub cannot be reached."""
+    folder = Path(pretrained)
+    if folder.is_dir():
+        return str(folder / name) if (folder / name).is_file() else None
+    try:
+        from transformers.utils import cached_file
+        return cached_file(pretrained, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except Exception:  # an id the hub does not know, a gated repository: the model has no file we can read
+        return None
 
 
 def _cache_keyword(body: nn.Module) -> str:
@@ -308,8 +334,10 @@ class HFTrunk(_HFStack):
         max_seq_len: positions the trunk accepts, cached ones included; default the config's
             max_position_embeddings. Above it, absolute-position models (GPT-2) fail and rotary ones extrapolate.
 
-    The objective's embedding and unembedding come from `pretrained_embeddings(pretrained)`; the tokenizer is the
-    folder's `tokenizer.json` (`--data.init_args.tokenizer_path`). Sliding-window models (Mistral, Gemma-2) count
+    The objective takes the model's embedding and output head when it is built (`take_pretrained_embeddings`,
+    `tied_embeddings`), and at setup the file of heads export_hf.py wrote beside the model (`pretrained_heads`); the
+    data's tokenizer must be the folder's `tokenizer.json` (`--data.init_args.tokenizer_path`; `tokenizer_vocab`
+    is what the objective checks it against). Sliding-window models (Mistral, Gemma-2) count
     their window in cache slots, which can exceed positions after ragged prefills and per-row crops; models whose
     cache is not a plain `DynamicCache` (linear-attention hybrids, encoder-decoders) are not supported.
     """
@@ -320,6 +348,10 @@ class HFTrunk(_HFStack):
         lm = load_causal_lm(pretrained, dtype)
         config = lm.config
         self.pretrained, self.freeze_trunk = pretrained, freeze_trunk
+        # kept (outside the state dict) until the objective takes them: the trunk does not own them
+        embedding, head, bias = _embedding_and_head(lm)
+        self.tied_embeddings = head is None
+        self._handover: tuple | None = (embedding, head, bias)
         self.d_model, self.n_layers = int(config.hidden_size), int(config.num_hidden_layers)
         self._attach(lm.base_model, int(max_seq_len or config.max_position_embeddings))
         if gradient_checkpointing:
@@ -337,6 +369,46 @@ class HFTrunk(_HFStack):
     @property
     def config(self):
         return self.body.config
+
+    def take_pretrained_embeddings(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The model's input embedding [V, D] and output head [V, D] (None where the model ties the head to the
+        embedding: then `tied_embeddings` is true), handed over once, for the objective's embedding and
+        unembedding: the trunk keeps no reference to them (a second call gives None)."""
+        handover, self._handover = self._handover, None
+        if handover is None:
+            return None
+        embedding, head, bias = handover
+        _refuse_a_head_bias(self.pretrained, bias)
+        return embedding, head
+
+    def pretrained_heads(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The tensors export_hf.py wrote beside the model (`HEADS_FILE`: multi-token heads, DeepSeek modules,
+        summary heads, under the names an objective over this trunk gives them) and the file's metadata (the
+        exported objective's class_path and hyperparameters); None where the model has no such file."""
+        path = model_file(self.pretrained, HEADS_FILE)
+        if path is None:
+            return None
+        from safetensors import safe_open
+        with safe_open(path, "pt") as heads:
+            return {name: heads.get_tensor(name) for name in heads.keys()}, dict(heads.metadata() or {})
+
+    def tokenizer_vocab(self) -> dict[str, int] | None:
+        """token -> id of the model's `tokenizer.json` (what the data must tokenize with), or None where the model
+        has none (a tokenizer in another format only)."""
+        path = model_file(self.pretrained, "tokenizer.json")
+        if path is None:
+            return None
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
+
+    def __getattr__(self, name: str):
+        if name == "blocks":  # what multi-token prediction's match_params cuts from a project trunk
+            raise AttributeError(
+                "HFTrunk gives no list of blocks to cut: multi-token prediction's match_params (heads at the "
+                "parameter count of next-token prediction) removes the trunk's last layers for fresh heads, which on a "
+                "pretrained model would cut layers it was trained with; set model.init_args.match_params false "
+                "(the heads then add to the model's parameters, as Medusa's and Gloeckle et al.'s fine-tuned heads do)")
+        return super().__getattr__(name)
 
     def train(self, mode: bool = True) -> "HFTrunk":
         super().train(mode)

@@ -1,7 +1,8 @@
-"""The base every objective subclasses: embedding and tied unembedding around an injected trunk, optimizer and
-schedule, the training and validation steps with the shared metrics, answer scoring on reasoning data, warm
-starts and checkpoints. Two tiers build on it: `CausalObjective` (`objectives/training/causal.py`: summaries,
-left-to-right and speculative decoding) and `DenoisingObjective` (`objectives/training/denoising.py`).
+"""The base every objective subclasses: embedding and tied unembedding around an injected trunk (untied where a
+pretrained model brings an output head of its own), optimizer and schedule, the training and validation steps
+with the shared metrics, answer scoring on reasoning data, warm starts and checkpoints. Two tiers build on it:
+`CausalObjective` (`objectives/training/causal.py`: summaries, left-to-right and speculative decoding) and
+`DenoisingObjective` (`objectives/training/denoising.py`).
 
 A family implements `loss(batch) -> dict` (at least "loss"; causal families also "ntp_nll" and "ntp_tokens", the
 summed next-token NLL and its token count; diffusion families "nll_bound" and "bound_tokens", the summed NELBO and
@@ -23,7 +24,9 @@ from torch import nn
 
 from objectives.training import metrics as M
 from objectives.decoding.scoring import AnswerScorer
-from objectives.training.checkpoints import check_companions, companion_records, companions, format_report, warm_start
+from objectives.training.checkpoints import (check_companions, companion_records, companions, finish_pretrained_start,
+                                             format_pretrained_report, format_report, start_from_pretrained,
+                                             warm_start)
 from objectives.training.losses import CHUNK_MIB, chunk_positions
 from objectives.training.optim import WarmupCosine, decay_groups
 
@@ -116,6 +119,14 @@ class Objective(L.LightningModule):
         self.vocab_size, self.bytes_per_token, self.eos_id = vocab_size, bytes_per_token, eos_id
         self.embed = nn.Embedding(vocab_size + self.extra_tokens, self.embedding_width())
         nn.init.normal_(self.embed.weight, std=0.02)
+        if getattr(trunk, "tied_embeddings", True) is False:  # a pretrained model with an output head of its own
+            self.lm_head = nn.Linear(self.embedding_width(), vocab_size + self.extra_tokens, bias=False)
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        # a trunk that brings a pretrained model (models.HFTrunk) hands over its embedding and head here; the rest
+        # of that warm start (tokenizer check, extra-token rows, exported heads) runs at setup
+        self.pretrained_report = start_from_pretrained(self)
+        if self.pretrained_report is not None:  # weights loaded from a checkpoint supersede the rest of it
+            self.register_load_state_dict_post_hook(_pretrained_start_superseded)
         self.summaries = nn.ModuleList(summaries or [])
         for summary in self.summaries:  # each summary makes its head at this objective's width and vocabulary
             summary.attach(self)
@@ -130,8 +141,10 @@ class Objective(L.LightningModule):
 
     @property
     def unembedding(self) -> torch.Tensor:
-        """The output projection [V, D], tied to the input embedding."""
-        return self.embed.weight
+        """The output projection [V, D]: the input embedding (tied), or where a pretrained model has an output head
+        of its own, the untied `lm_head`."""
+        head = self._modules.get("lm_head")
+        return self.embed.weight if head is None else head.weight
 
     def hidden(self, tokens: torch.Tensor, *, mask="causal", cache=None, **trunk_options) -> torch.Tensor:
         return self.trunk(self.embed(tokens), mask=mask, cache=cache, **trunk_options)
@@ -257,9 +270,21 @@ class Objective(L.LightningModule):
         (Coconut's special tokens start as an existing token), or None for the usual init."""
         return [None] * self.extra_tokens
 
+    def finish_pretrained_start(self, datamodule=None) -> dict | None:
+        """The rest of the warm start from a pretrained trunk (`objectives/training/checkpoints.py`), once: the
+        data's tokenizer checked against the model's, the extra-token rows, the heads export_hf.py wrote beside the
+        model. `setup` runs it for a new run; by hand, call it before training or decoding. The report, or None."""
+        return finish_pretrained_start(self, datamodule)
+
     def setup(self, stage: str) -> None:
-        # a warm start (init_from) applies to a new fit, before the optimizer is built; a resumed fit
-        # (--ckpt_path) restores its own weights instead
+        # a pretrained trunk's warm start finishes for any new run (fit, validate, test), once; a warm start
+        # (init_from) applies to a new fit, before the optimizer is built; a resumed fit (--ckpt_path) restores its
+        # own weights instead
+        pretrained = self.pretrained_report
+        if pretrained is not None and not pretrained["finished"] and not self.trainer.ckpt_path:
+            self.finish_pretrained_start(self.trainer.datamodule)
+            if self.trainer.is_global_zero:
+                print(format_pretrained_report(self.pretrained_report))
         if stage == "fit" and self.hparams.get("init_from") and not self.trainer.ckpt_path:
             self.warm_start_report = warm_start(self, self.hparams.init_from, self.trainer.datamodule)
             if self.trainer.is_global_zero:
@@ -292,6 +317,12 @@ class Objective(L.LightningModule):
                               parameters=sum(p.numel() for p in self.parameters()),
                               seed=int(os.environ.get("PL_GLOBAL_SEED", -1)))
                 declare_hparams(logger, params, bytes_known=self.hparams.bytes_per_token > 0)
+
+
+def _pretrained_start_superseded(model: Objective, incompatible_keys) -> None:
+    """A state dict loaded into an objective over a pretrained trunk (a checkpoint, a resume) holds its trained
+    rows and heads: the pretrained start must not finish over them (`finish_pretrained_start` becomes a no-op)."""
+    model.pretrained_report["finished"] = True
 
 
 def declare_hparams(logger, params: dict, bytes_known: bool) -> None:

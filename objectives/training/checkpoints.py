@@ -9,6 +9,10 @@
   the same name and shape load; embedding rows for the new objective's own special tokens (`extra_tokens`) are
   initialised from an existing token's row or as usual (`Objective.extra_token_sources`); modules the new
   objective adds keep their fresh init. It returns the report of what loaded, what was added, what was left out.
+- `start_from_pretrained(model)` and `finish_pretrained_start(model, datamodule)`: the warm start from a trunk that
+  brings a pretrained model (`models.HFTrunk`): its embedding and output head go to the objective when it is built,
+  and at setup of a new run the data's tokenizer is checked against the model's, the objective's extra-token rows
+  are initialised, and the heads export_hf.py wrote beside the model load.
 - `FrozenCompanion`: a frozen network built from a project checkpoint (a teacher, a reverse LM) that an objective
   holds as a submodule: always in eval mode, `requires_grad=False` (so outside the optimizer and outside DDP's
   gradient buckets, while DDP still broadcasts it and `.to()` moves it), and absent from the owner's state dict:
@@ -202,6 +206,135 @@ def format_report(report: dict) -> str:
                 for row, src in report["new_rows"]]
         lines.append(f"  new special-token embedding rows: {', '.join(rows)}")
     lines.append(f"  left out (in the checkpoint, not in this model): {names(report['left_out'])}")
+    return "\n".join(lines)
+
+
+# --- a pretrained trunk's embedding, output head and heads ----------------------------------------------------------
+def start_from_pretrained(model) -> dict | None:
+    """The first half of a pretrained warm start, run by `Objective.__init__`: where the trunk brings a pretrained
+    model (`take_pretrained_embeddings()`, `models.HFTrunk`), its input embedding goes into `model.embed` and its
+    output head into the untied unembedding `model.lm_head` (made by the objective where the trunk says
+    `tied_embeddings` is false; a tied model's head is its embedding). Returns the report, None for other trunks.
+
+    Rows: the first min(rows, model's rows) load, the data's vocabulary and then the family's extra tokens (the
+    model's rows past its tokenizer, or a family's exported special tokens; `finish_pretrained_start` initialises
+    the extra ones afresh at setup). Data tokens past the model's rows (an end-of-text token the datamodule adds
+    to a tokenizer without one) keep their fresh init. With the trunk frozen (`freeze_trunk`) the embedding and
+    head freeze too, unless the objective has rows the model lacks (then they train, and the report says so).
+    """
+    take = getattr(model.trunk, "take_pretrained_embeddings", None)
+    handed = take() if callable(take) else None
+    if handed is None:
+        return None
+    embedding, head = handed
+    name = type(model).__name__
+    own = [("embed.weight", model.embed.weight)]
+    lm_head = model._modules.get("lm_head")
+    if (head is None) != (lm_head is None):
+        raise ValueError(f"{name}: the model's output head is {'tied to' if head is None else 'separate from'} its "
+                         f"embedding but the objective's unembedding is {'not ' if head is None else ''}tied")
+    if lm_head is not None:
+        own.append(("lm_head.weight", lm_head.weight))
+    width = model.embed.weight.shape[1]
+    if embedding.shape[1] != width:
+        raise ValueError(f"{name} embeds tokens at width {width}, the pretrained model at {embedding.shape[1]}: its "
+                         f"embedding cannot be loaded (a family that embeds at its own width cannot start from it)")
+    rows, available = model.embed.weight.shape[0], embedding.shape[0]
+    n = min(rows, available)
+    report = {"path": str(getattr(model.trunk, "pretrained", "?")), "loaded": [], "new_rows": [], "frozen": False,
+              "tied": head is None, "model_rows": available, "finished": False}
+    with torch.no_grad():
+        for (label, target), source in zip(own, (embedding, head)):
+            target[:n].copy_(source[:n])
+            report["loaded"].append(f"{label}[:{n}]")
+    report["new_rows"] = list(range(n, model.vocab_size))  # data tokens the model has no row for: fresh init
+    if getattr(model.trunk, "freeze_trunk", False):
+        if model.vocab_size <= available and not model.extra_tokens:
+            for _, target in own:
+                target.requires_grad_(False)
+            report["frozen"] = True
+        else:
+            report["note"] = (f"the trunk is frozen but the embedding and unembedding train: the objective has "
+                              f"{model.vocab_size + model.extra_tokens - min(model.vocab_size, available)} rows "
+                              f"the model lacks (new tokens), which must learn")
+    return report
+
+
+def finish_pretrained_start(model, datamodule=None) -> dict | None:
+    """The second half of a pretrained warm start (`start_from_pretrained`), once, at setup of a new run (or by
+    hand before training): the data's tokenizer must give the model's tokens the model's ids (where the model has
+    a `tokenizer.json` and the datamodule keeps a tokenizer); the family's extra-token rows are initialised from
+    `extra_token_sources()`, unless the heads file says the model was exported from this very family (its rows are
+    then that family's trained tokens); and the tensors of the heads file export_hf.py wrote beside the model
+    (`pretrained_heads()`) load by name: a tensor of the same name and another shape is an error, tensors only the
+    file has are left out, the objective's own (heads of a family the file does not hold) keep their init.
+    Returns the report (`model.pretrained_report`, completed), None for other trunks."""
+    report = getattr(model, "pretrained_report", None)
+    if report is None or report["finished"]:
+        return report
+    trunk, name = model.trunk, type(model).__name__
+    tokenizer = (datamodule.state_dict() or {}).get("tokenizer") if hasattr(datamodule, "state_dict") else None
+    vocab = trunk.tokenizer_vocab() if isinstance(tokenizer, str) and hasattr(trunk, "tokenizer_vocab") else None
+    if vocab is not None:
+        from tokenizers import Tokenizer
+        data = Tokenizer.from_str(tokenizer).get_vocab(with_added_tokens=True)
+        wrong = sorted((i, t) for t, i in vocab.items() if i < model.vocab_size and data.get(t) != i)
+        if wrong:
+            shown = ", ".join(f"{t!r} is {i} in the model, {data.get(t)} in the data" for i, t in wrong[:3])
+            raise ValueError(f"the data's tokenizer is not the pretrained model's ({len(wrong)} of its tokens have "
+                             f"other ids: {shown}): give the data the model's own, --data.init_args.tokenizer_path "
+                             f"{report['path']}/tokenizer.json (for a hub id, the tokenizer.json of its repository)")
+    loaded = trunk.pretrained_heads() if hasattr(trunk, "pretrained_heads") else None
+    tensors, metadata = loaded if loaded is not None else ({}, {})
+    same_family = metadata.get("class_path", "").rsplit(".", 1)[-1] == name
+    V = model.vocab_size
+    carried = max(min(report["model_rows"], V + model.extra_tokens) - V, 0) if same_family else 0
+    sources = list(model.extra_token_sources())
+    if len(sources) != model.extra_tokens:
+        raise ValueError(f"{name}.extra_token_sources() gives {len(sources)} sources for {model.extra_tokens} extra "
+                         f"tokens: give one per extra token (None: the usual init)")
+    matrices = [model.embed.weight] + ([model.lm_head.weight] if "lm_head" in model._modules else [])
+    own = model.state_dict()
+    mismatched, report["heads_loaded"], report["heads_left_out"] = [], [], []
+    with torch.no_grad():
+        for i, source in enumerate(sources[carried:], start=carried):
+            if source is not None and not 0 <= source < V:
+                raise ValueError(f"extra token {i} is to be initialised from token {source}, which is not in the "
+                                 f"vocabulary of {V} tokens")
+            for matrix in matrices:
+                if source is not None:
+                    matrix[V + i].copy_(matrix[source])
+                else:
+                    nn.init.normal_(matrix[V + i], std=0.02)
+            report["new_rows"].append(V + i)
+        for key, tensor in tensors.items():
+            if key not in own or key.startswith("trunk.") or key in ("embed.weight", "lm_head.weight"):
+                report["heads_left_out"].append(key)
+            elif own[key].shape != tensor.shape:
+                mismatched.append(f"{key}: file {tuple(tensor.shape)}, objective {tuple(own[key].shape)}")
+            else:
+                own[key].copy_(tensor)
+                report["heads_loaded"].append(key)
+    if mismatched:
+        raise ValueError(f"the heads beside {report['path']} ({metadata.get('class_path', '?')}) do not fit {name}: "
+                         f"{'; '.join(mismatched[:5])}: build the objective with the exported one's settings "
+                         f"(its hyperparameters are in the file's metadata)")
+    report["heads_from"] = metadata.get("class_path") if tensors else None
+    report["finished"] = True
+    return report
+
+
+def format_pretrained_report(report: dict) -> str:
+    rows = report["new_rows"]
+    lines = [f"pretrained start from {report['path']}: embedding and "
+             f"{'tied unembedding' if report['tied'] else 'untied output head'} loaded ({report['loaded'][0]}"
+             f"{', frozen' if report['frozen'] else ''})",
+             f"  new rows (not in the model): {', '.join(map(str, rows)) if rows else 'none'}"]
+    if report.get("note"):
+        lines.append(f"  {report['note']}")
+    if report.get("heads_from"):
+        lines.append(f"  heads from {report['heads_from']}: {len(report['heads_loaded'])} tensors loaded, "
+                     f"{len(report['heads_left_out'])} left out (not in this objective)")
     return "\n".join(lines)
 
 
