@@ -5,16 +5,21 @@ chain drafts and as tree drafts, at batch 1 and batch 8, alternating case by cas
     python -m benchmarks.speculative --ckpt_path runs/mtp_mlp_code/version_0/checkpoints/last.ckpt \
         [more checkpoints] [--prompts 16] [--batch 1 8] [--trees 3,2,1 4,2]
 
-For each case: tokens/s, speedup over plain greedy at the same batch, accepted tokens per verify forward (per
-row), the cost of one verify forward in plain decoding steps (the speedup is the first over the second),
-whether every output equals plain greedy output row by row, and at batch 1 the speedup on the prompts whose
-plain outputs repeat under 40% of their 4-grams (a weak model's loops are easy to draft and flatter lookup).
+For each case: the most drafts a step may carry, tokens/s, speedup over plain greedy at the same batch, accepted
+tokens per verify forward (per row), the cost of one verify step in plain decoding steps, whether every output
+equals plain greedy output row by row, and at batch 1 the speedup on the prompts whose plain outputs repeat under
+40% of their 4-grams (a weak model's loops are easy to draft and flatter lookup). The step cost leaves out the
+prefill (timed apart, per case, as a generation of one token), which a decode pays once whatever its steps: with
+it, a drafter that takes few steps would be charged the prompt's forward over fewer steps. The speedup is end to
+end, prefill included, so it is (accepted/step) / (step cost) up to the prefill's share. The drafters that read
+the text (prompt lookup, alone or with the heads) draft up to --lookup_drafts tokens while their match continues;
+the others up to --num_drafts. At batch 1 greedy chain drafts run the lean loop
+(`objectives.decoding.speculative.greedy_chain`).
 Goals on the mtp_code models: speedup >= 2.0x with accepted length >= 2.5 at batch 1, >= 1.5x at batch 8,
 DeepSeek modules >= 1.3x.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import random
 import statistics
@@ -48,32 +53,42 @@ def repeated_4gram_share(ids: list[int]) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def decoding_cases(model, num_drafts: int, trees: list[list[int]]) -> list[tuple[str, dict]]:
-    """(label, generate options): plain, then every drafter as a chain and, where it ranks candidates, as trees."""
+def decoding_cases(model, num_drafts: int, trees: list[list[int]], lookup_drafts: int = 8
+                   ) -> list[tuple[str, dict]]:
+    """(label, generate options): plain, then every drafter as a chain and, where it ranks candidates, as trees.
+    Drafters named for prompt lookup may draft `lookup_drafts` tokens (the heads among them still reach n-1)."""
     cases = [("plain greedy", {})]
     for name, propose in model.drafters(num_drafts).items():
-        cases.append((f"{name}, chain", dict(speculative=True, drafter=name, num_drafts=num_drafts)))
-        if "width" in inspect.signature(propose).parameters and "tensor" in model.trunk.supported_masks:
+        n = max(num_drafts, lookup_drafts) if "lookup" in name else num_drafts
+        cases.append((f"{name}, chain", dict(speculative=True, drafter=name, num_drafts=n)))
+        if propose.ranks_candidates and "tensor" in model.trunk.supported_masks:
             for widths in trees:
                 cases.append((f"{name}, tree {'x'.join(map(str, widths))}",
-                              dict(speculative=True, drafter=name, num_drafts=num_drafts, tree=widths)))
+                              dict(speculative=True, drafter=name, num_drafts=n, tree=widths)))
     return cases
 
 
 def measure(model, batches: list[torch.Tensor], cases: list[tuple[str, dict]], max_new_tokens: int) -> dict:
-    """Runs every case on every batch, alternating; per case: seconds per batch, verify forwards, outputs."""
+    """Runs every case on every batch, alternating; per case: seconds per batch, seconds of its prefill (a
+    generation of one token, which takes no step), verify forwards, outputs."""
     device = batches[0].device
-    results = {label: {"seconds": [], "steps": 0, "outputs": []} for label, _ in cases}
+    results = {label: {"seconds": [], "prefill": [], "steps": 0, "outputs": []} for label, _ in cases}
     for label, options in cases:  # warm up
         model.generate(batches[0][:, :16], 4, **options)
+
+    def timed(batch, new, options):
+        synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(batch, new, **options)
+        synchronize(device)
+        return time.perf_counter() - start, out
+
     for batch in batches:
         for label, options in cases:
-            synchronize(device)
-            start = time.perf_counter()
-            out = model.generate(batch, max_new_tokens, **options)
-            synchronize(device)
-            results[label]["seconds"].append(time.perf_counter() - start)
-            results[label]["steps"] += model.decode_stats["steps"] if options else max_new_tokens
+            results[label]["prefill"].append(timed(batch, 1, options)[0])
+            seconds, out = timed(batch, max_new_tokens, options)
+            results[label]["seconds"].append(seconds)
+            results[label]["steps"] += model.decode_stats["steps"] if options else max_new_tokens - 1
             results[label]["outputs"].append(out)
     return results
 
@@ -83,13 +98,16 @@ def rows_of(results: dict, batch_size: int, max_new_tokens: int, model_name: str
     plain = results["plain greedy"]
     tokens = max_new_tokens * batch_size * len(plain["seconds"])
     plain_rate = tokens / sum(plain["seconds"])
-    plain_step = sum(plain["seconds"]) / plain["steps"]
+    # a plain step: the time past the prefill over the tokens past the prefill's first one
+    plain_step = (sum(plain["seconds"]) - sum(plain["prefill"])) / plain["steps"]
     rows = []
     for label, r in results.items():
         rate = tokens / sum(r["seconds"])
-        row = {"model": model_name, "decoding": label, "batch": batch_size, "tokens/s": rate,
-               "speedup": rate / plain_rate, "accepted/step": max_new_tokens * len(r["seconds"]) / r["steps"],
-               "step cost (plain steps)": sum(r["seconds"]) / r["steps"] / plain_step,
+        row = {"model": model_name, "decoding": label, "batch": batch_size, "drafts": r.get("drafts", 0),
+               "tokens/s": rate, "speedup": rate / plain_rate,
+               # tokens a step adds: every token but the first, which the prefill gives
+               "accepted/step": (max_new_tokens - 1) * len(r["seconds"]) / max(r["steps"], 1),
+               "step cost (plain steps)": (sum(r["seconds"]) - sum(r["prefill"])) / max(r["steps"], 1) / plain_step,
                "identical": all(torch.equal(a, b) for a, b in zip(r["outputs"], plain["outputs"]))}
         if low_repeat is not None:
             chosen = low_repeat or [0]
@@ -105,7 +123,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--num_drafts", type=int, default=4)
+    p.add_argument("--num_drafts", type=int, default=4, help="most drafts per step of the heads or modules")
+    p.add_argument("--lookup_drafts", type=int, default=8,
+                   help="most drafts per step of prompt lookup (alone or with the heads), while its match continues")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--trees", nargs="*", default=["3,2,1", "4,2"],
                    help="tree shapes as widths per depth (Medusa-style product trees)")
@@ -122,11 +142,13 @@ def main() -> None:
         model.eos_id = None  # measure full-length continuations
         name = f"{type(model).__name__}" + (f" ({model.head_type} heads)" if hasattr(model, "head_type") else "")
         prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
-        cases = decoding_cases(model, args.num_drafts, trees)
+        cases = decoding_cases(model, args.num_drafts, trees, args.lookup_drafts)
         for batch_size in args.batch:
             batches = [torch.tensor(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
             batches = [b for b in batches if b.shape[0] == batch_size]
             results = measure(model, batches, cases, args.max_new_tokens)
+            for label, options in cases:
+                results[label]["drafts"] = options.get("num_drafts", 0)
             low = None
             if batch_size == 1:
                 repeats = [repeated_4gram_share(o[0, args.prompt_tokens:].tolist())

@@ -100,6 +100,12 @@ class KVCache:
 
     def crop(self, length: int | torch.Tensor) -> None:
         """Forget every position of a row from `length` on (an int for every row, or a [B] tensor)."""
+        lo, hi = self._bounds
+        if isinstance(length, int) and lo == hi:  # rows alike: checked on the host, without a sync (speculative
+            if not 0 <= length <= hi:              # decoding crops every step)
+                raise ValueError(f"cannot crop a cache of {hi} positions to {length}")
+            self._set_lengths(torch.full_like(self.lengths, length), (length, length))
+            return
         n = as_lengths(length, self.lengths)
         if bool(((n < 0) | (n > self.lengths)).any()):
             raise ValueError(f"cannot crop a cache of {self.lengths.tolist()} positions to {n.tolist()}")

@@ -8,12 +8,15 @@ prediction, and `match_params` moves n-1 trunk layers into heads 2..n for a comp
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.layers import DecodingCache, RMSNorm
-from objectives.decoding.drafters import CacheGroup, Drafter, lookup_drafts
+from objectives.decoding.drafters import CacheGroup, Drafter, PromptLookup, lookup_drafts
 from objectives.decoding.greedy import token_probs
 from objectives.training import metrics as M
 from objectives.training.causal import CausalObjective
@@ -72,7 +75,7 @@ class _PerHeadBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, objective, targets, masks, stats, *params):
-        embed = objective.embed.weight
+        embed = objective.unembedding  # the output projection: tied, or an untied lm_head
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else embed.dtype
         grad_embed = torch.zeros(embed.shape, dtype=dtype, device=embed.device)
@@ -211,7 +214,7 @@ class MultiTokenPrediction(CausalObjective):
         targets, masks = zip(*(shifted(tokens, mask, k, T) for k in range(1, self.n_future + 1)))
         stats: dict = {}
         if self.per_head_backward and torch.is_grad_enabled():
-            params = [self.embed.weight, *self.head_norm.parameters(), *self.heads.parameters()]
+            params = [self.unembedding, *self.head_norm.parameters(), *self.heads.parameters()]
             loss = _PerHeadBackward.apply(hidden, self, targets, masks, stats, *params)
         else:
             states = self.head_states(hidden)
@@ -236,21 +239,61 @@ class MultiTokenPrediction(CausalObjective):
         states = self.head_states(hidden, list(state.caches[1:]), **trunk_options)
         return self.logits(hidden), torch.stack(states[1:], dim=2)
 
-    def draft_logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
+    def draft_logits(self, features: torch.Tensor, k: int, stacked: tuple | None = None) -> torch.Tensor:
         """Heads 2..k+1 at one position per row (features [B, ...] from `decode_forward`): logits [B, k, V],
         guesses of the tokens 2..k+1 ahead. Only these k rows are unembedded; k = 0 (one head: nothing to draft
-        with) gives [B, 0, V], so every step is a plain step."""
+        with) gives [B, 0, V], so every step is a plain step. `stacked` (from `stacked_heads`): the parallel MLP
+        heads as one matrix product."""
         if k == 0:
             return features.new_zeros(features.shape[0], 0, self.unembedding.shape[0])
-        if self.head_type == "mlp":
-            states = torch.cat(self.head_states(features[:, None])[1 : k + 1], 1)
-        else:
-            states = features[:, :k]
+        states = self.mlp_heads_at(features, k, stacked) if self.head_type == "mlp" else features[:, :k]
         return self.logits(self.head_norm(states))
 
-    def drafters(self, num_drafts: int) -> dict:
-        def heads(tokens, state, features, temperature, top_k, max_drafts, width=0):
-            logits = self.draft_logits(features, min(self.n_future - 1, max_drafts))
+    def mlp_heads_at(self, x: torch.Tensor, k: int, stacked: tuple | None = None) -> torch.Tensor:
+        """MLP heads 2..k+1 on hidden states x [N, D]: their states [N, k, D] (before the norm)."""
+        if stacked is None:
+            return torch.cat(self.head_states(x[:, None])[1 : k + 1], 1)
+        weight, bias = stacked  # head j: x + SiLU(W_j x + b_j), every head in one product
+        D = x.shape[-1]
+        return x[:, None] + F.silu(F.linear(x, weight[: k * D], bias[: k * D])).view(-1, k, D)
+
+    def stacked_heads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Parallel MLP heads of one block each all read the trunk's hidden state x, so their weights stacked
+        [(n-1) D, D] and biases [(n-1) D] draft with one matrix product instead of n-1 (Medusa's heads are such
+        blocks). None for other heads. Made once per decode: a copy of the weights, not a view."""
+        if self.head_type != "mlp" or self.topology != "parallel" or not len(self.heads) or len(self.heads[0]) != 1:
+            return None
+        linears = [blocks[0].linear for blocks in self.heads]
+        return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
+
+    def drafters(self, num_drafts: int, min_confidence: float = 0.25) -> dict:
+        """Prompt lookup (every family's), and the heads' drafters:
+
+        - "heads": heads 2..n, up to num_drafts of them, each drafting its argmax (Medusa, Cai et al. 2024; the
+          self-speculative decoding of Gloeckle et al. 2024), or a sample for speculative sampling.
+        - "confident heads": the same, stopping at the first head whose top probability is below `min_confidence`,
+          so the forward carries only likely tokens (on a CPU core a carried token costs a tenth of a plain step or
+          so, 0.05-0.15 at 2-8 tokens, so at a speedup near 2 a draft that is right less than about a quarter of the
+          time costs more than it brings: hence the default 0.25).
+        - "heads+lookup": prompt lookup first, up to num_drafts tokens while its match continues; the heads where
+          lookup finds nothing, and after a match shorter than the heads reach. A tree takes lookup's token as the
+          first candidate of every depth it covers.
+
+        Each has a batch-1 greedy form for the lean loop (`Drafter.chain`) that drafts the same tokens.
+        """
+        reach = min(self.n_future - 1, num_drafts)
+        floor = math.log(min_confidence) if min_confidence > 0 else -math.inf
+        stacked = []  # the heads' stacked weights, made on first use, kept for this decode
+
+        def head_logits(features, k):
+            if not stacked:
+                stacked.append(self.stacked_heads())
+            return self.draft_logits(features, k, stacked[0])
+
+        def heads(tokens, state, features, temperature, top_k, max_drafts, width=0, gate=False):
+            logits = head_logits(features, max(0, min(reach, max_drafts)))
+            if gate and logits.shape[1]:  # a batch carries the most confident row's count
+                logits = logits[:, : int(confident_heads(logits, floor).max())]
             if width:  # ranked candidates for a tree
                 return logits.topk(min(width, logits.shape[-1]), -1).indices, None
             if temperature <= 0:
@@ -258,23 +301,108 @@ class MultiTokenPrediction(CausalObjective):
             q = token_probs(logits, temperature, top_k)
             return torch.multinomial(q.flatten(0, 1), 1).view(q.shape[:2]), q
 
-        def heads_then_lookup(tokens, state, features, temperature, top_k, max_drafts, width=0):
-            """Each row drafts the lookup continuation where it finds one as deep as the heads reach, else the
-            heads' drafts; in a tree the lookup continuation is every depth's first candidate."""
-            k = min(self.n_future - 1, max_drafts)
+        def lookup_then_heads(tokens, state, features, temperature, top_k, max_drafts, width=0):
             found, counts = lookup_drafts(tokens, min(num_drafts, max_drafts), counts=True)
             drafts, q = heads(tokens, state, features, temperature, top_k, max_drafts, width)
-            if found.shape[1] < k or k == 0:
-                return drafts, q
-            use = counts >= k
-            found = found[:, :k]
-            if width:
-                ranked = torch.cat([found[..., None], drafts[..., : width - 1]], -1)
-                return torch.where(use[:, None, None], ranked, drafts), None
-            if q is not None:  # a row's lookup drafts are deterministic: their q is one-hot
-                q = torch.where(use[:, None, None], F.one_hot(found, q.shape[-1]).to(q.dtype), q)
-            return torch.where(use[:, None], found, drafts), q
+            h = drafts.shape[1]
+            if width:  # a tree keeps the heads' depth; lookup's token leads each depth it covers
+                j = min(found.shape[1], h)
+                ranked = drafts.clone()
+                ranked[:, :j] = torch.cat([found[:, :j, None], drafts[:, :j, : width - 1]], -1)
+                use = torch.arange(h, device=drafts.device) < counts[:, None]
+                return torch.where(use[..., None], ranked, drafts), None
+            K = max(found.shape[1], h)
+            # per row: lookup's drafts, then the heads' beyond them, then padding (the row's last lookup draft)
+            found = torch.cat([found, found[:, -1:].expand(-1, K - found.shape[1])], 1) if found.shape[1] else found
+            position = torch.arange(K, device=drafts.device)
+            use_lookup = position < counts[:, None]
+            from_heads = ~use_lookup & (position < h)
+            padded = F.pad(drafts, (0, K - h))
+            merged = torch.where(from_heads, padded, found if found.shape[1] else padded)
+            if q is not None:  # lookup's drafts and the padding are deterministic: their q is one-hot
+                q = torch.where(from_heads[..., None], F.pad(q, (0, 0, 0, K - h)),
+                                F.one_hot(merged, q.shape[-1]).to(q.dtype))
+            return merged, q
+
+        def chain(**options):  # the batch-1 greedy forms (`HeadsChain`)
+            def start(tokens):
+                if not stacked:
+                    stacked.append(self.stacked_heads())
+                return HeadsChain(self, tokens, reach, stacked[0], **options)
+            return start
 
         return {**super().drafters(num_drafts),
-                "heads": Drafter(heads, reads_tokens=False, ranks_candidates=True),  # features alone: no history
-                "heads+lookup": Drafter(heads_then_lookup, ranks_candidates=True)}
+                "heads": Drafter(heads, reads_tokens=False, ranks_candidates=True,  # features alone: no history
+                                 chain=chain()),
+                "confident heads": Drafter(functools.partial(heads, gate=True), reads_tokens=False,
+                                           ranks_candidates=True, chain=chain(floor=floor)),
+                "heads+lookup": Drafter(lookup_then_heads, ranks_candidates=True, chain=chain(lookup=num_drafts))}
+
+
+def confident_heads(logits: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per row of heads' logits [..., k, V], how many leading heads have a top probability of at least exp(floor)."""
+    top = logits.float().max(-1).values - logits.float().logsumexp(-1)  # log of each head's top probability
+    return (top >= floor).long().cumprod(-1).sum(-1)
+
+
+class HeadsChain:
+    """The heads' drafters at batch 1, greedy (`objectives.decoding.drafters.ChainDrafter`), for the lean loop.
+
+    The verify forward unembeds, at every fed position, the next-token state and heads 2..k+1's states in one
+    product, and the next step drafts from the accepted position's row. On a CPU core the unembedding comes from
+    memory for every product, and a product of 2 or 3 rows costs more than one of 4: a drafting pass of its own at
+    the accepted position costs more than the extra rows (d256, V 4096, 4 fed tokens, on a 2-core EPYC: 0.7 ms
+    for the 4 verify rows alone, 1.3 ms with the 12 head rows, 1.4-2.0 ms with a heads pass after). `floor` (log of the confidence threshold): each row also says how many leading heads are
+    confident. `lookup` (drafts): prompt lookup first, the heads where it finds nothing or beyond a short match;
+    while lookup drafts a whole continuation (a loop, say) the forward leaves the heads out, and should lookup fall
+    short after all, the heads draft in a pass of their own at the accepted position.
+    """
+
+    def __init__(self, model: "MultiTokenPrediction", tokens: list[int], reach: int, stacked: tuple | None,
+                 floor: float | None = None, lookup: int = 0):
+        self.model, self.reach, self.stacked, self.floor = model, reach, stacked, floor
+        self.lookup, self.lookup_drafts = (PromptLookup(tokens) if lookup else None), lookup
+        self.with_heads, self.kept = True, None  # the next forward unembeds the heads; else its head states
+
+    def forward(self, ids: torch.Tensor, state: CacheGroup, last: bool = False) -> torch.Tensor:
+        """ids [1, m] -> [m, 1 + k (+ 1)]: the argmax of the next token and of each head (then the confident
+        heads' count) at each position; with `last`, at the last position only (a prefill)."""
+        model, k = self.model, self.reach
+        hidden = model.hidden(ids, cache=state.caches[0])
+        if model.head_type == "block" and model.n_future > 1:  # every head block's cache advances with the trunk
+            states = torch.stack(model.head_states(hidden, list(state.caches[1:]))[1:], 2)[0, :, :k]
+        hidden = hidden[0, -1:] if last else hidden[0]
+        if model.head_type == "block" and k:
+            states = states[-1:] if last else states
+        if not (self.with_heads or last):  # lookup drafts: keep what the heads would read, unembed the argmax only
+            self.kept = states if model.head_type == "block" else hidden
+            return model.logits(hidden).argmax(-1, keepdim=True)
+        if k == 0:  # nothing to draft with
+            states = hidden[:, None][:, :0]
+        elif model.head_type == "mlp":
+            states = model.mlp_heads_at(hidden, k, self.stacked)
+        logits = model.logits(torch.cat([hidden[:, None], model.head_norm(states)], 1))  # [m, 1 + k, V]
+        return self.rows(logits)
+
+    def rows(self, logits: torch.Tensor, skip: int = 1) -> torch.Tensor:
+        """Argmax rows [m, c] of logits [m, c, V], then (gated) the count of confident heads among those from
+        `skip` on (1: the first is the next token's)."""
+        rows = logits.argmax(-1)
+        if self.floor is not None:
+            rows = torch.cat([rows, confident_heads(logits[:, skip:], self.floor)[:, None]], 1)
+        return rows
+
+    def drafts(self, rows: list[list[int]], at: int, max_drafts: int) -> list[int]:
+        found = self.lookup(min(self.lookup_drafts, max_drafts)) if self.lookup is not None else []
+        h = min(self.reach, max_drafts)
+        self.with_heads = self.lookup is None or len(found) < h  # the heads for the step after a short lookup
+        if not self.with_heads:
+            return found
+        if h and len(rows[at]) == 1:  # the forward left the heads out: they draft here, at the accepted position
+            logits = self.model.draft_logits(self.kept[at : at + 1], h, self.stacked)
+            row = [rows[at][0]] + self.rows(logits, skip=0).tolist()[0]
+        else:
+            row = rows[at]
+        if self.floor is not None:
+            h = min(h, row[-1])
+        return found + row[1 + len(found) : 1 + h]

@@ -541,8 +541,6 @@ def test_match_params_on_a_pretrained_trunk_fails_naming_the_option(saved):
     assert getattr(HFTrunk(pretrained=saved["llama"]), "blocks", None) is None  # getattr with a default still works
 
 
-@pytest.mark.xfail(strict=True, reason="objectives/mtp.py's per-head backward reads objective.embed.weight as the "
-                   "unembedding: with an untied head (the tiny Llama's) it must read objective.unembedding")
 def test_the_per_head_backward_uses_an_untied_head(saved):
     torch.manual_seed(0)
     tokens = torch.randint(0, 97, (2, 13))

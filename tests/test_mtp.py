@@ -158,11 +158,12 @@ def agreeing(name: str):
 
 
 @pytest.mark.parametrize("name,tokens_per_step", [("mtp-parallel", 4), ("mtp-causal", 3), ("deepseek", 3),
-                                                  ("ntp-lookup", 2)])
+                                                  ("ntp-lookup", 5)])
 def test_drafts_that_agree_with_the_model_are_all_accepted(name, tokens_per_step):
     """Every step keeps all of its drafts and adds its own token: the 39 tokens after the prefill's take
     ceil(39 / tokens per step) verify steps (n-1 head drafts + 1; DeepSeek: its 2 modules + 1; prompt lookup on a
-    constant sequence finds one continuing token). A drafter that is wrong takes 39."""
+    constant sequence, a loop of period 1, drafts as deep as asked: the default 4 + 1). A drafter that is wrong
+    takes 39."""
     model = agreeing(name)
     prompt = torch.tensor([[5] * 7, [9] * 7])
     plain = model.generate(prompt, 40)

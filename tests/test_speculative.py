@@ -1,6 +1,7 @@
 """Speculative decoding: tree drafts, per-row acceptance on ragged batches, cache compaction, exact sampling for
 every drafter (the mutations "resample from p instead of the residual" and "keep a rejected tree sibling" fail it),
-DeepSeek's module caches."""
+DeepSeek's module caches; the lean batch-1 loop against the general one for every drafter, prompt lookup's cyclic
+extension and the heads' confidence gate."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,8 @@ from models import Mamba, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
 from objectives.distill import SelfDistillation
 from objectives.decoding.draft_trees import DraftTree
-from objectives.decoding.drafters import Drafter
+from objectives.decoding import speculative
+from objectives.decoding.drafters import Drafter, PromptLookup, lookup_drafts
 from objectives.decoding.speculative import speculative_generate
 
 V = 50
@@ -33,6 +35,18 @@ def model(name: str, vocab: int = V, max_len: int = 128):
         return sharpened(MultiTokenPrediction(transformer(max_len), vocab_size=vocab, n_future=4))
     if name == "mtp-mlp":
         return sharpened(MultiTokenPrediction(transformer(max_len), vocab_size=vocab, n_future=4, head_type="mlp"))
+    if name.startswith("varied"):  # greedy output that varies (the blocks, scaled up, outweigh the embedding),
+        # logits sharp enough for heads of spread confidence
+        kind = name.removeprefix("varied").lstrip("-") or "mlp"
+        trunk = Mamba(d_model=32, n_layers=2, d_state=8, max_seq_len=max_len) if kind == "mamba" else transformer(max_len)
+        m = MultiTokenPrediction(trunk, vocab_size=vocab, n_future=3 if kind == "mamba" else 4,
+                                 head_type="mlp" if kind == "mlp" else "block")
+        with torch.no_grad():
+            for weight in (p for p in m.trunk.parameters() if p.dim() == 2):
+                weight.mul_(6)
+            m.trunk.norm.weight.mul_(20)
+            m.head_norm.weight.mul_(20)
+        return m.eval()
     if name == "mtp-mamba":
         return sharpened(MultiTokenPrediction(Mamba(d_model=32, n_layers=2, d_state=8, max_seq_len=max_len),
                                               vocab_size=vocab, n_future=3))
@@ -143,6 +157,187 @@ def test_speculative_greedy_on_the_mamba_trunk_and_a_batch_that_stops_at_eos():
     assert torch.equal(m.generate(ids, 20), m.generate(ids, 20, speculative=True))
 
 
+# --- the lean batch-1 loop and the drafters --------------------------------------------------------------------------
+CHAIN_CASES = [("varied", "heads"), ("varied", "confident heads"), ("varied", "heads+lookup"), ("varied", "lookup"),
+               ("varied-block", "heads"), ("varied-block", "heads+lookup"), ("varied-mamba", "heads"),
+               ("varied-mamba", "heads+lookup"), ("mtp-mlp", "heads+lookup"), ("ntp", "lookup")]
+
+
+@pytest.mark.parametrize("name,drafter", CHAIN_CASES)
+def test_the_lean_loop_gives_plain_greedy_output_in_the_general_loops_steps(name, drafter, monkeypatch):
+    """Batch 1, greedy, chain drafts: the lean loop runs (counted), its output is plain greedy's token for token, and
+    it takes exactly the general loop's steps (the same drafts, the same acceptance), up to the trunk's last
+    position (40) and with an eos inside the output."""
+    calls = []
+    lean = speculative.greedy_chain
+    monkeypatch.setattr(speculative, "greedy_chain", lambda *a, **k: calls.append(1) or lean(*a, **k))
+    m = model(name, max_len=40)
+    ids = prompt(1, 9, seed=2)
+    for eos in (None, "inside"):
+        plain = m.generate(ids, 31)
+        if eos:
+            m.eos_id = int(plain[0, 25])
+            plain = m.generate(ids, 31)
+        out = m.generate(ids, 31, speculative=True, drafter=drafter, num_drafts=8)
+        steps = m.decode_stats["steps"]
+        general, info = speculative_generate(m, ids, 31, m.drafters(8)[drafter], lean=False)
+        assert torch.equal(out, plain) and torch.equal(general, plain)
+        assert steps == info["steps"] < 30
+    assert len(calls) == 2
+
+
+class Oracle:
+    """A batch-1 chain drafter (`ChainDrafter`) that knows plain greedy's output and drafts it with one wrong token
+    at a place that moves from step to step (none every fifth step), checking that the loop hands it the row of the
+    accepted position."""
+
+    def __init__(self, m, tokens, plain):
+        self.m, self.tokens, self.plain, self.step = m, tokens, plain, 0
+
+    def forward(self, ids, state, last=False):
+        logits, _ = self.m.decode_forward(ids, state)
+        return (logits[0, -1:] if last else logits[0]).argmax(-1, keepdim=True)
+
+    def drafts(self, rows, at, max_drafts):
+        assert rows[at][0] == self.tokens[-1]  # the accepted position's argmax is the next certain token
+        n, wrong = len(self.tokens), self.step % 5
+        self.step += 1
+        return [t if i != wrong else (t + 1) % V for i, t in enumerate(self.plain[n : n + min(4, max_drafts)])]
+
+
+@pytest.mark.parametrize("name", ["varied", "varied-mamba"])
+def test_the_lean_loop_keeps_what_it_accepts_and_crops_the_rest(name):
+    """On a model whose greedy output varies (a copied or shifted token shows), drafts that are right up to a
+    known place: the output is plain greedy's and each step accepts exactly the drafts before the wrong one."""
+    m = model(name)
+    ids = prompt(1, 9, seed=1)
+    plain = m.generate(ids, 40)
+    assert len(set(plain[0, 9:].tolist())) > 5
+    out, info = speculative.greedy_chain(m, ids, 40, lambda tokens: Oracle(m, tokens, plain[0].tolist()))
+    assert torch.equal(out, plain)
+    n, steps = 10, 0  # tokens known after the prefill; each step keeps the drafts before the wrong one, plus one
+    while n < 49:
+        k = min(4, 49 - n - 1)
+        n, steps = n + min(steps % 5, k) + 1, steps + 1
+    assert info["steps"] == steps
+
+
+@pytest.mark.parametrize("name,drafter", [("varied", "heads"), ("varied", "heads+lookup"), ("varied", "confident heads"),
+                                          ("varied-block", "heads"), ("varied-block", "heads+lookup")])
+def test_lean_drafts_equal_the_general_drafters_at_every_accepted_position(name, drafter):
+    """After `at` drafts are accepted, the lean loop's drafter drafts what the general one does from the features
+    at that position; the history then ends with the model's own token, or with a short lookup match (a b a: the
+    text after the earlier a is b a), which the heads extend."""
+    m = model(name)
+    tokens = prompt(1, 13, seed=5)[0].tolist()
+    tokens[4:7] = tokens[9:12]  # an earlier occurrence for lookup to find
+    prompt_ids, fed = tokens[:9], tokens[9:]  # the next certain token and 3 drafts
+    _, features = m.decode_forward(torch.tensor([tokens]), m.start_decoding(1, "cpu"))
+    a, b = sorted(set(range(V)) - set(tokens))[:2]
+    for at in range(4):
+        for tail in ("model", [a, b, a]):
+            history = list(prompt_ids)
+            chain = m.drafters(3)[drafter].chain(history)
+            state = m.start_decoding(1, "cpu")
+            chain.forward(torch.tensor([prompt_ids]), state, last=True)
+            history.append(fed[0])
+            rows = chain.forward(torch.tensor([fed]), state).tolist()
+            history += fed[1 : at + 1] + ([rows[at][0]] if tail == "model" else tail)
+            general, _ = m.drafters(3)[drafter](torch.tensor([history]), None, features[:, 9 + at], 0.0, None, 3)
+            assert chain.drafts(rows, at, 3) == general[0].tolist(), f"accepted {at}, then {tail}"
+
+
+@pytest.mark.parametrize("name,drafter", [("varied", "heads"), ("varied", "confident heads"),
+                                          ("varied-block", "heads+lookup"), ("varied-mamba", "heads"),
+                                          ("varied-mamba", "heads+lookup")])
+def test_ragged_batch_of_3_equals_each_row_alone(name, drafter):
+    m = model(name)
+    lengths = torch.tensor([5, 14, 9])
+    ids = prompt(3, 14, seed=11).masked_fill(torch.arange(14) >= lengths[:, None], 0)
+    out, info = speculative_generate(m, ids, 20, m.drafters(8)[drafter], prompt_lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(out[b, : n + 20], m.generate(ids[b : b + 1, :n], 20)[0]), f"row {b} (prompt of {n})"
+    assert info["steps"] < 20
+
+
+def test_cropping_a_transformer_cache_to_an_int_is_checked():
+    """Rows alike: the crop to an int is checked on the host (no sync) and keeps the per-row lengths in step."""
+    trunk = transformer()
+    cache = trunk.make_cache(2)
+    trunk(torch.randn(2, 5, 32), cache=cache)
+    cache.crop(3)
+    assert cache.length == 3 and cache.lengths.tolist() == [3, 3]
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match="cannot crop"):
+            cache.crop(bad)
+    cache.crop(torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="cannot crop"):  # ragged rows: every row is checked
+        cache.crop(2)
+
+
+def test_prompt_lookup_extends_a_loop_past_its_period():
+    loop = [4, 9] + [1, 2, 3] * 3  # period 3, repeated: drafted as deep as asked, copied on from the drafts
+    assert PromptLookup(loop)(8) == [1, 2, 3, 1, 2, 3, 1, 2]
+    assert PromptLookup([7, 7])(4) == [7, 7, 7, 7]
+    # a match that is no loop offers only the text after it: [3, 4] recurs, [2, 3, 4] does not
+    assert PromptLookup([1, 2, 3, 4, 9, 3, 4])(5) == [9, 3, 4]
+    assert PromptLookup([1, 2, 3])(3) == []
+    # the latest occurrence of the longest n-gram wins; left padding (-1) matches nothing
+    drafts, counts = lookup_drafts(torch.tensor([[5, 6, 7, 8, 1, 5, 6, 7, 9, 5, 6, 7], [-1] * 7 + [3, 5, 3, 5, 3]]),
+                                   4, counts=True)
+    assert drafts.tolist() == [[9, 5, 6, 7], [5, 3, 5, 3]] and counts.tolist() == [4, 4]
+    tokens = loop[:5]  # the index follows a list that grows (the lean loop's)
+    lookup = PromptLookup(tokens)
+    assert lookup(4) == []
+    tokens += loop[5:]
+    assert lookup(8) == [1, 2, 3, 1, 2, 3, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["mtp-mlp", "mtp-block"])
+def test_heads_draft_at_the_accepted_position_when_a_lookup_run_ends(name):
+    """heads+lookup at batch 1: while lookup drafts a whole loop the verify forward leaves the heads out; when the
+    next lookup finds nothing, the heads draft from the accepted position in a pass of their own."""
+    m = model(name)
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]
+    chain = m.drafters(8)["heads+lookup"].chain(tokens)
+    state = m.start_decoding(1, "cpu")
+    rows = chain.forward(torch.tensor([tokens]), state, last=True).tolist()
+    tokens.append(3)  # as if the model had said 3: lookup continues the loop past its period
+    assert chain.drafts(rows, 0, 8) == [1, 2, 3, 1, 2, 3, 1, 2]
+    rows = chain.forward(torch.tensor([[3, 1, 2, 3, 1, 2, 3, 1, 2]]), state).tolist()
+    assert [len(r) for r in rows] == [1] * 9  # the argmax alone
+    state.crop(len(tokens) + 1)
+    tokens += [1, 49]  # one draft accepted, then a token never seen: lookup finds nothing
+    drafts = chain.drafts(rows, 1, 8)
+    fresh = m.start_decoding(1, "cpu")
+    _, features = m.decode_forward(torch.tensor([tokens[:-1]]), fresh)
+    assert drafts == m.draft_logits(features[:, -1], 3).argmax(-1)[0].tolist()
+
+
+def test_confident_heads_stop_at_the_first_unsure_head():
+    m = model("varied")
+    ids = prompt(1, 9)
+    features = torch.randn(2, 32)
+    top = m.draft_logits(features, 3).softmax(-1).amax(-1)  # [2, 3]: each head's top probability
+    cuts = sorted(set(top.flatten().tolist()))
+    for threshold in [(a + b) / 2 for a, b in zip([0.0] + cuts, cuts + [1.0])]:  # between the heads' values
+        leading = (top >= threshold).long().cumprod(1).sum(1)  # per row, heads before the first unsure one
+        drafts, _ = m.drafters(3, min_confidence=threshold)["confident heads"](None, None, features, 0.0, None, 3)
+        assert drafts.shape[1] == int(leading.max())  # a batch carries its most confident row's count
+    ids = prompt(1, 9, seed=1)
+    plain = m.generate(ids, 40)
+    steps = []
+    for threshold in (0.0, 0.3, 0.6, 0.9, 1.5):  # the lean loop gates as the general loop does
+        options = {"min_confidence": threshold}
+        lean = m.generate(ids, 40, speculative=True, drafter="confident heads", drafter_options=options)
+        steps.append(m.decode_stats["steps"])
+        general, info = speculative_generate(m, ids, 40, m.drafters(4, **options)["confident heads"], lean=False)
+        assert torch.equal(lean, plain) and torch.equal(general, plain) and steps[-1] == info["steps"]
+    assert steps[0] < steps[1] < steps[2] < steps[-1] == 39  # a higher bar carries fewer drafts; 1.5: none
+    with pytest.raises(TypeError):
+        m.generate(ids, 5, speculative=True, drafter_options={"min_confidenc": 0.5})
+
+
 # --- exact sampling: the joint of the drafted tokens and the bonus token ---------------------------------------------
 def spread(name: str):
     """A V=5 model whose next-token distributions are spread (entropy about 1 nat of ln 5 = 1.61: the default
@@ -184,6 +379,7 @@ def chi2_critical(dof: int, z: float = 3.09) -> float:
 
 SAMPLING_CASES = [("mtp-block", "heads", None), ("mtp-mlp", "heads", None), ("mtp-block", "heads", [2, 2]),
                   ("mtp-mlp", "heads", [3, 2]), ("mtp-mlp", "heads+lookup", None), ("ntp", "lookup", None),
+                  ("mtp-mlp", "confident heads", None),
                   ("deepseek", "modules", None), ("deepseek", "modules", [2, 2]), ("retrofit", "masks", None)]
 
 

@@ -12,6 +12,11 @@ plain sampling.
 Tree drafts (the drafter's ranked candidates, verified in one forward with a tree attention mask) are in
 `objectives/decoding/draft_trees.py`; drafters (`Drafter`, prompt lookup) in `objectives/decoding/drafters.py`.
 
+At batch 1, greedy, with chain drafts (the case of a single user on a CPU core), `greedy_chain` runs instead: a lean
+loop that keeps the tokens on the host, accepts on host integers and makes one host sync per step, and whose
+drafter computes its next drafts inside the verify forward, so that a verify step costs little more than its
+forward. Trees stay for the GPU, where extra nodes are nearly free.
+
 Rows of a batch keep their own accepted length (each row's cache is cropped to its own end; the trunk's per-row
 lengths and positions place the next drafts). A drafter whose state advances for the whole batch at once (a
 DeepSeek MTP module chain) sets `per_row = False` on its state; the batch then keeps the shortest accepted prefix,
@@ -29,7 +34,8 @@ from objectives.decoding.greedy import sample_token, token_probs
 @torch.no_grad()
 def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, propose: Proposer,
                          temperature: float = 0.0, top_k: int | None = None, tree=None,
-                         prompt_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                         prompt_lengths: torch.Tensor | None = None, lean: bool = True
+                         ) -> tuple[torch.Tensor, dict]:
     """Decode with drafts: prompt [B, P] (rows right-padded to `prompt_lengths`) -> (ids [B, max(P, longest
     prompt + max_new_tokens)], row b's prompt, then its max_new_tokens new tokens, then padding, the layout of
     `objectives.decoding.greedy.left_to_right`; {"steps", "tokens"}: verify forwards and new tokens per row).
@@ -37,7 +43,9 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
     The loop is lean: tokens are written into a preallocated output (the drafter reads a view of it; a copy only
     for ragged rows and a drafter that reads tokens), the model runs one argmax per verified position, the causal
     chain case passes no mask, and a step makes one host sync (the accepted lengths, which the cache crop and
-    the loop's end need).
+    the loop's end need). One row decoded greedily with chain drafts by a drafter that has a batch-1 form goes
+    to `greedy_chain` (`lean=False` keeps it in this loop: the same output and, for the same drafts, the same
+    steps).
     """
     tree = as_tree(tree)
     if tree is not None and tree.is_chain:
@@ -52,6 +60,12 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
     B, P = prompt_ids.shape
     device = prompt_ids.device
     model.check_generation_length(P + max_new_tokens)
+    state = None
+    if (lean and B == 1 and temperature <= 0 and tree is None and drafter.chain is not None
+            and (prompt_lengths is None or int(torch.as_tensor(prompt_lengths).reshape(-1)[0]) == P)):
+        state = model.start_decoding(1, device)
+        if not hasattr(state, "accept"):  # a drafter that must see every verified position takes the general loop
+            return greedy_chain(model, prompt_ids, max_new_tokens, drafter.chain, state)
     limit = model.trunk.max_seq_len
     lengths = (torch.full((B,), P, dtype=torch.long, device=device) if prompt_lengths is None
                else torch.as_tensor(prompt_lengths, dtype=torch.long, device=device))
@@ -64,7 +78,7 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
     out[:, :P] = prompt_ids
     arange = torch.arange(out.shape[1], device=device)
 
-    state = model.start_decoding(B, device)
+    state = model.start_decoding(B, device) if state is None else state
     per_row = getattr(state, "per_row", True)
     if ragged and not per_row:
         raise ValueError(f"{type(model).__name__}'s drafter advances the whole batch at once: decode prompts of "
@@ -153,6 +167,49 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
         after_eos = ((ids == model.eos_id) & generated).long().cumsum(1) > 0
         ids = ids.masked_fill(after_eos & generated, model.eos_id)
     ids = ids.masked_fill(arange[: ids.shape[1]] >= lengths[:, None] + max_new_tokens, pad)
+    return ids, {"steps": steps, "tokens": max_new_tokens}
+
+
+@torch.no_grad()
+def greedy_chain(model, prompt_ids: torch.Tensor, max_new_tokens: int, chain, state=None
+                 ) -> tuple[torch.Tensor, dict]:
+    """Speculative greedy decoding of one row with chain drafts, lean: prompt [1, P] -> (ids [1, P +
+    max_new_tokens], {"steps", "tokens"}), token for token plain greedy decoding.
+
+    `chain(tokens)` makes the drafter's batch-1 form (`objectives.decoding.drafters.ChainDrafter`) over the host
+    list of tokens. A step feeds the next certain token and the drafts; the drafter's forward returns, for every
+    fed position, the model's argmax and what the drafter drafts from there (the heads' guesses come out of the
+    verify forward's own pass over the unembedding); one `.tolist()` brings them to the host, where the accepted
+    prefix is counted on integers and the next drafts are read off the last accepted position's row. The cache
+    is cropped by its lengths (checked on the host, no sync).
+    """
+    P = prompt_ids.shape[1]
+    device = prompt_ids.device
+    end, limit, eos = P + max_new_tokens, model.trunk.max_seq_len, model.eos_id
+    state = model.start_decoding(1, device) if state is None else state
+    tokens = prompt_ids[0].tolist()
+    drafter = chain(tokens)
+    rows, accepted = drafter.forward(prompt_ids, state, last=True).tolist(), 0
+    tokens.append(rows[0][0])
+    done = tokens[-1] == eos
+    steps = 0
+    while len(tokens) < end and not done:
+        depth = min(end - len(tokens) - 1, limit - len(tokens))  # drafts that fit the budget and the cache
+        drafts = drafter.drafts(rows, accepted, depth) if depth > 0 else []
+        rows = drafter.forward(torch.tensor([tokens[-1:] + drafts], device=device), state).tolist()  # one sync
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == rows[accepted][0]:
+            accepted += 1
+        new = drafts[:accepted] + rows[accepted][:1]
+        tokens += new
+        done = eos is not None and eos in new
+        state.crop(len(tokens) - 1)  # the cache holds every token but the next certain one
+        steps += 1
+    generated = tokens[P:end]
+    if eos is not None and eos in generated:  # finished at eos: eos from then on, as plain decoding writes
+        first = generated.index(eos)
+        generated = generated[:first] + [eos] * (max_new_tokens - first)
+    ids = torch.tensor([tokens[:P] + generated], dtype=prompt_ids.dtype, device=device)
     return ids, {"steps": steps, "tokens": max_new_tokens}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from objectives.decoding.drafters import Drafter, lookup_drafts
+from objectives.decoding.drafters import Drafter, LookupChain, lookup_drafts
 from objectives.decoding.greedy import left_to_right
 from objectives.decoding.speculative import speculative_generate
 from objectives.training.base import Objective
@@ -55,7 +55,7 @@ class CausalObjective(Objective):
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int | torch.Tensor, temperature: float = 0.0,
                  top_k: int | None = None, speculative: bool = False, drafter: str | None = None,
                  num_drafts: int = 4, teacherless: tuple[int, int] | None = None, tree=None,
-                 prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                 prompt_lengths: torch.Tensor | None = None, drafter_options: dict | None = None) -> torch.Tensor:
         """Left-to-right decoding with the trunk's cache: prompt [B, P] -> [B, P + max_new_tokens].
 
         `prompt_lengths` [B]: the prompts are right-padded, row b's being its first prompt_lengths[b] tokens; row b
@@ -66,15 +66,17 @@ class CausalObjective(Objective):
         a drafter (`drafters`; prompt lookup for every objective) proposes up to `num_drafts` tokens per step and
         one forward verifies them: the same output as plain decoding (greedy) or the same distribution
         (sampling), in fewer forwards; `tree` (widths per depth, or rank paths) verifies a tree of the drafter's
-        ranked candidates instead (objectives/decoding/speculative.py). `self.decode_stats` then holds the forwards and
-        tokens of the last call.
+        ranked candidates instead (objectives/decoding/speculative.py). `drafter_options` go to `drafters` (say the
+        heads' `min_confidence`). `self.decode_stats` then holds the forwards and tokens of the last call.
         `teacherless` = (marker_id, dummy_id): once a row has emitted the answer marker, the model reads the dummy
         token instead of its own output (Bachmann & Nagarajan 2024's teacherless models are decoded this way).
         """
+        if drafter_options and not speculative:
+            raise ValueError("drafter_options are options of speculative decoding: pass speculative=True")
         if speculative and teacherless is not None:
             raise ValueError("speculative decoding verifies the model's own tokens; it cannot decode teacherless")
         if speculative:
-            propose = self.drafters(num_drafts).get(drafter or self.default_drafter)
+            propose = self.drafters(num_drafts, **(drafter_options or {})).get(drafter or self.default_drafter)
             if propose is None:
                 raise ValueError(f"unknown drafter {drafter!r}: {type(self).__name__} offers {sorted(self.drafters(1))}")
             ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens, propose, temperature, top_k,
@@ -96,10 +98,11 @@ class CausalObjective(Objective):
     def drafters(self, num_drafts: int) -> dict:
         """Drafting strategies by name (`objectives.decoding.drafters.Drafter`): each maps (tokens, state, features,
         temperature, top_k, max_drafts) to (drafts [B, k], draft distributions [B, k, V] or None when drafts are
-        deterministic)."""
+        deterministic). Prompt lookup drafts up to num_drafts tokens while its match continues (cyclically in a
+        loop), so num_drafts = 8 lets a long match fill a long verify."""
         def lookup(tokens, state, features, temperature, top_k, max_drafts):
             return lookup_drafts(tokens, min(num_drafts, max_drafts)), None
-        return {"lookup": Drafter(lookup)}
+        return {"lookup": Drafter(lookup, chain=lambda tokens: LookupChain(self, tokens, num_drafts))}
 
     def after_eos(self, token: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Rows already finished emit eos again; marks rows that just emitted eos as finished (in place)."""
