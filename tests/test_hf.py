@@ -572,3 +572,33 @@ def test_the_prompt_lookup_benchmark_runs_both_libraries_and_checks_them_against
     assert [r["decoding"] for r in rows] == list(hf_lookup.CASES)
     assert all(r["equal to own greedy"] and r["equal to beyond-ntp greedy"] and r["tokens/s"] > 0 for r in rows)
     assert json.loads((tmp_path / "out.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+@pytest.mark.parametrize("family", ["deepseek", "bag_of_words", "tfidf_on_mtp"])
+def test_the_other_causal_families_take_a_step_on_a_pretrained_trunk(family, saved):
+    """DeepSeek's modules and the future summaries (on NTP and on MTP) train on a tiny Llama: a finite loss whose
+    gradients reach what the family adds."""
+    from objectives import BagOfWordsSummary, DeepSeekMTP
+    torch.manual_seed(0)
+    trunk = HFTrunk(pretrained=saved["llama"])
+    model = {"deepseek": lambda: DeepSeekMTP(trunk, vocab_size=97, depth=2),
+             "bag_of_words": lambda: NextTokenPrediction(trunk, vocab_size=97,
+                                                         summaries=[BagOfWordsSummary(window=4)]),
+             "tfidf_on_mtp": lambda: MultiTokenPrediction(trunk, vocab_size=97, n_future=2, summaries=[
+                 BagOfWordsSummary(window=4, weighting="tfidf")])}[family]()
+    batch = {"tokens": torch.randint(0, 97, (2, 17)), "loss_mask": torch.ones(2, 17)}
+    if family == "tfidf_on_mtp":
+        model.summaries[0].fit_idf([batch])
+    loss = model.loss(batch)["loss"]
+    loss.backward()
+    added = model.mtp_modules if family == "deepseek" else model.summaries
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.abs().sum() > 0
+                                        for p in added.parameters() if p.requires_grad)
+
+
+def test_families_that_need_full_attention_or_mask_tensors_refuse_a_pretrained_trunk_by_name(saved):
+    from objectives import MaskedDiffusion
+    from objectives.distill import SelfDistillation
+    for family in (MaskedDiffusion, SelfDistillation):
+        with pytest.raises(ValueError, match="HFTrunk"):
+            family(HFTrunk(pretrained=saved["llama"]), vocab_size=97)
