@@ -418,3 +418,17 @@ def test_speculative_sampling_keeps_the_joint_distribution(name, drafter, tree):
     chi2 = float(((observed - wanted) ** 2 / wanted.clamp(min=1e-9)).sum())
     dof = int(keep.sum())
     assert chi2 < chi2_critical(dof), f"chi2 {chi2:.1f} over {dof + 1} cells (0.001 point {chi2_critical(dof):.1f})"
+
+
+def test_the_benchmark_splits_speedup_into_accepted_tokens_and_step_cost_without_the_prefill():
+    """benchmarks/speculative.py's figures from hand-made timings: a plain decode of 11 tokens (1 s, 0.1 s of it the
+    prefill, 10 steps) against a drafter's (0.5 s, the same prefill, 4 steps of up to 3 drafts)."""
+    from benchmarks.speculative import rows_of
+    out = [torch.zeros(1, 3)]
+    results = {"plain greedy": {"seconds": [1.0], "prefill": [0.1], "steps": 10, "outputs": out},
+               "drafter": {"seconds": [0.5], "prefill": [0.1], "steps": 4, "outputs": out, "drafts": 3}}
+    plain, drafted = rows_of(results, 1, 11, "m")
+    assert plain["step cost (plain steps)"] == 1.0 and plain["ceiling"] == 1.0
+    assert drafted["speedup"] == 2.0 and drafted["accepted/step"] == 2.5  # 10 tokens past the prefill's in 4 steps
+    assert abs(drafted["step cost (plain steps)"] - 0.1 / 0.09) < 1e-9  # 0.4 s over 4 steps against 0.9 s over 10
+    assert abs(drafted["ceiling"] - 4 / (0.1 / 0.09)) < 1e-9 and drafted["identical"]
