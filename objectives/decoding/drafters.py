@@ -103,18 +103,36 @@ class PromptLookup:
         for n in range(min(self.max_ngram, S - 1), 0, -1):
             start = self.latest.get(tuple(t[S - n :]))
             if start is not None:
-                source = start + n
-                drafts = t[source : source + max_drafts]
-                period = S - source
-                if len(drafts) < max_drafts and S >= 2 * period and t[S - 2 * period : S - period] == t[source:]:
-                    # a loop: the last period repeats the one before it
-                    drafts = (drafts * (max_drafts // period + 1))[:max_drafts]
-                return drafts
+                return continuation(t, start + n, max_drafts)
         return []
 
 
+def continuation(tokens: list[int], source: int, max_drafts: int) -> list[int]:
+    """Up to max_drafts tokens from `source` on, extended cyclically where the text ends in a loop: the last
+    period (len - source tokens) repeats the one before it (`PromptLookup`)."""
+    S = len(tokens)
+    drafts = tokens[source : source + max_drafts]
+    period = S - source
+    if len(drafts) < max_drafts and S >= 2 * period and tokens[S - 2 * period : S - period] == tokens[source:]:
+        drafts = (drafts * (max_drafts // period + 1))[:max_drafts]
+    return drafts
+
+
+def latest_match(tokens: list[int], max_ngram: int = 3) -> int | None:
+    """Where the continuation of the latest earlier occurrence of the text's last n-gram starts (n from max_ngram
+    down to 1), found by a backward scan that stops at the first hit: `PromptLookup`'s answer without its index,
+    for a text seen once (a batch row in the general loop, whose layout changes between steps)."""
+    S = len(tokens)
+    for n in range(min(max_ngram, S - 1), 0, -1):
+        tail = tokens[S - n :]
+        for start in range(S - n - 1, -1, -1):
+            if tokens[start : start + n] == tail:
+                return start + n
+    return None
+
+
 def lookup_drafts(tokens: torch.Tensor, max_drafts: int, max_ngram: int = 3, counts: bool = False):
-    """Prompt lookup (`PromptLookup`) for a batch: tokens [B, S], each row ending with its next certain token;
+    """Prompt lookup (`PromptLookup`'s drafts, by a backward scan) for a batch: tokens [B, S], each row ending with its next certain token;
     tokens < 0 (the left padding of ragged rows) match nothing. Rows that find fewer drafts are padded with their
     last one (verification rejects what is wrong, so padding changes no output). With `counts`, also each row's
     number of drafts found [B]."""
@@ -125,7 +143,8 @@ def lookup_drafts(tokens: torch.Tensor, max_drafts: int, max_ngram: int = 3, cou
     found_rows = []
     for row in rows:
         real = row[next((i for i, x in enumerate(row) if x >= 0), len(row)) :]
-        found_rows.append(PromptLookup(real, max_ngram)(max_drafts))
+        source = latest_match(real, max_ngram)
+        found_rows.append([] if source is None else continuation(real, source, max_drafts))
     k = max(len(r) for r in found_rows)
     padded = [r + [r[-1] if r else max(row[-1], 0)] * (k - len(r)) for r, row in zip(found_rows, rows)]
     drafts = torch.tensor(padded, dtype=tokens.dtype, device=tokens.device).view(B, k)
