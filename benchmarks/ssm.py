@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from pathlib import Path
 
 import torch
 
@@ -133,21 +134,24 @@ def part_a(args) -> list[tuple[str, list[dict]]]:
 # ---------------------------------------------------------------- (b) training speed and memory vs the transformer
 TRUNKS = {"transformer": "Transformer d256 x4", "mamba": "Mamba d256 x7", "mamba2": "Mamba-2 d256 x7"}
 TRAIN_VOCAB = 4096
-QUICKSTART_LAYERS = {"transformer": 4, "mamba": 7, "mamba2": 7}  # equal parameters (configs/models/*-quickstart)
 
 
-def make_trunk(kind: str, d_model: int, n_layers: int, max_seq_len: int):
-    from models import Mamba, Mamba2, Transformer
+def quickstart_trunk(kind: str, max_seq_len: int, d_model: int = 256):
+    """The trunk of configs/models/{kind}-quickstart.yaml (the transformer: configs/quickstart.yaml's, 4 x 256),
+    all matched in parameters, so that the benchmark measures the shapes a user trains; another `d_model` only
+    for the GPU suite's tiny smoke run."""
+    import yaml
+    import models
     if kind == "transformer":
-        return Transformer(d_model=d_model, n_layers=n_layers, n_heads=max(1, d_model // 64), max_seq_len=max_seq_len)
-    if kind == "mamba2":  # configs/models/mamba2-quickstart.yaml
-        return Mamba2(d_model=d_model, n_layers=n_layers, d_state=128, headdim=min(64, 2 * d_model), chunk_size=64)
-    return Mamba(d_model=d_model, n_layers=n_layers, d_state=16)
+        return models.Transformer(d_model=d_model, n_layers=4, n_heads=max(1, d_model // 64), max_seq_len=max_seq_len)
+    with open(Path(__file__).resolve().parent.parent / "configs" / "models" / f"{kind}-quickstart.yaml") as f:
+        config = yaml.safe_load(f)
+    return getattr(models, config["class_path"].split(".")[-1])(**{**config.get("init_args", {}), "d_model": d_model})
 
 
 def quickstart_model(kind: str, vocab: int, max_seq_len: int, d_model: int = 256):
     from objectives import NextTokenPrediction
-    return NextTokenPrediction(make_trunk(kind, d_model, QUICKSTART_LAYERS[kind], max_seq_len), vocab_size=vocab)
+    return NextTokenPrediction(quickstart_trunk(kind, max_seq_len, d_model), vocab_size=vocab)
 
 
 def train_step_rate(kind: str, seq_len: int, batch: int, steps: int, device: str = "cpu", d_model: int = 256,
@@ -191,7 +195,7 @@ def part_b(args) -> list[tuple[str, list[dict]]]:
     rows = []
     for seq_len in args.train_lengths:
         batch = max(1, args.train_tokens // seq_len)
-        for kind in TRUNKS:
+        for kind in args.trunks:
             if device == "cuda":
                 r = train_step_rate(kind, seq_len, batch, args.repeats, device)
                 torch.cuda.empty_cache()
@@ -203,11 +207,11 @@ def part_b(args) -> list[tuple[str, list[dict]]]:
             rows.append({"T": seq_len, "batch": batch, "trunk": TRUNKS[kind], "trunk params M": r["params"] / 1e6,
                          "step s": r["seconds"], "tokens/s": r["tokens/s"], "peak GiB": r["peak"] / 2**30,
                          "precision": r["precision"]})
-        base = rows[-len(TRUNKS)]
-        for row in rows[-len(TRUNKS) + 1:]:
+        base = rows[-len(args.trunks)]
+        for row in rows[-len(args.trunks) + 1:]:
             row["x transformer tok/s"] = row["tokens/s"] / base["tokens/s"]
             row["x transformer mem"] = row["peak GiB"] / base["peak GiB"]
-        print(json.dumps(rows[-len(TRUNKS):]), flush=True)
+        print(json.dumps(rows[-len(args.trunks):]), flush=True)
     what = "max memory allocated" if device == "cuda" else "peak RSS of a fresh process per case"
     return [(f"(b) NTP training step, V {TRAIN_VOCAB}, {args.train_tokens} tokens per batch, median of "
              f"{args.repeats} steps ({what}, {device}, {torch.get_num_threads()} threads)", rows)]
@@ -337,6 +341,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--train_lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--trunks", nargs="+", default=list(TRUNKS), choices=list(TRUNKS),
+                   help="(b) which trunks, the transformer first (the ratios are to it)")
     p.add_argument("--train_tokens", type=int, default=16384, help="(b) tokens per batch: batch = this / T")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
     p.add_argument("--new_tokens", type=int, default=8)

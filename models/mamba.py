@@ -170,6 +170,19 @@ class MambaCache:
         self._oldest = torch.tensor(oldest, dtype=torch.long, device=n.device)
 
 
+def causal_conv(x: torch.Tensor, conv1d: nn.Conv1d, before: torch.Tensor | None = None) -> torch.Tensor:
+    """The blocks' depthwise causal convolution in time-major layout, x (b, T, d) -> (b, T, d): `before` holds
+    the d_conv - 1 inputs before x (b, d_conv - 1, d), None for the zeros before a sequence starts. Shifted multiply-adds over contiguous
+    (b, T, d) rows, rather than nn.Conv1d on transposed (b, d, T) data, which was slower on CPU."""
+    T, d_conv = x.shape[1], conv1d.kernel_size[0]
+    x = F.pad(x, (0, 0, d_conv - 1, 0)) if before is None else torch.cat([before.to(x.dtype), x], dim=1)
+    w = conv1d.weight[:, 0, :].to(x.dtype)  # (d, d_conv)
+    out = x[:, 0:T] * w[:, 0]
+    for j in range(1, d_conv):
+        out = torch.addcmul(out, x[:, j:j + T], w[:, j])
+    return out if conv1d.bias is None else out + conv1d.bias.to(out.dtype)
+
+
 class MambaBlock(nn.Module):
     """The Mamba mixer of Gu & Dao 2023 (their Figure 3; `mamba_ssm.modules.mamba_simple.Mamba`).
 
@@ -218,16 +231,6 @@ class MambaBlock(nn.Module):
         return MambaCache(batch_size, self.d_inner, self.d_state, self.d_conv, device or p.device,
                           dtype or p.dtype, history)
 
-    def _conv(self, x_padded: torch.Tensor, T: int) -> torch.Tensor:
-        """Depthwise causal conv in time-major layout: x_padded (b, d_conv-1+T, d) -> (b, T, d)."""
-        w = self.conv1d.weight[:, 0, :].to(x_padded.dtype)  # (d, d_conv)
-        out = x_padded[:, 0:T] * w[:, 0]
-        for j in range(1, self.d_conv):
-            out = torch.addcmul(out, x_padded[:, j:j + T], w[:, j])
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(out.dtype)
-        return out
-
     def _ssm_inputs(self, xc: torch.Tensor):
         x_dbl = self.x_proj(xc)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -251,11 +254,7 @@ class MambaBlock(nn.Module):
         xi, z = xz.chunk(2, dim=-1)  # (b, T, d_inner) each
         if padding_mask is not None:
             xi = xi * padding_mask[..., None].to(xi.dtype)
-        if cache is None:
-            xpad = F.pad(xi, (0, 0, self.d_conv - 1, 0))
-        else:
-            xpad = torch.cat([cache.conv_state[:, :, 1:].transpose(1, 2).to(xi.dtype), xi], dim=1)
-        xc = F.silu(self._conv(xpad, T))
+        xc = F.silu(causal_conv(xi, self.conv1d, None if cache is None else cache.conv_state[:, :, 1:].transpose(1, 2)))
         dt, Bm, Cm = self._ssm_inputs(xc)
         A = -torch.exp(self.A_log.float())
         delta, bias, softplus = dt, self.dt_proj.bias.float(), True

@@ -30,11 +30,16 @@ shared in multi-query attention); the SSD layer with the D skip; the gated RMSNo
 group, norm before gate off, as the reference's default); out_proj. Parameter names and shapes are the
 reference's (in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj), so state dicts move between the two.
 
-Precision: under bf16 autocast the projections, the convolution and the chunk matmuls (C B^T, the masked
-product with X, the chunk states and C H) run in bf16; these are sums of at most Q (or N) terms. What stays
-fp32: dt, dt A and its cumulative sums, every decay exp(...) (a sum of up to L log-decays loses its small
-terms in bf16's 8-bit mantissa, and an error in a log-decay multiplies the state), the inter-chunk states H_c
-and the decoding state (each is a running sum over the whole sequence), and the gated RMSNorm's statistics.
+Precision: under bf16 autocast the projections run in bf16, and so do the operands of the SSD's products
+(C B^T, the masked product with X, the chunk states and C H; sums of at most Q, N or P terms, accumulated in
+fp32 by oneDNN). Everything else of the SSD is fp32: the conv and SiLU before it, dt, dt A and its cumulative
+sums, every decay exp(...) (a sum of log-decays loses its small terms in bf16's 8-bit mantissa, and an error in
+a log-decay multiplies the state), the inter-chunk states H_c and the decoding state (running sums over the
+whole sequence), the gradients, and the gated RMSNorm's statistics.
+
+Speed on a CPU (`ChunkedSSD`, `Mamba2Block._whole_sequences`): the SSD's backward is written by hand and keeps
+only the layer's inputs, and the block runs long inputs in pieces of about a thousand positions so that its
+elementwise steps work in the caches; BENCHMARKS.md has the training speed and memory against the transformer.
 
 Where `mamba_ssm`'s Triton kernels are installed and the tensors live on a GPU, its fused
 `mamba_chunk_scan_combined` computes the SSD layer instead (same equations); nothing needs it.
@@ -48,14 +53,16 @@ row advances by its own real tokens.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from models.layers import RMSNorm
-from models.mamba import MambaCache, MambaDecodingCache, check_causal_mask, recurrent_forward
+from models.mamba import MambaCache, MambaDecodingCache, causal_conv, check_causal_mask, recurrent_forward
 
 try:  # the reference's fused Triton kernel, used as a drop-in where it is installed
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _mamba_ssm_chunk_scan
@@ -70,16 +77,131 @@ Mask = str | torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def segment_sums(a: torch.Tensor) -> torch.Tensor:
-    """out[..., t, s] = a[..., s+1] + ... + a[..., t] for s <= t, -inf above the diagonal.
+def within_chunk_decays(cum: torch.Tensor) -> torch.Tensor:
+    """L[..., t, s] = exp(cum[t] - cum[s]) for s <= t, 0 above the diagonal: cum (..., Q) -> (..., Q, Q).
 
-    Summed directly (a masked cumulative sum) rather than as cumsum[t] - cumsum[s], which loses the small
-    terms of a long sum to cancellation."""
-    Q = a.shape[-1]
-    x = a.unsqueeze(-1).expand(*a.shape, Q)  # x[..., t, s] = a[..., t]
-    strictly_lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
-    out = x.masked_fill(~strictly_lower, 0.0).cumsum(-2)
-    return out.masked_fill(~strictly_lower.logical_or(torch.eye(Q, dtype=torch.bool, device=a.device)), -math.inf)
+    The exponent is a difference of cumulative sums inside one chunk (at most Q terms), never positive on the
+    kept triangle, so the exponential cannot overflow; the masked triangle is filled before the exponential."""
+    Q = cum.shape[-1]
+    upper = torch.ones(Q, Q, dtype=torch.bool, device=cum.device).triu(1)
+    return torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(upper, -math.inf))
+
+
+class ChunkedSSD(torch.autograd.Function):
+    """The chunked SSD core on chunk-shaped fp32 tensors, with a backward written out by hand.
+
+    Inputs: X (b, c, Q, H, P), the heads' inputs times dt, time-major as the projections make them; cum
+    (b, c, H, Q), the cumulative log-decays from each chunk's start; B, C (b, c, G, Q, N); h0 (b, H, P, N).
+    Outputs: y (b, c, Q, H, P) and the final state (b, H, P, N).
+
+    Why by hand: through autograd the four steps keep every Q x Q decay, masked score and chunk state for the
+    backward and move them through a dozen elementwise kernels. Here the forward keeps only its inputs; the
+    backward rebuilds the decays, scores and chunk-start states (one batched matmul and c small steps) and
+    applies the chain rule in a few batched matmuls, the heads of a group folded into one matrix where they
+    share B and C. Every gradient is checked against autograd through `ssd_reference` (tests/test_mamba2.py).
+    """
+
+    @staticmethod
+    def forward(ctx, X, cum, B, C, h0, matmul_dtype=torch.float32):
+        ctx.mm = mm = partial(matmul_in, matmul_dtype)
+        ctx.save_for_backward(X, cum, B, C, h0)
+        return ChunkedSSD._forward(mm, X, cum, B, C, h0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dlast):
+        X, cum, B, C, h0 = ctx.saved_tensors
+        dlast = torch.zeros_like(h0) if dlast is None else dlast.float()
+        return *ChunkedSSD._backward(ctx.mm, dy.contiguous(), dlast, X, cum, B, C, h0), None
+
+    @staticmethod
+    def _rebuild(mm, X, cum, B, C, h0):
+        """What both passes need of a piece: the decays L (b, c, G, Hg, Q, Q), the scores C B^T (b, c, G, 1, Q,
+        Q), the end weights exp(cum_end - cum) (b, c, Q, H, 1), the chunks' decays (b, c, H), their start states
+        (b, c, G, Hg*P, N) in the products' dtype, and the final state (fp32)."""
+        b, c, Q, H, P = X.shape
+        G, N = B.shape[2], B.shape[4]
+        decays = within_chunk_decays(cum).view(b, c, G, H // G, Q, Q)
+        scores = mm(C, B.transpose(-1, -2)).unsqueeze(3)
+        to_end = torch.exp(cum[..., -1:] - cum).transpose(2, 3).unsqueeze(-1)
+        chunk_decay = torch.exp(cum[..., -1])
+        # each chunk's own end state from zero, S_c = sum_s exp(cum_end - cum_s) X_s B_s^T: heads of a group
+        # share B, so one (Hg*P x Q) @ (Q x N) product per chunk and group
+        own = mm(grouped(X * to_end, G).transpose(-1, -2), B)  # (b, c, G, Hg*P, N)
+        starts = torch.empty_like(own)  # written in place: a stack of c states would be one more copy
+        h = h0.reshape(b, G, -1, N)
+        for i in range(c):
+            starts[:, i] = h
+            h = own[:, i] + (h.view(b, H, P, N) * chunk_decay[:, i, :, None, None]).view_as(h)  # fp32
+        return decays, scores, to_end, chunk_decay, starts, h.view(b, H, P, N)
+
+    @staticmethod
+    def _forward(mm, X, cum, B, C, h0):
+        b, c, Q, H, P = X.shape
+        decays, scores, _, _, starts, last = ChunkedSSD._rebuild(mm, X, cum, B, C, h0)
+        # diagonal blocks, per head: (C B^T o L) X
+        y = mm((scores * decays).view(b, c, H, Q, Q), X.transpose(2, 3)).transpose(2, 3)
+        # off-diagonal: exp(cum_t) C_t H_c^T, one (Q x N) @ (N x Hg*P) product per chunk and group
+        from_start = torch.exp(cum).transpose(2, 3).unsqueeze(-1)  # (b, c, Q, H, 1)
+        y_off = ungrouped(mm(C, starts.transpose(-1, -2)), H)
+        return torch.addcmul(y.float(), y_off, from_start), last
+
+    @staticmethod
+    def _backward(mm, dy, dlast, X, cum, B, C, h0):
+        b, c, Q, H, P = X.shape
+        G, N = B.shape[2], B.shape[4]
+        decays, scores, to_end, chunk_decay, starts, _ = ChunkedSSD._rebuild(mm, X, cum, B, C, h0)
+        # diagonal blocks: y_h = M_h X_h with M_h = (C B^T) o L_h
+        dM = mm(dy.transpose(2, 3), X.transpose(2, 3).transpose(-1, -2)).view_as(decays)
+        M = scores * decays
+        dX = mm(M.view(b, c, H, Q, Q).transpose(-1, -2), dy.transpose(2, 3)).transpose(2, 3)
+        dscores = (dM * decays).sum(3)  # (b, c, G, Q, Q)
+        dlog = (dM * M).view(b, c, H, Q, Q)  # d/d(cum_t - cum_s) on the kept triangle
+        dcum = dlog.sum(-1) - dlog.sum(-2)
+        dC = mm(dscores, B).float()
+        dB = mm(dscores.transpose(-1, -2), C).float()
+        # off-diagonal: y_off_t = exp(cum_t) C_t H_c^T
+        dy_scaled = dy * torch.exp(cum).transpose(2, 3).unsqueeze(-1)
+        dC += mm(grouped(dy_scaled, G), starts)
+        y_off = ungrouped(mm(C, starts.transpose(-1, -2)), H)
+        dcum += (dy_scaled * y_off).sum(-1).transpose(2, 3)
+        dstarts = mm(grouped(dy_scaled, G).transpose(-1, -2), C)  # (b, c, G, Hg*P, N)
+        # the recurrence between chunks, backwards: H_{c+1} = a_c H_c + S_c
+        g = dlast.reshape(b, G, -1, N)
+        downs = torch.empty_like(dstarts)  # the gradients of the chunks' own end states
+        dchunk = torch.empty_like(chunk_decay)
+        for i in range(c - 1, -1, -1):
+            downs[:, i] = g
+            dchunk[:, i] = (g * starts[:, i]).view(b, H, -1).sum(-1)
+            g = dstarts[:, i] + (g.view(b, H, P, N) * chunk_decay[:, i, :, None, None]).view_as(g)
+        dcum[..., -1] += dchunk * chunk_decay
+        # the chunks' own end states: S_c = sum_s exp(cum_end - cum_s) X_s B_s^T
+        dXw = ungrouped(mm(B, downs.transpose(-1, -2)), H)  # (b, c, Q, H, P)
+        dX = torch.addcmul(dX.float(), dXw, to_end)
+        dB += mm(grouped(X * to_end, G), downs)
+        dweight = ((dXw * X).sum(-1, keepdim=True) * to_end).squeeze(-1).transpose(2, 3)  # (b, c, H, Q)
+        dcum -= dweight
+        dcum[..., -1] += dweight.sum(-1)
+        return dX, dcum, dB, dC, g.view(b, H, P, N)
+
+
+def matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with both operands and the product in `dtype`: under bf16 autocast the SSD's products take bf16
+    (about 5x faster than fp32 on a CPU with AVX-512 bf16; oneDNN accumulates in fp32), and what sums them
+    over chunks, the recurrence and the decays' gradients, stays fp32."""
+    return torch.matmul(a.to(dtype), b.to(dtype))
+
+
+def grouped(t: torch.Tensor, G: int) -> torch.Tensor:
+    """(b, c, Q, H, P) -> (b, c, G, Q, Hg*P): the heads of each group side by side (a view when G = 1)."""
+    b, c, Q, H, P = t.shape
+    return t.reshape(b, c, Q, G, (H // G) * P).transpose(2, 3)
+
+
+def ungrouped(t: torch.Tensor, H: int) -> torch.Tensor:
+    """(b, c, G, Q, Hg*P) -> (b, c, Q, H, P), the inverse of `grouped`."""
+    b, c, G, Q, HgP = t.shape
+    return t.transpose(2, 3).reshape(b, c, Q, H, HgP * G // H)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
@@ -87,45 +209,31 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
 
     x (b, L, H, P); dt (b, L, H), positive (after softplus); A (H,), negative; B, C (b, L, G, N) with G dividing
     H (head h reads group h // (H / G)); initial_state (b, H, P, N) or None (zeros). Returns y (b, L, H, P) in
-    x's dtype (autocast: the compute dtype) and the final state (b, H, P, N), fp32.
+    x's dtype and the final state (b, H, P, N), fp32; in between everything is fp32 but the products' operands
+    under autocast (`ChunkedSSD`).
     """
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     if H % G:
         raise ValueError(f"{G} groups of B and C do not divide {H} heads")
-    Hg, Q = H // G, chunk_size
+    Q = chunk_size
     nc = max(1, -(-L // Q))
     pad = nc * Q - L
-    if pad:  # dt = 0 on the padding: decay 1 and no input, so the final state is that of position L-1
-        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
-        dt = F.pad(dt, (0, 0, 0, pad))
-    dt = dt.float()
-    dA = (dt * A.float()).view(b, nc, Q, H).permute(0, 1, 3, 2)  # (b, c, H, Q), fp32
-    cum = dA.cumsum(-1)  # (b, c, H, Q): log-decay from the chunk start through position l
-    X = (x * dt.unsqueeze(-1).to(x.dtype)).view(b, nc, Q, G, Hg, P).permute(0, 1, 3, 4, 2, 5)  # (b,c,G,Hg,Q,P)
-    Bc = B.view(b, nc, Q, G, N).transpose(2, 3).unsqueeze(3)  # (b, c, G, 1, Q, N)
-    Cc = C.view(b, nc, Q, G, N).transpose(2, 3).unsqueeze(3)
-    # 1. diagonal blocks: Y_diag = (L o C B^T) X inside every chunk
-    decay = torch.exp(segment_sums(dA)).view(b, nc, G, Hg, Q, Q)  # fp32, 0 above the diagonal
-    scores = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, G, 1, Q, Q): C_t . B_s, shared by a group's heads
-    y = torch.matmul((scores * decay).to(X.dtype), X)  # (b, c, G, Hg, Q, P)
-    # 2. each chunk's end state from a zero start: S_c = sum_s exp(cum_end - cum_s) X_s B_s^T
-    to_end = torch.exp(cum[..., -1:] - cum).view(b, nc, G, Hg, Q, 1)
-    states = torch.matmul((X * to_end.to(X.dtype)).transpose(-1, -2), Bc).float()  # (b, c, G, Hg, P, N)
-    # 3. the inter-chunk recurrence: H_c = exp(sum of chunk c-1's log-decays) H_{c-1} + S_{c-1}
-    chunk_decay = torch.exp(cum[..., -1]).view(b, nc, G, Hg, 1, 1)
-    h = (x.new_zeros(b, H, P, N, dtype=torch.float32) if initial_state is None
-         else initial_state.float()).view(b, G, Hg, P, N)
-    starts = []
-    for S, a in zip(states.unbind(1), chunk_decay.unbind(1)):  # unbind: one backward for all the chunks
-        starts.append(h)
-        h = torch.addcmul(S, a, h)
-    starts = torch.stack(starts, 1)  # (b, c, G, Hg, P, N), fp32
-    # 4. off-diagonal: Y_off = exp(cum_t) C_t H_c
-    from_start = torch.exp(cum).view(b, nc, G, Hg, Q, 1)
-    y_off = torch.matmul(Cc.to(starts.dtype), starts.transpose(-1, -2)) * from_start  # (b, c, G, Hg, Q, P)
-    y = (y + y_off.to(y.dtype)).permute(0, 1, 4, 2, 3, 5).reshape(b, nc * Q, H, P)[:, :L]
-    return y.to(x.dtype), h.view(b, H, P, N)
+    matmul_dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                    else torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        dt = dt.float()
+        X = x.float() * dt.unsqueeze(-1)
+        dA = dt * A.float()
+        B, C = B.float(), C.float()
+        if pad:  # dt = 0 on the padding: decay 1 and no input, so the final state is that of position L-1
+            X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
+            dA = F.pad(dA, (0, 0, 0, pad))
+        cum = dA.view(b, nc, Q, H).transpose(2, 3).cumsum(-1)  # (b, c, H, Q): log-decay from the chunk start
+        Bc, Cc = (t.view(b, nc, Q, G, N).transpose(2, 3).contiguous() for t in (B, C))
+        h0 = X.new_zeros(b, H, P, N) if initial_state is None else initial_state.float()
+        y, last = ChunkedSSD.apply(X.view(b, nc, Q, H, P), cum, Bc, Cc, h0, matmul_dtype)
+    return y.reshape(b, nc * Q, H, P)[:, :L].to(x.dtype), last
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int = 64, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
@@ -180,7 +288,7 @@ def ssd_states(x, dt, A, B, initial_state):
     G, N = B.shape[2], B.shape[3]
     dt = dt.float()
     dA = (dt * A.float()).transpose(1, 2)  # (b, H, T)
-    decay = torch.exp(segment_sums(dA))  # (b, H, t, s)
+    decay = within_chunk_decays(dA.cumsum(-1))  # (b, H, t, s)
     from_start = torch.exp(dA.cumsum(-1))  # (b, H, t)
     X = (x.float() * dt.unsqueeze(-1)).view(b, T, G, H // G, P)
     XB = torch.einsum("bsghp,bsgn->bsghpn", X, B.float()).reshape(b, T, H, P * N)  # X_s B_s^T per head
@@ -236,19 +344,19 @@ class Mamba2Block(nn.Module):
         dt_min, dt_max, dt_init_floor: dt at init, log-uniform in [dt_min, dt_max] (through dt_bias).
         conv_bias, bias: biases of the convolution and of the projections.
         norm_eps: epsilon of the gated RMSNorm.
-        recompute: in training, keep only the inputs of the SSD layer and the gated norm, and recompute their
-            intermediate tensors (decays, masked scores, chunk states, the fp32 norm) in the backward: much less
-            memory (the quickstart trunk's peak at T=4096: 3.86 -> 1.98 GiB, BENCHMARKS.md) for one more SSD
-            forward, which was not slower on CPU.
+        recompute: in training, keep only each piece's input and rerun the block on it in the backward (less
+            memory for one more forward). Off by default: the SSD layer keeps only its inputs anyway.
+        piece_tokens: on a CPU, the whole-sequence path runs in pieces of about this many positions (see
+            `_whole_sequences`); the result does not depend on it.
     """
 
     def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, chunk_size: int = 64, A_init_range: tuple[float, float] = (1.0, 16.0),
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, conv_bias: bool = True,
-                 bias: bool = False, norm_eps: float = 1e-5, recompute: bool = True):
+                 bias: bool = False, norm_eps: float = 1e-5, recompute: bool = False, piece_tokens: int = 1024):
         super().__init__()
         d_inner = expand * d_model
-        self.recompute = recompute
+        self.recompute, self.piece_tokens = recompute, piece_tokens
         if d_inner % headdim:
             raise ValueError(f"headdim {headdim} does not divide d_inner = expand * d_model = {d_inner}")
         nheads = d_inner // headdim
@@ -287,18 +395,6 @@ class Mamba2Block(nn.Module):
         return Mamba2Cache(batch_size, self.conv_dim, self.d_inner, self.d_state, self.d_conv, device or p.device,
                            dtype or p.dtype, history)
 
-    def _conv(self, xBC: torch.Tensor, cache: Mamba2Cache | None) -> torch.Tensor:
-        """Depthwise causal conv and SiLU over (x, B, C), time-major (b, T, conv_dim)."""
-        T = xBC.shape[1]
-        if cache is None:
-            window = xBC.transpose(1, 2)
-            out = self.conv1d(window)[..., :T]
-        else:
-            window = torch.cat([cache.conv_state[:, :, 1:].to(xBC.dtype), xBC.transpose(1, 2)], dim=2)
-            out = F.conv1d(window, self.conv1d.weight.to(window.dtype), None if self.conv1d.bias is None
-                           else self.conv1d.bias.to(window.dtype), groups=self.conv_dim)
-        return F.silu(out.transpose(1, 2))
-
     def forward(self, u: torch.Tensor, cache: Mamba2Cache | None = None,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """u (b, T, d_model) -> (b, T, d_model); with a cache, u holds the T positions after cache.length.
@@ -309,17 +405,14 @@ class Mamba2Block(nn.Module):
             return self.out_proj(u.new_zeros(b, 0, self.d_inner))
         if cache is not None and T == 1:
             return self.step(u, cache, padding_mask)
+        if cache is None and padding_mask is None:
+            return self._whole_sequences(u)
         z, xBC_raw, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, H], dim=-1)
         if padding_mask is not None:  # padded positions feed the convolution zeros, as before a sequence starts
             xBC_raw = xBC_raw * padding_mask.to(xBC_raw.dtype).unsqueeze(-1)
-        xBC = self._conv(xBC_raw, cache)
-        x, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
-        x, B, C = x.unflatten(-1, (H, P)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+        before = None if cache is None else cache.conv_state[:, :, 1:].transpose(1, 2)
+        x, B, C = self._conv_and_split(xBC_raw, before)
         A = -torch.exp(self.A_log.float())
-        if cache is None and padding_mask is None:
-            if self.recompute and torch.is_grad_enabled():  # keep the inputs only; the backward reruns the SSD
-                return self.out_proj(checkpoint(self._ssd_and_norm, x, dt, A, B, C, z, use_reentrant=False))
-            return self.out_proj(self._ssd_and_norm(x, dt, A, B, C, z))
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, T, H), fp32
         if padding_mask is not None:
             dt = dt * padding_mask.to(dt.dtype).unsqueeze(-1)
@@ -330,10 +423,47 @@ class Mamba2Block(nn.Module):
         y = y + x * self.D.to(x.dtype).unsqueeze(-1)
         return self.out_proj(self.norm(y.flatten(-2), z))
 
-    def _ssd_and_norm(self, x, dt, A, B, C, z) -> torch.Tensor:
-        """norm(SSD(x) * silu(z)), dt still before its softplus: the part that `recompute` rebuilds."""
-        y = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
-        return self.norm(y.flatten(-2), z)
+    def _conv_and_split(self, xBC_raw: torch.Tensor, before: torch.Tensor | None):
+        """Conv and SiLU over (x, B, C), in fp32 (what the SSD computes in), split into x (b, T, H, P) and B, C
+        (b, T, G, N). `before`: the d_conv - 1 raw inputs before these (b, d_conv - 1, conv_dim), or None."""
+        xBC = F.silu(causal_conv(xBC_raw.float(), self.conv1d, before))
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        return x.unflatten(-1, (self.nheads, self.headdim)), B.unflatten(-1, (self.ngroups, -1)), \
+            C.unflatten(-1, (self.ngroups, -1))
+
+    def _whole_sequences(self, u: torch.Tensor) -> torch.Tensor:
+        """The block over whole sequences (training, scoring, a prefill without cache), on a CPU in pieces of
+        about `piece_tokens` positions: several rows at a time, or runs of one row's positions that pass the
+        conv inputs and the SSD state on to the next run. The result is that of one pass; but every elementwise
+        step (conv, SiLU, the SSD's decays, the norm) then works on tensors that fit in the caches, where on 4 x
+        4096 positions at once they ran several times slower per element than on 1 x 4096."""
+        b, T, _ = u.shape
+        if u.is_cuda or b * T <= self.piece_tokens:
+            return self._piece(u, None, None)[0]
+        rows = max(1, self.piece_tokens // T)
+        span = T if rows > 1 else max(self.chunk_size, self.piece_tokens // self.chunk_size * self.chunk_size)
+        outs = []
+        for r in range(0, b, rows):
+            before = state = None
+            for t in range(0, T, span):
+                out, before, state = self._piece(u[r:r + rows, t:t + span], before, state)
+                outs.append(out)
+        return torch.cat(outs, 1).view(b, T, -1) if rows == 1 else torch.cat(outs, 0)
+
+    def _piece(self, u: torch.Tensor, before: torch.Tensor | None, state: torch.Tensor | None):
+        """One piece of `_whole_sequences`, after `before` (the raw conv inputs before it) and `state` (the SSD
+        state before it): its output, its last d_conv - 1 raw conv inputs and its final state."""
+        if self.recompute and torch.is_grad_enabled():  # keep the inputs only; the backward reruns the piece
+            return checkpoint(self._piece_outputs, u, before, state, use_reentrant=False)
+        return self._piece_outputs(u, before, state)
+
+    def _piece_outputs(self, u, before, state):
+        z, xBC_raw, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        x, B, C = self._conv_and_split(xBC_raw, before)
+        y, last = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, D=self.D,
+                           dt_bias=self.dt_bias, dt_softplus=True, initial_states=state, return_final_states=True)
+        raw = xBC_raw if before is None else torch.cat([before.to(xBC_raw.dtype), xBC_raw], 1)
+        return self.out_proj(self.norm(y.flatten(-2), z)), raw[:, -(self.d_conv - 1):], last
 
     def step(self, u: torch.Tensor, cache: Mamba2Cache, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding step, u (b, 1, d_model), O(1) in the length: h = exp(dt A) h + dt x B^T, y = h C + D x
@@ -413,19 +543,20 @@ class Mamba2(nn.Module):
             use 256). Any size works; one that does not divide the length pads the last chunk.
         max_seq_len: the longest sequence the trunk accepts (no positional tables: only a sanity bound).
         norm_eps: RMSNorm epsilon.
-        recompute: recompute the SSD layer's chunk tensors in the backward instead of keeping them (see
-            Mamba2Block).
+        recompute: rerun each block in the backward instead of keeping its activations (see Mamba2Block).
+        piece_tokens: positions per piece of the blocks' whole-sequence path on a CPU (see Mamba2Block).
     """
 
     supported_masks = ("causal",)
 
     def __init__(self, d_model: int = 256, n_layers: int = 4, d_state: int = 64, d_conv: int = 4, expand: int = 2,
                  headdim: int = 64, ngroups: int = 1, chunk_size: int = 64, max_seq_len: int = 1_000_000,
-                 norm_eps: float = 1e-5, recompute: bool = True):
+                 norm_eps: float = 1e-5, recompute: bool = False, piece_tokens: int = 1024):
         super().__init__()
         self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
         self._block_args = dict(d_model=d_model, norm_eps=norm_eps, d_state=d_state, d_conv=d_conv, expand=expand,
-                                headdim=headdim, ngroups=ngroups, chunk_size=chunk_size, recompute=recompute)
+                                headdim=headdim, ngroups=ngroups, chunk_size=chunk_size, recompute=recompute,
+                                piece_tokens=piece_tokens)
         self.blocks = nn.ModuleList(self.make_block() for _ in range(n_layers))
         self.norm = RMSNorm(d_model, norm_eps)
 

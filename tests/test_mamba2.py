@@ -208,3 +208,21 @@ def test_recompute_gives_the_same_gradients():
         grads.append([p.grad for p in trunk.parameters()])
     for a, b in zip(*grads):
         assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("piece_tokens", [8, 16, 64])  # runs of one row (4 or 2 per row), or two rows at a time
+def test_pieces_equal_one_pass_in_outputs_and_gradients(piece_tokens):
+    """The whole-sequence path in pieces (several rows, or runs of a row passing the conv inputs and the SSD
+    state on) gives the outputs and gradients of one pass over everything."""
+    x = torch.randn(3, 30, 32)
+    outs, grads = [], []
+    for pieces in (10_000, piece_tokens):
+        trunk = tiny_trunk(piece_tokens=pieces).train()
+        xi = x.clone().requires_grad_()
+        y = trunk(xi)
+        (y * torch.linspace(-1, 1, 32)).square().sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in trunk.parameters()])
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-5
