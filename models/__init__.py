@@ -1,9 +1,10 @@
 """Trunks: sequence mixers that map embeddings [B, T, D] to hidden states [B, T, D]."""
 from models.mamba import Mamba
 from models.mamba2 import Mamba2
+from models.rwkv7 import RWKV7
 from models.transformer import Transformer
 
-__all__ = ["HFTrunk", "Mamba", "Mamba2", "Transformer"]
+__all__ = ["HFTrunk", "Mamba", "Mamba2", "RWKV7", "Transformer"]
 
 
 def __getattr__(name: str):

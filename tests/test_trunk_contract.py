@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from conftest import train_on_batch
-from models import Mamba, Mamba2, Transformer
+from models import Mamba, Mamba2, RWKV7, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
 
 TRUNKS = {"transformer": lambda: Transformer(d_model=32, n_layers=2, n_heads=2, max_seq_len=128),
           "mamba": lambda: Mamba(d_model=32, n_layers=2),
-          "mamba2": lambda: Mamba2(d_model=32, n_layers=2, d_state=8, headdim=16, chunk_size=8)}
+          "mamba2": lambda: Mamba2(d_model=32, n_layers=2, d_state=8, headdim=16, chunk_size=8),
+          "rwkv7": lambda: RWKV7(d_model=32, n_layers=2, head_size=8, decay_lora=8, a_lora=8, value_lora=8,
+                                 gate_lora=8, chunk_size=8)}
 
 
 @pytest.mark.parametrize("trunk", TRUNKS)
