@@ -10,12 +10,12 @@ and Mamba-2 trunks against the transformer.
     (goal: >= 2x its tokens/s).
 (b) train: NTP training tokens/s (one forward+backward+AdamW step, median of --repeats after a warm-up; bf16
     autocast where `auto_precision()` says bf16-mixed) and peak memory of the transformer (d 256 x 4, 3.21M),
-    Mamba (d 256 x 7, 3.07M; configs/models/mamba-quickstart.yaml) and Mamba-2 (d 256 x 7, 3.26M;
-    configs/models/mamba2-quickstart.yaml), V 4096, T in --train_lengths (default {1024, 4096, 16384}), batch
+    Mamba (d 256 x 7, 3.07M), Mamba-2 (d 256 x 7, 3.26M) and RWKV-7 (d 256 x 4, 3.22M), each as its
+    configs/models/*-quickstart.yaml (--trunks picks some), V 4096, T in --train_lengths (default {1024, 4096, 16384}), batch
     --train_tokens / T (equal tokens per step). CPU: each case in a fresh subprocess reporting its peak RSS; GPU:
     max memory allocated.
 (c) decode: per-token greedy decode latency at batch 1 after --contexts tokens of context (default up to 16384;
-    prefill not timed), the three trunks, random weights (goal: flat for the state-space trunks).
+    prefill not timed), the trunks of (b) (--trunks), random weights (goal: flat for the state-space trunks).
 (d) induction: configs/experiments/induction_heads_{transformer,mamba,mamba2}.yaml (2 layers, vocab 16, trained
     at 256) trained through the CLI, then the answer-token accuracy by one forward pass (the prediction at the
     last prompt position) on --eval_examples test examples at 1x, 4x, 16x and 64x the training length.
@@ -132,7 +132,8 @@ def part_a(args) -> list[tuple[str, list[dict]]]:
 
 
 # ---------------------------------------------------------------- (b) training speed and memory vs the transformer
-TRUNKS = {"transformer": "Transformer d256 x4", "mamba": "Mamba d256 x7", "mamba2": "Mamba-2 d256 x7"}
+TRUNKS = {"transformer": "Transformer d256 x4", "mamba": "Mamba d256 x7", "mamba2": "Mamba-2 d256 x7",
+          "rwkv7": "RWKV-7 d256 x4"}
 TRAIN_VOCAB = 4096
 
 
@@ -246,12 +247,13 @@ def part_c(args) -> list[tuple[str, list[dict]]]:
     rows = []
     for context in args.contexts:
         row = {"context": context}
-        for kind, name in TRUNKS.items():
-            row[f"{name} ms/token"] = 1e3 * decode_latency(kind, context, args.new_tokens, repeats=args.repeats // 2 + 1)
+        for kind in args.trunks:
+            row[f"{TRUNKS[kind]} ms/token"] = 1e3 * decode_latency(kind, context, args.new_tokens,
+                                                                   repeats=args.repeats // 2 + 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
     for row in rows:
-        for name in TRUNKS.values():
+        for name in (TRUNKS[kind] for kind in args.trunks):
             row[f"{name} x first"] = row[f"{name} ms/token"] / rows[0][f"{name} ms/token"]
     return [(f"(c) greedy decode latency per token, batch 1, {args.new_tokens} tokens after the context, fp32, "
              f"random weights, V {TRAIN_VOCAB}, {torch.get_num_threads()} threads", rows)]
@@ -342,7 +344,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--train_lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--trunks", nargs="+", default=list(TRUNKS), choices=list(TRUNKS),
-                   help="(b) which trunks, the transformer first (the ratios are to it)")
+                   help="(b, c) which trunks, the transformer first (the ratios are to it)")
     p.add_argument("--train_tokens", type=int, default=16384, help="(b) tokens per batch: batch = this / T")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
     p.add_argument("--new_tokens", type=int, default=8)
