@@ -400,7 +400,7 @@ class Mamba2Block(nn.Module):
         """u (b, T, d_model) -> (b, T, d_model); with a cache, u holds the T positions after cache.length.
         padding_mask (b, T) bool, True at real tokens: padded positions leave the state as it was (dt = 0)."""
         b, T, _ = u.shape
-        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        H = self.nheads
         if T == 0:
             return self.out_proj(u.new_zeros(b, 0, self.d_inner))
         if cache is not None and T == 1:
