@@ -396,17 +396,19 @@ class Mamba2Block(nn.Module):
                            dtype or p.dtype, history)
 
     def forward(self, u: torch.Tensor, cache: Mamba2Cache | None = None,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                padding_mask: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
         """u (b, T, d_model) -> (b, T, d_model); with a cache, u holds the T positions after cache.length.
-        padding_mask (b, T) bool, True at real tokens: padded positions leave the state as it was (dt = 0)."""
+        padding_mask (b, T) bool, True at real tokens: padded positions leave the state as it was (dt = 0).
+        norm: the residual block's pre-norm, applied to u first (inside the recomputed pieces, see `_piece`)."""
         b, T, _ = u.shape
         H = self.nheads
         if T == 0:
             return self.out_proj(u.new_zeros(b, 0, self.d_inner))
+        if cache is None and padding_mask is None:
+            return self._whole_sequences(u, norm)
+        u = u if norm is None else norm(u)
         if cache is not None and T == 1:
             return self.step(u, cache, padding_mask)
-        if cache is None and padding_mask is None:
-            return self._whole_sequences(u)
         z, xBC_raw, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, H], dim=-1)
         if padding_mask is not None:  # padded positions feed the convolution zeros, as before a sequence starts
             xBC_raw = xBC_raw * padding_mask.to(xBC_raw.dtype).unsqueeze(-1)
@@ -431,7 +433,7 @@ class Mamba2Block(nn.Module):
         return x.unflatten(-1, (self.nheads, self.headdim)), B.unflatten(-1, (self.ngroups, -1)), \
             C.unflatten(-1, (self.ngroups, -1))
 
-    def _whole_sequences(self, u: torch.Tensor) -> torch.Tensor:
+    def _whole_sequences(self, u: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """The block over whole sequences (training, scoring, a prefill without cache), on a CPU in pieces of
         about `piece_tokens` positions: several rows at a time, or runs of one row's positions that pass the
         conv inputs and the SSD state on to the next run. The result is that of one pass; but every elementwise
@@ -439,25 +441,28 @@ class Mamba2Block(nn.Module):
         4096 positions at once they ran several times slower per element than on 1 x 4096."""
         b, T, _ = u.shape
         if u.is_cuda or b * T <= self.piece_tokens:
-            return self._piece(u, None, None)[0]
+            return self._piece(u, None, None, norm)[0]
         rows = max(1, self.piece_tokens // T)
         span = T if rows > 1 else max(self.chunk_size, self.piece_tokens // self.chunk_size * self.chunk_size)
         outs = []
         for r in range(0, b, rows):
             before = state = None
             for t in range(0, T, span):
-                out, before, state = self._piece(u[r:r + rows, t:t + span], before, state)
+                out, before, state = self._piece(u[r:r + rows, t:t + span], before, state, norm)
                 outs.append(out)
         return torch.cat(outs, 1).view(b, T, -1) if rows == 1 else torch.cat(outs, 0)
 
-    def _piece(self, u: torch.Tensor, before: torch.Tensor | None, state: torch.Tensor | None):
+    def _piece(self, u: torch.Tensor, before: torch.Tensor | None, state: torch.Tensor | None,
+               norm: nn.Module | None):
         """One piece of `_whole_sequences`, after `before` (the raw conv inputs before it) and `state` (the SSD
-        state before it): its output, its last d_conv - 1 raw conv inputs and its final state."""
+        state before it): its output, its last d_conv - 1 raw conv inputs and its final state. The residual
+        block's pre-norm `norm` runs inside, so that with `recompute` its output is not kept either."""
         if self.recompute and torch.is_grad_enabled():  # keep the inputs only; the backward reruns the piece
-            return checkpoint(self._piece_outputs, u, before, state, use_reentrant=False)
-        return self._piece_outputs(u, before, state)
+            return checkpoint(self._piece_outputs, u, before, state, norm, use_reentrant=False)
+        return self._piece_outputs(u, before, state, norm)
 
-    def _piece_outputs(self, u, before, state):
+    def _piece_outputs(self, u, before, state, norm):
+        u = u if norm is None else norm(u)
         z, xBC_raw, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         x, B, C = self._conv_and_split(xBC_raw, before)
         y, last = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, D=self.D,
@@ -522,7 +527,7 @@ class Mamba2ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: Mamba2Cache | None = None,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         check_causal_mask(mask, "Mamba-2 block")
-        return x + self.mixer(self.norm(x), cache=cache, padding_mask=padding_mask)
+        return x + self.mixer(x, cache=cache, padding_mask=padding_mask, norm=self.norm)
 
     def make_cache(self, batch_size: int, device=None, dtype=None, history: int = 64) -> Mamba2Cache:
         return self.mixer.make_cache(batch_size, device, dtype, history)
