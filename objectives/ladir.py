@@ -32,13 +32,50 @@ The paper's recipe, in its order:
    scale, BENCHMARKS.md).
 
 3. **Inference** (Sec. 3.3, `sample_trajectories`). One prefill of the question, then the cache is forked into N
-   trajectories; each block is integrated from its own noise with `denoising_steps` Euler steps, the N
-   trajectories of a question pushed apart by a repulsion term (the kernel gradient of SVGD with the median
-   bandwidth, weight `repulsion`, 0 = off) for diverse reasoning. The VAE decoder writes the block out in words
-   (so that a trajectory reads like chain-of-thought text, and Countdown's scorer checks its steps); with
-   `reencode` the encoder's latents of those words replace the sampled ones. The block enters the cache, the head
-   decides <bob> or <ans>, and after <ans> the answer is decoded.
+   trajectories; each block is integrated from its own noise with `denoising_steps` Euler steps. The VAE decoder
+   writes the block out in words (so that a trajectory reads like chain-of-thought text, and Countdown's scorer
+   checks its steps); with `reencode` the encoder's latents of those words replace the sampled ones. The block
+   enters the cache, the head decides <bob> or <ans>, and after <ans> the answer is decoded.
    `generate` returns the trajectory whose answer wins the majority vote; validation also logs pass@N.
+
+4. **Classifier-free guidance** (Ho & Salimans 2022; the release, mk322/LaDiR `model.py`: `text_drop_prob = 0.1`,
+   `fake_input_embed`, `replace_text_before_tht_start`, `inference_step(infer_cfg)`). In training each row's
+   question is replaced, with probability `cfg_dropout` (the release's 0.1), by one learned null embedding at
+   every question position (the length kept, as the release keeps it); such a row trains the flow loss only (its
+   decisions and answer are not trained without their question: the release's diffusion model has no LM loss at
+   all). At inference a second cache holds the same trajectory after the null question, and the head's output is
+   guided::
+
+       out = out_uncond + w * (out_cond - out_uncond),    w = `guidance_scale`
+
+   on whatever the head predicts (velocity or clean latents: the two are affine in each other at a given x_t, so
+   guiding one guides the other). The release guides only for w > 1 and defaults to w = 1 (no script sets another):
+   at w = 1 the null branch is not run, so the sample is the plain conditional one, bit for bit. Here any w != 1
+   guides (w = 0: the unconditional model's blocks). The <bob>/<ans> decisions and the answer read the conditional
+   cache only.
+
+5. **Diversity guidance** (the release, `model.py`: `denoise_with_reward_guidance_and_diversity`, `distance_grad`,
+   `median_bandwidth_latent`, `get_diversity_scale`). At every Euler step the trajectories' *predictions* p_i (the
+   head's output after guidance; the release's is a velocity) get the gradient of
+   ``R = sum_{i<j} f(||p_i - p_j||^2)``, ``f(u) = u exp(-u / sigma^2)``, whose maximum is at distance sigma (pairs
+   closer than sigma are pushed apart, pairs farther are drawn in), sigma the median pairwise distance of the
+   predictions at that step::
+
+       p_i <- p_i + gamma_i * 2 sum_j exp(-u_ij / sigma^2) (1 - u_ij / sigma^2) (p_i - p_j),   u_ij = ||p_i - p_j||^2
+
+   The weight is annealed with the noise level, as the release's ``gamma(t) = g_min + (g_max - g_min) (t / T)^2``
+   (T = 1000 scheduler steps, t from T to 0): here ``gamma_i = repulsion * s_i^2`` with s_i = 1 - (i + 1) / n the
+   noise level the step lands on, so the step that lands on the clean latents is the model's alone. Where this
+   departs from the release: (a) its floor g_min = 0.1 is 0 here (with its defaults, g_max = 0.1 = g_min, the
+   release's weight is a constant 0.1; a floor would keep pushing the last step off what the VAE decodes); (b) its
+   `distance_grad` pairs the thought tokens *within* one trajectory ([B, N, D] differenced over N), with sigma the
+   median over every token of the batch; here a particle is a trajectory's whole block and the pairs are the
+   trajectories of one question, whose spread is the diversity the abstract claims ("multiple diverse reasoning
+   trajectories that explore distinct regions of the latent space"; the release's unused `distance_repulsion_grad`
+   pairs every token of the batch with every other), sigma the median over those pairs. With 2 trajectories the
+   one pair sits at sigma and the term is 0: it acts from 3 trajectories on. It replaces this file's earlier term
+   (SVGD's RBF kernel on the *state* x, at a constant weight), which the release does not have: a constant push on
+   the state throws trajectories off the latents the VAE can decode (issue 27).
 
 Training stages by config: the first `vae_steps` optimizer steps train the VAE alone; then the latent model
 trains with the VAE frozen (the optimizer's state cleared at the switch). With `vae_from` (a checkpoint of a
@@ -48,7 +85,6 @@ one-fit run leaves one part without gradients in each stage, which DDP's `find_u
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Literal
 
@@ -98,36 +134,55 @@ def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, x1: torch.Tenso
     return (velocity.float() - (x1 - x0).float()).pow(2).mean()
 
 
-def repulsion_force(x: torch.Tensor, bandwidth: float | None = None, group_size: int | None = None) -> torch.Tensor:
-    """Each trajectory's push away from the others of its group, x [G * N, ...] (groups of `group_size` = N
-    consecutive rows, default all): sum_j k_ij (x_i - x_j) / N with the RBF kernel k_ij = exp(-||x_i - x_j||^2 / h)
-    (SVGD's repulsive term, Liu & Wang 2016). h = `bandwidth`, or None: the median heuristic
-    median(||x_i - x_j||^2) / log(N + 1), which keeps the force at the scale of the trajectories' spread."""
-    n = group_size or len(x)
-    flat = x.float().reshape(-1, n, x[0].numel())
-    diff = flat[:, :, None] - flat[:, None]
-    dist = diff.pow(2).sum(-1)
-    if bandwidth is None:
-        pairs = dist.flatten(1)
-        h = (pairs.median(-1).values / math.log(n + 1)).clamp(min=1e-6)[:, None, None]
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of the head's output: uncond + scale * (cond - uncond) (the release's
+    `inference_step`: ``null_model_pred + infer_cfg * (model_pred - null_model_pred)``)."""
+    return uncond + scale * (cond - uncond)
+
+
+def diversity_weight(step: int, num_steps: int, scale: float) -> float:
+    """The diversity term's weight at Euler step `step` of `num_steps`: scale * s^2, s = 1 - (step + 1) / num_steps
+    the noise level the step lands on (the release's `get_diversity_scale`, power 2, its floor 0.1 taken to 0):
+    largest at the first step, 0 at the last."""
+    return scale * (1.0 - (step + 1) / num_steps) ** 2
+
+
+def diversity_gradient(pred: torch.Tensor, group_size: int | None = None,
+                       bandwidth: float | None = None) -> torch.Tensor:
+    """The gradient of R = sum_{i<j} f(||p_i - p_j||^2), f(u) = u exp(-u / sigma^2), for predictions pred [G * N, ...]
+    in groups of `group_size` = N consecutive rows (a question's trajectories; default: all rows one group), each
+    row one particle: 2 sum_j exp(-u_ij / sigma^2) (1 - u_ij / sigma^2) (p_i - p_j) (the release's `distance_grad`).
+    sigma = `bandwidth`, or the median distance ||p_i - p_j|| over the group's pairs (its `median_bandwidth_latent`),
+    so that the term moves pairs towards the group's typical distance, whatever the prediction's units."""
+    n = group_size or len(pred)
+    flat = pred.float().reshape(-1, n, pred[0].numel())
+    diff = flat[:, :, None] - flat[:, None]  # [G, N, N, D]
+    u = diff.pow(2).sum(-1)
+    if bandwidth is not None:
+        sigma2 = torch.full((len(flat), 1, 1), float(bandwidth) ** 2, device=pred.device)
+    elif n < 2:
+        return torch.zeros_like(pred)
     else:
-        h = torch.as_tensor(bandwidth, device=x.device)
-    k = torch.exp(-dist / h)
-    return ((k[..., None] * diff).sum(2) / n).view_as(x).to(x.dtype)
+        i, j = torch.triu_indices(n, n, 1, device=pred.device)
+        sigma2 = (u[:, i, j].sqrt().median(-1).values + 1e-6).pow(2)[:, None, None]
+    w = torch.exp(-u / sigma2) * (1 - u / sigma2)  # the diagonal's diff is 0: no self-interaction
+    return (2 * (w[..., None] * diff).sum(2)).view_as(pred).to(pred.dtype)
 
 
-def denoise(velocity_fn, x0: torch.Tensor, num_steps: int, repulsion: float = 0.0,
-            bandwidth: float | None = 1.0, group_size: int | None = None) -> torch.Tensor:
-    """Euler integration of dx/dt = v(x, t) from t = 0 (noise x0 [N, ...]) to t = 1 in `num_steps` steps, plus
-    `repulsion` times the repulsion force within each group of `group_size` trajectories (0: plain sampling, the
-    force not computed)."""
+def denoise(predict, x0: torch.Tensor, num_steps: int, velocity=None, diversity: float = 0.0,
+            group_size: int | None = None, bandwidth: float | None = None) -> torch.Tensor:
+    """Euler integration of dx/dt = v from t = 0 (noise x0 [N, ...]) to t = 1 in `num_steps` steps. predict(x, t) is
+    the head's prediction p; velocity(p, x, t) turns it into dx/dt (default: p is the velocity). With `diversity`
+    > 0 the prediction gets `diversity_weight(i, num_steps, diversity)` times `diversity_gradient` within each group
+    of `group_size` trajectories before the step (0: plain sampling, the gradient not computed)."""
     x, dt = x0, 1.0 / num_steps
     for i in range(num_steps):
         t = torch.full((len(x),), i * dt, device=x.device)
-        v = velocity_fn(x, t)
-        if repulsion:
-            v = v + repulsion * repulsion_force(x, bandwidth, group_size)
-        x = x + dt * v
+        p = predict(x, t)
+        weight = diversity_weight(i, num_steps, diversity) if diversity else 0.0
+        if weight:
+            p = p + weight * diversity_gradient(p, group_size, bandwidth)
+        x = x + dt * (p if velocity is None else velocity(p, x, t))
     return x
 
 
@@ -159,8 +214,13 @@ class LaDiR(Staged, CausalObjective):
             "velocity" (the paper's v_theta, the L_FM above).
         denoising_steps: Euler steps per block at inference.
         num_trajectories: trajectories per question at inference (1: one sample; N: majority vote, pass@N).
-        repulsion: the weight of the repulsion between a question's trajectories (0 = off).
-        repulsion_bandwidth: the RBF bandwidth (None: the median heuristic).
+        repulsion: the largest weight (at the first Euler step, annealed to 0 at the last) of the diversity term
+            between a question's trajectories, item 5 above (0 = off; the release's default is 0.1).
+        repulsion_bandwidth: its kernel's sigma (None: the median distance between the predictions, the release's).
+        cfg_dropout: the probability that a training row's question is replaced by the learned null embedding
+            (classifier-free guidance, item 4 above; the release's 0.1; 0 = never).
+        guidance_scale: w of the guided output at inference (1, the release's default: no guidance, the null branch
+            not run).
         max_blocks: the most latent blocks a trajectory writes before its answer.
         reencode: at inference, replace each sampled block by the encoder's latents of the step the VAE decoder
             writes from it before the next block reads it, so that later blocks and the answer read the latents of
@@ -185,8 +245,8 @@ class LaDiR(Staged, CausalObjective):
                  flow_weight: float = 1.0, prediction: Literal["velocity", "clean"] = "clean",
                  denoising_steps: int = 8, num_trajectories: int = 1,
                  repulsion: float = 0.0, repulsion_bandwidth: float | None = None, max_blocks: int = 8,
-                 reencode: bool = True, self_condition: bool = True, step_id: int | None = None,
-                 answer_id: int | None = None, **kwargs):
+                 reencode: bool = True, self_condition: bool = True, cfg_dropout: float = 0.1,
+                 guidance_scale: float = 1.0, step_id: int | None = None, answer_id: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # None on plain text, which has no steps: LaDiR then trains and writes it as next-token prediction does
         step_id = self.special_ids.get("step") if step_id is None else step_id
@@ -196,12 +256,15 @@ class LaDiR(Staged, CausalObjective):
                              f"{block_size}, {denoising_steps}, {num_trajectories}, {max_blocks}")
         if prediction not in ("velocity", "clean"):
             raise ValueError(f"LaDiR prediction={prediction!r}: use 'velocity' or 'clean'")
+        if not 0.0 <= cfg_dropout < 1.0:
+            raise ValueError(f"LaDiR cfg_dropout={cfg_dropout}: a probability in [0, 1)")
         self.K, self.latent_dim, self.step_id, self.answer_id = block_size, latent_dim, step_id, answer_id
         self.bob_id = self.vocab_size
         self.vae_steps = 0 if vae_from else vae_steps
         self.denoising_steps, self.num_trajectories, self.max_blocks = denoising_steps, num_trajectories, max_blocks
         self.repulsion, self.repulsion_bandwidth, self.flow_weight = repulsion, repulsion_bandwidth, flow_weight
         self.reencode, self.prediction, self.self_condition = reencode, prediction, self_condition
+        self.cfg_dropout, self.guidance_scale = cfg_dropout, guidance_scale
         if vae_from:
             self.vae_companion = FrozenCompanion(vae_from)
             if not isinstance(getattr(self.vae_companion.model, "vae", None), StepVAE):
@@ -226,6 +289,9 @@ class LaDiR(Staged, CausalObjective):
         # latents are scaled to unit variance before diffusion (a Stable-Diffusion-style scale factor), set from the
         # first latent-stage batch and kept in the checkpoint
         self.register_buffer("latent_scale", torch.zeros(()))
+        # the null question of classifier-free guidance: one learned vector at every question position (the
+        # release's `fake_input_embed`, N(0, 0.02^2)); made last, so that the other weights start as before it
+        self.null_question = nn.Parameter(torch.randn(d) * 0.02)
         self.stage = 0 if self.vae_steps > 0 else 1
 
     @property
@@ -244,6 +310,12 @@ class LaDiR(Staged, CausalObjective):
 
     def configure_callbacks(self):
         return [OptimizerReset()] if self.vae_steps > 0 else []
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # a checkpoint from before classifier-free guidance has no null question: keep this model's fresh one (it
+        # was never trained, so guidance_scale = 1 is the only meaningful scale for such a run)
+        checkpoint.get("state_dict", {}).setdefault("null_question", self.null_question.detach().clone())
 
     # --- the batch's steps and their latents ----------------------------------------------------------------------
     def batch_steps(self, batch: dict) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
@@ -318,8 +390,8 @@ class LaDiR(Staged, CausalObjective):
         of every block; right-padded. Returns ids [B, T] (a thought token's id is <bob>'s, replaced by its latent),
         block [B, T] (the step index into `batch_steps` of a clean thought token, else -1), noisy [B, N]
         (the same for each noisy slot), slot [B, T] and noisy_slot [B, N] (0..K-1), positions [B, T + N], targets
-        [B, T] (the next token where it is trained: each <bob> / <ans> decision and the answer; -1 elsewhere), and
-        the attention mask [B, 1, T + N, T + N]."""
+        [B, T] (the next token where it is trained: each <bob> / <ans> decision and the answer; -1 elsewhere), the
+        attention mask [B, 1, T + N, T + N], and question [B, T] (the question's positions)."""
         tokens, segments, K = batch["tokens"], batch["segments"], self.K
         device = tokens.device
         rows, first = [], 0
@@ -348,7 +420,8 @@ class LaDiR(Staged, CausalObjective):
             block += [-1] * len(answer)
             slot += [0] * len(answer)
             group += list(range(group[-1] + 1, group[-1] + 1 + len(answer)))
-            rows.append((ids, block, slot, group, targets, starts, list(range(first, first + len(row)))))
+            rows.append((ids, block, slot, group, targets, starts, list(range(first, first + len(row))),
+                         len(question)))
             first += len(row)
         B = len(rows)
         T = max(len(r[0]) for r in rows)
@@ -372,8 +445,21 @@ class LaDiR(Staged, CausalObjective):
         mask[:, 0, T:, :T] = torch.arange(T, device=device) < start[:, :, None]  # a noisy block: what precedes z_j
         same = (noisy[:, :, None] == noisy[:, None, :]) & (noisy[:, :, None] >= 0)
         mask[:, 0, T:, T:] = same | torch.eye(N, dtype=torch.bool, device=device)  # ... and itself, fully
+        question = torch.arange(T, device=device) < torch.tensor([r[7] for r in rows], device=device)[:, None]
         return {"ids": ids, "block": block, "slot": slot, "noisy": noisy, "noisy_slot": noisy_slot,
-                "positions": positions, "targets": targets, "mask": mask}
+                "positions": positions, "targets": targets, "mask": mask, "question": question}
+
+    def null_condition(self, embeds: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """embeds [B, T, D] with the null question at the positions `where` [B, T] (always through torch.where, so
+        that the null is in every graph and DDP never finds it unused)."""
+        return torch.where(where[..., None], self.null_question.to(embeds.dtype), embeds)
+
+    def condition_dropout(self, rows: int, device) -> torch.Tensor:
+        """[rows] bool: the training rows whose question the null replaces this step, each with probability
+        `cfg_dropout` (the release's `random.random() < text_drop_prob` per row); none outside training."""
+        if not self.training or self.cfg_dropout == 0:
+            return torch.zeros(rows, dtype=torch.bool, device=device)
+        return torch.rand(rows, device=device) < self.cfg_dropout
 
     def latent_loss(self, batch: dict, steps: torch.Tensor, spans) -> dict:
         lay = self.layout(batch, spans)
@@ -382,6 +468,9 @@ class LaDiR(Staged, CausalObjective):
         x0 = torch.randn_like(x1)
         xt = interpolate(x0, x1, t)
         embeds = self.embed(lay["ids"])
+        # classifier-free guidance (item 4): the rows drawn read the null question and train the flow loss only
+        dropped = self.condition_dropout(len(embeds), embeds.device)
+        embeds = self.null_condition(embeds, lay["question"] & dropped[:, None])
         clean = lay["block"] >= 0
         if bool(clean.any()):
             b_idx, s_idx = lay["block"][clean], lay["slot"][clean]
@@ -409,7 +498,7 @@ class LaDiR(Staged, CausalObjective):
                     estimate[b_idx, s_idx] = self.clean_estimate(forward(estimate)[1], xt[b_idx, s_idx], t[b_idx])
         hidden, output = forward(estimate)
         targets = lay["targets"]
-        weights = (targets >= 0).float()
+        weights = ((targets >= 0) & ~dropped[:, None]).float()
         nll, count, _ = chunked_cross_entropy(hidden[:, :T], self.unembedding, targets.clamp(min=0), weights,
                                               self.hparams.ce_chunk_size)
         ce = nll / count.clamp(min=1)
@@ -432,10 +521,12 @@ class LaDiR(Staged, CausalObjective):
     def sample_trajectories(self, prompt_ids: torch.Tensor, max_new_tokens: int | torch.Tensor,
                             prompt_lengths: torch.Tensor | None = None, num_trajectories: int | None = None,
                             repulsion: float | None = None, temperature: float = 0.0, top_k: int | None = None,
-                            noise: torch.Tensor | None = None, denoising_steps: int | None = None) -> torch.Tensor:
+                            noise: torch.Tensor | None = None, denoising_steps: int | None = None,
+                            guidance_scale: float | None = None) -> torch.Tensor:
         """N trajectories per question: prompt [B, P] (right-padded, row b's first `prompt_lengths[b]` tokens) ->
         [B, N, P + max_new_tokens], each the prompt, then its steps written in words by the VAE decoder, <ans>,
-        the answer, and eos after it.
+        the answer, and eos after it. `num_trajectories`, `repulsion` (the diversity term's weight),
+        `denoising_steps` and `guidance_scale` default to the model's own.
 
         noise [B, N, max_blocks, K, latent_dim]: the starting noise of every block (default: drawn); a trajectory
         given the same noise and the same question gives the same output, alone or among others, where the
@@ -444,6 +535,8 @@ class LaDiR(Staged, CausalObjective):
         N = num_trajectories or self.num_trajectories
         repulsion = self.repulsion if repulsion is None else repulsion
         steps = denoising_steps or self.denoising_steps
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        guided = scale != 1.0  # at w = 1 the null branch is not run: the plain conditional sample, bit for bit
         budget = int(max_new_tokens.max()) if isinstance(max_new_tokens, torch.Tensor) else int(max_new_tokens)
         B, P = prompt_ids.shape
         device = prompt_ids.device
@@ -455,12 +548,20 @@ class LaDiR(Staged, CausalObjective):
         if noise.shape != shape:
             raise ValueError(f"noise must be [B, N, max_blocks, K, latent_dim] = {list(shape)}, got {list(noise.shape)}")
         dtype = self.embed.weight.dtype
-        # one prefill of the questions, then every question's cache forked into its N trajectories
+        # one prefill of the questions, then every question's cache forked into its N trajectories; with guidance a
+        # second cache reads the null question in its place and then the same blocks
+        padding = torch.arange(P, device=device) < lengths[:, None]
+        embeds = self.embed(prompt_ids)
         cache = self.trunk.make_cache(B, device=device, dtype=dtype)
-        hidden = self.trunk(self.embed(prompt_ids), cache=cache,
-                            padding_mask=torch.arange(P, device=device) < lengths[:, None])
+        hidden = self.trunk(embeds, cache=cache, padding_mask=padding)
         logits = self.logits(hidden[torch.arange(B, device=device), lengths - 1]).repeat_interleave(N, 0)
-        cache = cache.fork(torch.arange(B, device=device).repeat_interleave(N))
+        forks = torch.arange(B, device=device).repeat_interleave(N)
+        cache = cache.fork(forks)
+        caches = [cache]
+        if guided:
+            null_cache = self.trunk.make_cache(B, device=device, dtype=dtype)
+            self.trunk(self.null_condition(embeds, padding), cache=null_cache, padding_mask=padding)
+            caches.append(null_cache.fork(forks))
         rows = B * N
         more = logits[:, self.bob_id] > logits[:, self.answer_id]  # the end-of-reasoning signal: <bob> or <ans>
         blocks = []  # per block: its step in words [rows, <= max_step_len] and the rows that wrote it
@@ -470,29 +571,41 @@ class LaDiR(Staged, CausalObjective):
             if not bool(more.any()) or int(cache.lengths.max()) + self.K + 2 > limit:  # room for <bob>, z, <ans>
                 break
             active = more
-            self.trunk(self.embed.weight[self.bob_id].expand(rows, 1, -1), cache=cache, padding_mask=active[:, None])
-            before = cache.lengths.clone()
+            for c in caches:
+                self.trunk(self.embed.weight[self.bob_id].expand(rows, 1, -1), cache=c, padding_mask=active[:, None])
+            before = [c.lengths.clone() for c in caches]
 
             estimate = torch.zeros(rows, self.K, self.latent_dim, device=device)
 
-            def velocity(x, t):  # every evaluation reads the cache, then forgets its own block again
+            def head(inputs: torch.Tensor, k: int) -> torch.Tensor:  # reads cache k, then forgets its own block
+                out = self.to_velocity(self.trunk(inputs.to(dtype), mask="full", cache=caches[k])).float()
+                caches[k].crop(before[k])
+                return out
+
+            def predict(x, t):
                 nonlocal estimate
                 inputs = self.latent_input(x, t)
                 if self.self_condition:  # the previous evaluation's estimate of x1 (zeros at the first)
                     inputs = inputs + self.self_condition_in(estimate.to(inputs.dtype))
-                out = self.to_velocity(self.trunk(inputs.to(dtype), mask="full", cache=cache)).float()
-                cache.crop(before)
+                out = head(inputs, 0)
+                if guided:
+                    out = guide(out, head(inputs, 1), scale)
                 estimate = self.clean_estimate(out, x, t)
-                return out if self.prediction == "velocity" else (estimate - x) / (1 - t).view(-1, 1, 1)
+                return out
 
-            x = denoise(velocity, noise[:, :, j].reshape(rows, self.K, self.latent_dim), steps, repulsion,
-                        self.repulsion_bandwidth, N)
+            def velocity(out, x, t):  # the prediction (diversity term included) as dx/dt
+                return out if self.prediction == "velocity" else (out - x) / (1 - t).view(-1, 1, 1)
+
+            x = denoise(predict, noise[:, :, j].reshape(rows, self.K, self.latent_dim), steps, velocity, repulsion,
+                        N, self.repulsion_bandwidth)
             words = self.vae.decode(x / self.scale, self.vae.max_step_len, self.step_id)
             if self.reencode:  # the block the model reads on is the encoding of the step it wrote
                 x = self.vae.encode(words)[0].float() * self.scale
             blocks.append((words, active))
-            hidden = self.trunk(self.latent_input(x, ones).to(dtype), mask="full", cache=cache,
-                                padding_mask=active[:, None].expand(rows, self.K))[:, -1]
+            block_in, written = self.latent_input(x, ones).to(dtype), active[:, None].expand(rows, self.K)
+            hidden = self.trunk(block_in, mask="full", cache=cache, padding_mask=written)[:, -1]
+            if guided:
+                self.trunk(block_in, mask="full", cache=caches[1], padding_mask=written)
             logits = self.logits(hidden)
             more = active & (logits[:, self.bob_id] > logits[:, self.answer_id])
         hidden = self.trunk(self.embed.weight[self.answer_id].expand(rows, 1, -1), cache=cache)[:, -1]
@@ -513,13 +626,14 @@ class LaDiR(Staged, CausalObjective):
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int | torch.Tensor, temperature: float = 0.0,
                  top_k: int | None = None, prompt_lengths: torch.Tensor | None = None,
                  num_trajectories: int | None = None, repulsion: float | None = None,
-                 noise: torch.Tensor | None = None, **options) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, denoising_steps: int | None = None,
+                 guidance_scale: float | None = None, **options) -> torch.Tensor:
         """The majority-vote trajectory of `sample_trajectories` for every question: [B, P + max_new_tokens]."""
         self.refuse_options(options, "generates latent blocks, then the answer")
         if self.answer_id is None:  # trained on plain text, which has no reasoning to write as latent blocks
             return super().generate(prompt_ids, max_new_tokens, temperature, top_k, prompt_lengths=prompt_lengths)
         trajectories = self.sample_trajectories(prompt_ids, max_new_tokens, prompt_lengths, num_trajectories,
-                                                repulsion, temperature, top_k, noise)
+                                                repulsion, temperature, top_k, noise, denoising_steps, guidance_scale)
         P = prompt_ids.shape[1]
         lengths = prompt_lengths.tolist() if prompt_lengths is not None else [P] * len(prompt_ids)
         chosen = [majority([self.answer_of(t[length:].tolist()) for t in rows])

@@ -1,8 +1,12 @@
 """LaDiR (objectives/ladir.py): the step VAE reconstructs the steps of a toy set after a short training and its KL
 weight warms up; the block layout (full inside a block, causal across, noisy copies that see only what precedes
 them); the flow-matching loss on a hand-computed case; the latent loss falls; trajectories from a forked prefix
-equal those sampled one at a time; repulsion; majority vote; and the two training stages."""
+equal those sampled one at a time; classifier-free guidance (the null question's dropout in training, scale 1 the plain
+conditional sample); the diversity term, annealed to 0 at the last step and applied to the prediction; majority
+vote; the two training stages; and the arithmetic of the test-time-compute benchmark (benchmarks/ladir.py)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -55,19 +59,59 @@ def test_flow_matching_loss_is_zero_at_the_exact_velocity_and_hand_computed_else
     assert emb.shape == (3, 8) and not torch.allclose(emb[0], emb[2])
 
 
-def test_repulsion_zero_leaves_sampling_unchanged_and_positive_spreads_trajectories():
-    from objectives.ladir import denoise
+def test_the_diversity_weight_follows_its_schedule_and_is_zero_at_the_last_step():
+    from objectives.ladir import diversity_weight
 
-    def toward_one(x, t):  # a velocity field that pulls every trajectory to the point 1
-        return 1.0 - x
+    for n in (1, 2, 4, 8, 16, 32):
+        weights = [diversity_weight(i, n, 0.3) for i in range(n)]
+        assert weights[-1] == 0.0  # the step that lands on the clean latents is the model's alone
+        assert all(w == pytest.approx(0.3 * (1 - (i + 1) / n) ** 2) for i, w in enumerate(weights))
+        assert weights == sorted(weights, reverse=True)
+    assert diversity_weight(0, 4, 0.3) == pytest.approx(0.3 * 0.75**2)
 
-    x0 = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0)) * 0.1
-    plain = x0.clone()
-    for _ in range(4):  # Euler by hand
-        plain = plain + 0.25 * (1.0 - plain)
-    assert torch.equal(denoise(toward_one, x0, 4, repulsion=0.0), plain)
-    spread = lambda x: torch.pdist(x.flatten(1)).mean()  # noqa: E731
-    assert spread(denoise(toward_one, x0, 4, repulsion=5.0)) > spread(plain)
+
+def test_the_diversity_term_moves_the_prediction_by_its_annealed_weight_not_the_state():
+    """Every prediction is the same constant p_i whatever the state, and every trajectory starts at the same x0: the
+    step from x_i is dt * (p + w_i * grad(p)), so the state's pairwise gradient (0 here, all states equal) cannot
+    be what moves them, and the last step is dt * p exactly."""
+    from objectives.ladir import denoise, diversity_gradient, diversity_weight
+
+    p = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.5, 0.5]])
+    x0 = torch.zeros(4, 2)
+    seen = []
+
+    def predict(x, t):
+        seen.append(x.clone())
+        return p
+
+    n = 4
+    x = denoise(predict, x0, n, diversity=0.7)
+    steps = [b - a for a, b in zip(seen, seen[1:] + [x])]
+    for i, step in enumerate(steps):
+        expected = (p + diversity_weight(i, n, 0.7) * diversity_gradient(p)) / n
+        assert torch.allclose(step, expected, atol=1e-6), i
+    assert not torch.allclose(steps[0], p / n)  # the first step's weight and gradient are not 0
+    assert torch.equal(denoise(predict, x0, n, diversity=0.0), p)  # off: plain Euler, the gradient not computed
+
+
+def test_the_diversity_gradient_by_hand_and_within_a_question_s_trajectories_only():
+    from objectives.ladir import diversity_gradient
+
+    # two particles at distance 1 with sigma = 2: w = exp(-1/4) (1 - 1/4), grad_0 = 2 w (p_0 - p_1)
+    p = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    w = math.exp(-0.25) * 0.75
+    assert torch.allclose(diversity_gradient(p, bandwidth=2.0), torch.tensor([[-2 * w, 0.0], [2 * w, 0.0]]))
+    # the median bandwidth: a lone pair sits at sigma, the optimum of u exp(-u / sigma^2): no force
+    assert torch.allclose(diversity_gradient(p), torch.zeros(2, 2), atol=1e-5)
+    # three on a line at 0, 1, 3: sigma = 2 (the median of 1, 2, 3); the close pair is pushed apart, the far drawn in
+    line = torch.tensor([[0.0], [1.0], [3.0]])
+    g = diversity_gradient(line)
+    assert g[0] < 0 < g[1] and g[2] < 0
+    x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))
+    grouped = diversity_gradient(x, group_size=3)
+    assert torch.allclose(grouped[:3], diversity_gradient(x[:3]))
+    assert torch.allclose(grouped[3:], diversity_gradient(x[3:]))
+    assert torch.equal(diversity_gradient(x[:1]), torch.zeros_like(x[:1]))  # one trajectory: nothing to push from
 
 
 # --- the latent model --------------------------------------------------------------------------------------------
@@ -87,6 +131,11 @@ def hand_made_batch():
     tokens = torch.tensor([[7, 8, 9, 3, 10, 11, 3, 4, 12, 1], [13, 4, 14, 1, 0, 0, 0, 0, 0, 0]])
     segments = torch.tensor([[0, 0, 2, 2, 3, 3, 3, 1, 1, 1], [0, 1, 1, 1, -1, -1, -1, -1, -1, -1]])
     return {"tokens": tokens, "segments": segments, "loss_mask": (segments > 0).float()}
+
+
+def ragged_prompts():
+    """Three right-padded questions of 4, 2 and 3 tokens."""
+    return torch.tensor([[5, 6, 7, 8], [9, 10, 1, 1], [11, 12, 13, 1]]), torch.tensor([4, 2, 3])
 
 
 def test_layout_blocks_are_full_inside_causal_across_and_noisy_copies_see_only_what_precedes_them():
@@ -113,7 +162,9 @@ def test_layout_blocks_are_full_inside_causal_across_and_noisy_copies_see_only_w
 @pytest.mark.parametrize("options", [{"prediction": "velocity", "self_condition": False},
                                      {"prediction": "clean", "self_condition": True}])
 def test_the_latent_loss_trains_every_part_and_falls(options):
-    model = tiny_ladir(**options).train()
+    # cfg dropout off: a row drawn for the null question drops its cross-entropy from that one loss draw, which
+    # made last/first up to 0.55 over seeds (the dropout has its own test below)
+    model = tiny_ladir(**options, cfg_dropout=0.0).train()
     batch = hand_made_batch()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
@@ -137,8 +188,7 @@ def test_trajectories_sampled_in_parallel_from_a_forked_cache_equal_those_sample
     model = tiny_ladir(prediction=prediction, self_condition=self_condition)
     with torch.no_grad():  # make the decisions varied: some rows write blocks, others answer at once
         model.embed.weight[model.bob_id] += 0.5 * torch.randn(32)
-    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 1, 1], [11, 12, 13, 1]])
-    lengths = torch.tensor([4, 2, 3])
+    prompts, lengths = ragged_prompts()
     N = 3
     noise = torch.randn(3, N, model.max_blocks, model.K, model.latent_dim, generator=torch.Generator().manual_seed(1))
     together = model.sample_trajectories(prompts, 6, prompt_lengths=lengths, num_trajectories=N, noise=noise)
@@ -148,23 +198,90 @@ def test_trajectories_sampled_in_parallel_from_a_forked_cache_equal_those_sample
                                               noise=noise[b : b + 1, n : n + 1])
             assert torch.equal(together[b, n, : int(lengths[b]) + 6], alone[0, 0]), (b, n)
     assert len({tuple(together[b, n].tolist()) for b in range(3) for n in range(N)}) > 3  # the noise matters
+    # the untrained VAE writes the same words for nearby latents: a weight large enough to change them
     pushed = model.sample_trajectories(prompts, 6, prompt_lengths=lengths, num_trajectories=N, noise=noise,
-                                       repulsion=5.0)
-    assert not torch.equal(pushed, together)  # the repulsion changes what is written
+                                       repulsion=100.0)
+    assert not torch.equal(pushed, together)  # the diversity term changes what is written
     for b in range(3):  # it pushes a question's trajectories apart from one another, not from other questions'
         alone = model.sample_trajectories(prompts[b : b + 1, : int(lengths[b])], 6, num_trajectories=N,
-                                          noise=noise[b : b + 1], repulsion=5.0)
+                                          noise=noise[b : b + 1], repulsion=100.0)
         assert torch.equal(pushed[b, :, : int(lengths[b]) + 6], alone[0]), b
 
 
-def test_repulsion_acts_within_a_question_s_trajectories_only():
-    from objectives.ladir import repulsion_force
+def test_guidance_at_scale_1_is_the_plain_conditional_sample_and_other_scales_guide(monkeypatch):
+    import objectives.ladir as ladir
 
-    x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))
-    grouped = repulsion_force(x, 1.0, group_size=3)
-    assert torch.allclose(grouped[:3], repulsion_force(x[:3], 1.0))
-    assert torch.allclose(grouped[3:], repulsion_force(x[3:], 1.0))
-    assert torch.equal(repulsion_force(x[:1]), torch.zeros_like(x[:1]))  # one trajectory: nothing to push from
+    c, u = torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0])
+    assert torch.equal(ladir.guide(c, u, 0.0), u) and torch.equal(ladir.guide(c, u, 2.0), torch.tensor([5.0, -3.0]))
+    model = tiny_ladir(prediction="clean", self_condition=True)
+    with torch.no_grad():  # some rows write blocks, others answer at once
+        model.embed.weight[model.bob_id] += 0.5 * torch.randn(32)
+    prompts, lengths = ragged_prompts()
+    decode = model.vae.decode
+
+    def sample(**options):  # the trajectories, and the sampled latents of every block the VAE decoded
+        latents = []
+        model.vae.decode = lambda z, *args: latents.append(z.clone()) or decode(z, *args)
+        torch.manual_seed(7)  # the same seed, so the same noise is drawn
+        out = model.sample_trajectories(prompts, 6, prompt_lengths=lengths, num_trajectories=2, **options)
+        return out, torch.cat(latents)
+
+    plain, plain_latents = sample()
+    calls, guide = [], ladir.guide
+
+    def counted(*args):
+        calls.append(args[2])
+        return guide(*args)
+    monkeypatch.setattr(ladir, "guide", counted)
+    with torch.no_grad():
+        null = model.null_question.clone()
+        model.null_question.fill_(float("nan"))  # the null branch is not run at scale 1: nothing reads it
+    out, latents = sample(guidance_scale=1.0)
+    assert torch.equal(out, plain) and torch.equal(latents, plain_latents) and not calls
+    with torch.no_grad():
+        model.null_question.copy_(null)
+    # just off 1 the null branch runs, and uncond + w (cond - uncond) is within rounding of the conditional output
+    out, latents = sample(guidance_scale=1.0 + 1e-6)
+    assert calls and torch.equal(out, plain) and torch.allclose(latents, plain_latents, atol=1e-4)
+    out, latents = sample(guidance_scale=4.0)  # guidance moves the blocks (the untrained VAE may write the same words)
+    assert latents.shape == plain_latents.shape and (latents - plain_latents).abs().max() > 1e-2  # measured 0.07
+
+
+def test_cfg_dropout_gives_about_one_question_in_ten_the_null_exactly_in_the_rows_drawn(monkeypatch):
+    import objectives.ladir as ladir
+
+    model = tiny_ladir().train()
+    torch.manual_seed(0)
+    assert 0.09 < float(model.condition_dropout(20000, "cpu").float().mean()) < 0.11  # binomial sd 0.002
+    assert not model.eval().condition_dropout(100, "cpu").any() and not tiny_ladir(cfg_dropout=0.0).train(
+    ).condition_dropout(100, "cpu").any()
+    model.train()
+    batch = {k: v.repeat(30, 1) for k, v in hand_made_batch().items()}  # 60 rows
+    seen = {}
+    draw = model.condition_dropout
+    monkeypatch.setattr(model, "condition_dropout", lambda rows, device: seen.setdefault("rows", draw(rows, device)))
+    model.trunk.register_forward_pre_hook(lambda module, args: seen.setdefault("inputs", args[0].detach()))
+    cross_entropy = ladir.chunked_cross_entropy
+
+    def recorded(*args):
+        seen["weights"] = args[3]
+        return cross_entropy(*args)
+    monkeypatch.setattr(ladir, "chunked_cross_entropy", recorded)
+    torch.manual_seed(1)
+    model.loss(batch)
+    dropped = seen["rows"]
+    assert 0 < int(dropped.sum()) < 20, int(dropped.sum())
+    lay = model.layout(batch, model.batch_steps(batch)[1])
+    question, T = lay["question"], lay["ids"].shape[1]
+    assert question[0].tolist()[:3] == [True, True, False] and question[1].tolist()[:2] == [True, False]
+    inputs, embeds = seen["inputs"][:, :T], model.embed(lay["ids"])
+    for row in range(len(dropped)):
+        want = model.null_question.expand(int(question[row].sum()), -1) if dropped[row] else embeds[row][question[row]]
+        assert torch.equal(inputs[row][question[row]], want), row
+        assert torch.equal(inputs[row][~question[row] & (lay["block"][row] < 0)],
+                           embeds[row][~question[row] & (lay["block"][row] < 0)]), row  # the rest as it was
+    weights = seen["weights"]  # a dropped row's decisions and answer are not trained without their question
+    assert not weights[dropped].any() and torch.equal(weights[~dropped], (lay["targets"][~dropped] >= 0).float())
 
 
 def test_majority_vote_picks_the_first_trajectory_with_the_most_common_answer():
@@ -246,3 +363,79 @@ def test_the_vae_decoder_starts_from_a_cot_checkpoint_frozen_or_fine_tuned(tmp_p
     with pytest.raises(ValueError, match="decoder_from"):  # another width: refused, with the fix named
         LaDiR(Transformer(64, 1, 2, 64), vocab_size=cot.vocab_size, eos_id=cot.eos_id, special_ids=cot.special_ids,
               decoder_from=checkpoint)
+
+
+# --- the test-time-compute benchmark (benchmarks/ladir.py) ------------------------------------------------------------
+class ScriptedLaDiR:
+    """A stand-in for a trained LaDiR whose trajectories are written by rule, so that every figure of the benchmark is
+    known: on a Countdown question, trajectory n is a valid solution when n is odd, or when n = 0 and the block has
+    at least 8 Euler steps; the valid ones are one solution A, or with the diversity term on, alternately A and a
+    distinct solution B; an invalid one writes A's steps and the answer target + 1 + n (wrong, and different for
+    every n, so that the majority vote goes to the valid answer once two trajectories are valid)."""
+
+    denoising_steps, repulsion, guidance_scale, generation_slack = 4, 0.0, 1.0, 0
+
+    def __init__(self, dm):
+        from types import SimpleNamespace
+        self.dm, self.eos_id, self.answer_id = dm, dm.eos_id, dm.answer_id
+        self.trunk, self.calls = SimpleNamespace(max_seq_len=64), []
+
+    def eval(self):
+        return self
+
+    def answer_of(self, generated):  # LaDiR's own: the tokens after the last <ans>, up to eos
+        from objectives.ladir import LaDiR
+        return LaDiR.answer_of(self, generated)
+
+    def sample_trajectories(self, prompts, budget, prompt_lengths=None, num_trajectories=None, repulsion=None,
+                            denoising_steps=None, guidance_scale=None):
+        from benchmarks.countdown import solution_key
+        from datamodules.countdown import solutions
+
+        self.calls.append((denoising_steps, num_trajectories, repulsion, guidance_scale))
+        ids = self.dm.tokenizer.token_to_id
+        N, P = num_trajectories, prompts.shape[1]
+        out = torch.full((len(prompts), N, P + budget), self.eos_id)
+        for b, length in enumerate(prompt_lengths.tolist()):
+            question = self.dm.decode(prompts[b, :length]).split()
+            numbers, target = [int(w) for w in question[:-2]], int(question[-1])
+            top = self.dm.generator.max_value  # every value up to it is a word
+            found = solutions(numbers, target, top)
+            a = found[0]
+            other = next(s for s in found if solution_key(self.written(s, [])) != solution_key(self.written(a, [])))
+            for n in range(N):
+                valid = n % 2 == 1 or (n == 0 and denoising_steps >= 8)
+                sol = other if valid and repulsion and (n // 2) % 2 else a
+                words = self.written(sol, ["<ans>", str(target if valid else (target + 1 + n) % (top + 1)), "<eos>"])
+                out[b, n, :length] = prompts[b, :length]
+                out[b, n, length : length + len(words)] = torch.tensor([ids(w) for w in words])
+        return out
+
+    @staticmethod
+    def written(steps, tail):
+        return [w for a, op, b, c in steps for w in (str(a), op, str(b), "=", str(c), "<step>")] + tail
+
+
+def test_the_test_time_compute_benchmark_scores_its_curves_from_the_sampler():
+    from benchmarks.ladir import compute_curves
+    from datamodules import ReasoningDataModule
+
+    dm = ReasoningDataModule(task="countdown", num_numbers=3, train_size=8, val_size=8, test_size=3, batch_size=4)
+    model = ScriptedLaDiR(dm)
+    rows = compute_curves(model, dm, 3, denoising=(1, 4, 8, 16), trajectories=(1, 2, 4, 8), samples=8,
+                          diversity=0.3)
+    figures = [(r["section"], r["denoising steps"], r["trajectories"], r["diversity"], r["valid %"], r["pass@N %"],
+                r["sample valid %"], r["distinct valid"]) for r in rows]
+    assert figures == [
+        # accuracy against denoising steps: one trajectory, valid from 8 steps on
+        ("steps", 1, 1, 0.0, 0, 0, 0, 0), ("steps", 4, 1, 0.0, 0, 0, 0, 0),
+        ("steps", 8, 1, 0.0, 100, 100, 100, 1), ("steps", 16, 1, 0.0, 100, 100, 100, 1),
+        # against trajectories at the model's 4 steps: odd ones valid; at N = 2 the wrong answer ties the right one
+        # and the vote takes the first, from N = 4 the right answer has two votes
+        ("trajectories", 4, 1, 0.0, 0, 0, 0, 0), ("trajectories", 4, 2, 0.0, 0, 100, 50, 1),
+        ("trajectories", 4, 4, 0.0, 100, 100, 50, 1), ("trajectories", 4, 8, 0.0, 100, 100, 50, 1),
+        # the diversity term off and on: the same validity, two distinct solutions where it is on
+        ("diversity", 4, 8, 0.0, 100, 100, 50, 1), ("diversity", 4, 8, 0.3, 100, 100, 50, 2)]
+    assert model.calls == [(s, 1, 0.0, None) for s in (1, 4, 8, 16)] + [(4, n, 0.0, None) for n in (1, 2, 4, 8)] + [
+        (4, 8, 0.0, None), (4, 8, 0.3, None)]  # one call per row: 3 questions fit one batch
+    assert all(r["s/question"] >= 0 for r in rows)
