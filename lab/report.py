@@ -16,6 +16,9 @@ from objectives.training import metrics as M
 
 # on reasoning data, a family without a figure of its own shows the tokens its answers took
 REASONING_HEADLINE = (M.VAL_ANSWER_TOKENS, "answer tokens")
+# val/accuracy broken down by a group of questions (metrics.ACCURACY_GROUPS), and its column in the second table
+GROUP_TAG = re.compile(r"val/accuracy_(\d+)_(%s)" % "|".join(M.ACCURACY_GROUPS.values()))
+GROUP_COLUMN = {"steps": "accuracy, {}-step questions", "pairs": "accuracy, {} pairs", "tokens": "accuracy @{} tokens"}
 
 
 # --- reading the runs back -------------------------------------------------------------------------------------------------
@@ -58,11 +61,13 @@ def seed_figures(folder: Path, run: Run) -> dict:
                "steps": max((s for values in scalars.values() for s, _ in values), default=0)}
     for k in REPORT_LENS_KS:
         figures[f"future lens k={k}"] = last(FUTURE_LENS.format(k))
-    # reasoning data: accuracy per step count (ProsQA-mini's hops), tokens written per answer, answers in shape
-    for k in sorted(int(t.split("_")[1]) for t in scalars if re.fullmatch(r"val/accuracy_\d+_steps", t)):
-        figures[f"accuracy {k} steps"] = last(M.accuracy_with_steps("val", k))
+    # reasoning and recall data: accuracy per group (ProsQA-mini's step counts, MQAR's pairs, prompt lengths), its
+    # learning curve, tokens written per answer, answers in shape
+    for unit, k, tag in sorted((m[2], int(m[1]), m[0]) for t in scalars if (m := GROUP_TAG.fullmatch(t))):
+        figures[f"accuracy {k} {unit}"] = last(tag)
+    if M.VAL_ACCURACY in scalars:
+        figures.update(learning_curve(scalars[M.VAL_ACCURACY]))
     if M.VAL_ANSWER_TOKENS in scalars:
-        figures.update(learning_curve(scalars.get(M.VAL_ACCURACY, [])))
         figures["answer tokens"] = last(M.VAL_ANSWER_TOKENS)
         figures["answer format"] = last(M.answer_format("val"))
     if M.TEST_ACCURACY in scalars:  # compare.py --test: the run's last checkpoint on the test split
@@ -178,24 +183,28 @@ def markdown(experiment: Experiment, rows: list[dict]) -> str:
 
 
 def reasoning_table(rows: list[dict]) -> list[str]:
-    """On reasoning data, a second table: val/accuracy per step count of the questions' worked solutions, the
-    tokens written per answer, the share of answers in the right format and, where val/accuracy was logged more
-    than once, its learning curve (none elsewhere)."""
-    if not any("answer tokens" in row["figures"] for row in rows):
+    """On reasoning and recall data, a second table: val/accuracy per group of questions (step count of their
+    worked solutions, key-value pairs, prompt length), the tokens written per answer and the share of answers in
+    the right format where answers are generated, and, where val/accuracy was logged more than once, its learning
+    curve (none elsewhere)."""
+    groups = sorted({(m[2], int(m[1])) for row in rows for k in row["figures"]
+                     if (m := re.fullmatch(r"accuracy (\d+) (\w+)", k))})
+    generated = any("answer tokens" in row["figures"] for row in rows)
+    if not generated and not groups:
         return []
-    ks = sorted({int(m[1]) for row in rows for k in row["figures"]
-                 if (m := re.fullmatch(r"accuracy (\d+) steps", k))})
     tested = any(row["figures"].get("test accuracy") is not None for row in rows)
     curves = any(row["figures"].get("accuracy AUC") is not None for row in rows)
-    columns = ["run", M.VAL_ACCURACY, *(f"accuracy, {k}-step questions" for k in ks), "answer tokens",
-               "answers in format", *(["val/accuracy AUC", "steps to 50%", "steps to 90%"] if curves else []),
+    columns = ["run", M.VAL_ACCURACY, *(GROUP_COLUMN[unit].format(k) for unit, k in groups),
+               *(["answer tokens", "answers in format"] if generated else []),
+               *(["val/accuracy AUC", "steps to 50%", "steps to 90%"] if curves else []),
                *([M.TEST_ACCURACY, "test answer tokens"] if tested else [])]
     lines = ["", "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         f = row["figures"]
         lines.append("| " + " | ".join([row["label"], cell(f[M.VAL_ACCURACY]),
-                                        *(cell(f.get(f"accuracy {k} steps")) for k in ks),
-                                        cell(f.get("answer tokens"), 1), cell(f.get("answer format")),
+                                        *(cell(f.get(f"accuracy {k} {unit}")) for unit, k in groups),
+                                        *([cell(f.get("answer tokens"), 1), cell(f.get("answer format"))]
+                                          if generated else []),
                                         *([cell(f.get("accuracy AUC")), reached(f, "50%", row),
                                            reached(f, "90%", row)] if curves else []),
                                         *([cell(f.get("test accuracy")), cell(f.get("test answer tokens"), 1)]

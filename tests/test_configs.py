@@ -173,17 +173,24 @@ def test_comparison_experiment_run_fits_a_step(config, run, tmp_path, corpus_fil
     data = next((s["data"] for s in reversed(sources) if s.get("data")), {})
     for swapped in (experiment.args.get("data"), spec.data):
         data = yaml.safe_load(open(swapped)) if swapped else data
-    small = (tiny_data(corpus_files) if data["class_path"].endswith("TextDataModule")
-             else ["--data.init_args.train_size", "256", "--data.init_args.batch_size", "2",
-                   # a few held-out questions: drawing the full ProsQA val and test sets costs 10 s a run
-                   "--data.init_args.val_size", "8", "--data.init_args.test_size", "8"])
+    if data["class_path"].endswith("TextDataModule"):
+        small = tiny_data(corpus_files)
+    elif data["class_path"].endswith(("SyntheticDataModule", "MQARDataModule")):  # drawn per item: sizes only
+        small = ["--data.init_args.batch_size", "2", "--data.init_args.val_examples", "8",
+                 "--data.init_args.test_examples", "8"]
+    else:  # a few held-out questions: drawing the full ProsQA val and test sets costs 10 s a run
+        small = ["--data.init_args.train_size", "256", "--data.init_args.batch_size", "2",
+                 "--data.init_args.val_size", "8", "--data.init_args.test_size", "8"]
     one_step = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
                 "--trainer.enable_model_summary", "false", "--model.init_args.trunk.init_args.n_layers", "1",
                 "--model.init_args.eval_examples", "2", "--model.init_args.sample_tokens", "4", *small]
-    if "model.init_args.kmeans_from" in spec.args:  # the k-means arm clusters the states of the experiment's cot run
-        cot = train.main([*compare.train_command(tmp_path / "cot", experiment, "cot", seed=0)[2:], *one_step])
-        cot.trainer.save_checkpoint(tmp_path / "cot.ckpt")
-        one_step += ["--model.init_args.kmeans_from", str(tmp_path / "cot.ckpt")]
+    # a run that reads another run's checkpoint, runs/<experiment>/<run>/seed<k>/checkpoints/last.ckpt (the k-means
+    # arm the cot run's states, a reverse-LM summary its companion run): that run first, a step
+    for flag, value in [(f, v) for f, v in spec.args.items() if isinstance(v, str) and v.endswith(".ckpt")]:
+        other = Path(value).parts[-4]
+        first = train.main([*compare.train_command(tmp_path / other, experiment, other, seed=0)[2:], *one_step])
+        first.trainer.save_checkpoint(tmp_path / f"{other}.ckpt")
+        one_step += [f"--{flag}", str(tmp_path / f"{other}.ckpt")]
     argv = compare.train_command(tmp_path, experiment, run, seed=0)[2:]  # what follows `python train.py`
     cli = train.main([*argv, *one_step])
     assert cli.trainer.global_step == 1

@@ -58,8 +58,8 @@ class AnswerScorer(nn.Module):
         golds = [[t for t in row if t >= 0] for row in answers.tolist()]
         judged = [self.judge(model, prompt, gen, gold) for prompt, gen, gold in
                   zip(prompts, generate_answers(model, tokens, prompt_len, teacherless), golds)]
-        num_steps = batch["num_steps"][: len(prompts)].tolist() if "num_steps" in batch else None
-        self.record(model, stage, prompts, [g for g, _ in judged], golds, [r for _, r in judged], num_steps)
+        groups = {key: batch[key][: len(prompts)] for key in M.ACCURACY_GROUPS if key in batch}
+        self.record(model, stage, prompts, [g for g, _ in judged], golds, [r for _, r in judged], groups)
 
     def questions(self, batch: dict, stage: str = "val"):
         """The questions of a batch that get scored: (tokens, prompt_len, answers, teacherless), or None when this
@@ -85,29 +85,33 @@ class AnswerScorer(nn.Module):
         return gen, right if verdict is None else verdict
 
     def record(self, model, stage: str, prompts: list[list[int]], gens: list[list[int]], golds: list[list[int]],
-               correct: list[bool], num_steps: list[int] | None = None) -> None:
-        """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions, and where the batch
-        says how many steps each question's solution has, the accuracy per step count and the share of answers
-        in the right format; keep the first four of a validation as examples."""
+               correct: list[bool], groups: dict[str, torch.Tensor] | None = None) -> None:
+        """Update and log {stage}/accuracy and {stage}/answer_tokens with scored questions, the accuracy per group
+        where the batch gives the questions' ACCURACY_GROUPS values (`groups`: key -> [questions]), and on reasoning
+        data (step counts given) the share of answers in the right format; keep the first four of a validation as
+        examples."""
         if stage == "val":
             for prompt, gen, gold in zip(prompts, gens, golds):
                 if len(self.examples) < 4:
                     self.examples.append((prompt, [t for t in gen if t < model.vocab_size], gold))
             self.scored += len(correct)
-        self.accuracy[stage].update(torch.tensor([float(c) for c in correct], device=model.device))
+        self.log_accuracy(model, stage, torch.tensor(correct, dtype=torch.bool, device=model.device), groups)
         self.answer_tokens[stage].update(torch.tensor([float(len(g)) for g in gens], device=model.device))
-        accuracy, answer_tokens = ((M.VAL_ACCURACY, M.VAL_ANSWER_TOKENS) if stage == "val"
-                                   else (M.TEST_ACCURACY, M.TEST_ANSWER_TOKENS))
-        model.log(accuracy, self.accuracy[stage])
-        model.log(answer_tokens, self.answer_tokens[stage])
-        if num_steps is None:
-            return
-        for k in sorted(set(num_steps)):  # epoch means weighted by each batch's questions with k steps
-            right = [c for c, n in zip(correct, num_steps) if n == k]
-            model.log(M.accuracy_with_steps(stage, k), sum(right) / len(right), batch_size=len(right),
-                      sync_dist=True)
-        shaped = [well_formed(gen, gold, model.eos_id) for gen, gold in zip(gens, golds)]
-        model.log(M.answer_format(stage), sum(shaped) / len(shaped), batch_size=len(shaped), sync_dist=True)
+        model.log(M.VAL_ANSWER_TOKENS if stage == "val" else M.TEST_ANSWER_TOKENS, self.answer_tokens[stage])
+        if groups and "num_steps" in groups:
+            shaped = [well_formed(gen, gold, model.eos_id) for gen, gold in zip(gens, golds)]
+            model.log(M.answer_format(stage), sum(shaped) / len(shaped), batch_size=len(shaped), sync_dist=True)
+
+    def log_accuracy(self, model, stage: str, correct: torch.Tensor, groups: dict[str, torch.Tensor] | None = None):
+        """{stage}/accuracy over questions judged right or wrong (`correct` [N] bool), a running mean in which every
+        rank's questions count once, and {stage}/accuracy_<k>_<unit> over those whose group value (`groups`: an
+        ACCURACY_GROUPS key -> [N] values) is k, epoch means weighted by each batch's questions with k."""
+        self.accuracy[stage].update(correct.float())
+        model.log(M.VAL_ACCURACY if stage == "val" else M.TEST_ACCURACY, self.accuracy[stage])
+        for key, values in (groups or {}).items():
+            for k in values.unique().tolist():
+                right = correct[values == k].float()
+                model.log(M.accuracy_by(stage, key, k), right.mean(), batch_size=len(right), sync_dist=True)
 
 
 def ragged_prompts(model, tokens: torch.Tensor, prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from objectives.decoding.drafters import Drafter, LookupChain, lookup_drafts
 from objectives.decoding.greedy import left_to_right
 from objectives.decoding.speculative import speculative_generate
+from objectives.training import metrics as M
 from objectives.training.base import Objective
 from objectives.training.losses import chunked_cross_entropy
 
@@ -47,6 +48,33 @@ class CausalObjective(Objective):
 
     def likelihood_positions(self) -> slice:
         return slice(1, None)  # the next-token targets tokens[:, 1:]
+
+    # --- scoring one-token answers inside the sequence (recall data) --------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if "answer_mask" in batch:
+            self.score_answer_tokens(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        if "answer_mask" in batch:
+            self.score_answer_tokens(batch, "test")
+
+    @torch.no_grad()
+    def score_answer_tokens(self, batch: dict, stage: str) -> None:
+        """{stage}/accuracy where the data's answers are single tokens inside the sequence (`answer_mask` [B, L];
+        MQAR's queries): each is a question, right when the greedy next token before it is the answer. One forward
+        reads every answer of a row, the earlier ones as given (teacher forcing; Zoology's accuracy), which is what
+        greedy decoding answers when every earlier answer is right. Broken down by the batch's ACCURACY_GROUPS
+        keys (val/accuracy_<k>_pairs)."""
+        tokens, answers = batch["tokens"], batch["answer_mask"][:, 1:].bool()
+        if not answers.any():
+            return
+        hidden = self.hidden(tokens[:, :-1])
+        right = self.logits(hidden[answers]).argmax(-1) == tokens[:, 1:][answers]
+        rows = answers.nonzero()[:, 0]  # the row of each answer, for its group
+        groups = {key: batch[key][rows] for key in M.ACCURACY_GROUPS if key in batch}
+        self.scorer.log_accuracy(self, stage, right, groups)
 
     # --- generation ------------------------------------------------------------------------------------------------
     default_drafter = "lookup"

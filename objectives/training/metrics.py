@@ -63,9 +63,19 @@ def answer_nll(stage: str) -> str:
     return f"{stage}/answer_nll"
 
 
+# per-row batch keys that break {stage}/accuracy down, and the word their tags end with: the reasoning steps of a
+# question's worked solution (ProsQA-mini's hops), the key-value pairs of an MQAR example, a synthetic prompt's length
+ACCURACY_GROUPS = {"num_steps": "steps", "num_kv_pairs": "pairs", "seq_len": "tokens"}
+
+
+def accuracy_by(stage: str, key: str, k: int) -> str:
+    """Accuracy on the questions whose batch value of `key` (one of ACCURACY_GROUPS) is k: val/accuracy_8_pairs."""
+    return f"{stage}/accuracy_{k}_{ACCURACY_GROUPS[key]}"
+
+
 def accuracy_with_steps(stage: str, k: int) -> str:
     """Accuracy on the questions whose worked solution has k reasoning steps (ProsQA-mini's hops)."""
-    return f"{stage}/accuracy_{k}_steps"
+    return accuracy_by(stage, "num_steps", k)
 
 
 def answer_format(stage: str) -> str:

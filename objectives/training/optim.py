@@ -20,7 +20,8 @@ def decay_groups(module: nn.Module) -> list[dict]:
 
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `total_steps`: a
-    `LambdaLR` whose multiplier is `factor(step)`.
+    `LambdaLR` whose multiplier is `factor(step)`. `min_lr_ratio` 1.0 holds the peak after the warm-up: a
+    constant learning rate (the Mamba paper's synthetic tasks).
 
     `total_steps` left unset is filled in from the trainer (`estimated_stepping_batches`) by the objective's
     `configure_optimizers`: the CLI builds the schedule from its config before the trainer knows the run's step
