@@ -105,24 +105,6 @@ def test_incremental_decoding_equals_a_full_forward(ngroups):
     assert rel_err(pieces, full) < 1e-5
 
 
-def test_crop_snapshot_and_restore():
-    trunk = tiny_trunk()
-    x = torch.randn(2, 50, 32)
-    with torch.no_grad():
-        full = trunk(x)
-        cache = trunk.make_cache(2)
-        steps(trunk, x, cache, [10, 11, 12, 30])
-        cache.crop(21)  # back into the last multi-token advance (a rejected speculative draft)
-        assert rel_err(steps(trunk, x, cache, [25, 26]), full[:, 21:26]) < 1e-5
-        cache.crop(11)
-        assert rel_err(steps(trunk, x, cache, [12, 40]), full[:, 11:40]) < 1e-5
-        snap = cache.snapshot()
-        steps(trunk, torch.randn(2, 10, 32), cache, [41, 42, 45])  # a continuation thrown away
-        cache.restore(snap)
-        assert cache.length == 40
-        assert rel_err(steps(trunk, x, cache, [41, 50]), full[:, 40:]) < 1e-5
-
-
 def test_left_padding_leaves_the_rows_as_they_are_alone():
     trunk = tiny_trunk()
     x = torch.randn(1, 20, 32)

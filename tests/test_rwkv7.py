@@ -131,29 +131,6 @@ def test_decoding_token_by_token_and_in_pieces_equals_the_full_forward():
     assert rel_err(one_by_one, full[:, :12]) < 1e-5 and rel_err(pieces, full[:, 12:]) < 1e-5
 
 
-def test_crop_snapshot_restore_and_fork():
-    trunk = tiny_trunk()
-    x = torch.randn(2, 50, 32)
-    with torch.no_grad():
-        full = trunk(x)
-        cache = trunk.make_cache(2)
-        steps(trunk, x, cache, [10, 11, 12, 30])
-        cache.crop(21)  # back into the last multi-token advance (a rejected speculative draft)
-        assert rel_err(steps(trunk, x, cache, [25, 26]), full[:, 21:26]) < 1e-5
-        cache.crop(torch.tensor([11, 24]))  # per row
-        y = trunk(torch.stack([x[0, 11], x[1, 24]])[:, None], cache=cache)
-        assert rel_err(y[0, 0], full[0, 11]) < 1e-5 and rel_err(y[1, 0], full[1, 24]) < 1e-5
-        cache.crop(12)
-        snap = cache.snapshot()
-        steps(trunk, torch.randn(2, 20, 32), cache, [13, 14, 18])  # a continuation thrown away
-        cache.restore(snap)
-        assert cache.length == 12 and rel_err(steps(trunk, x, cache, [13, 40]), full[:, 12:40]) < 1e-5
-        forked = cache.fork([1, 1, 0])
-        y = trunk(torch.stack([x[1, 40], x[1, 40], x[0, 40]])[:, None], cache=forked)
-        assert forked.lengths.tolist() == [41, 41, 41] and cache.lengths.tolist() == [40, 40]
-        assert rel_err(y[:, 0], full[[1, 1, 0], 40]) < 1e-5
-
-
 def test_left_padding_leaves_a_row_as_it_is_alone():
     trunk = tiny_trunk()
     x = torch.randn(1, 20, 32)

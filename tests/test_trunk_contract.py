@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import train_on_batch
+from test_mamba2 import rel_err, steps
 from models import Mamba, Mamba2, RWKV7, Transformer
 from objectives import DeepSeekMTP, MultiTokenPrediction, NextTokenPrediction
 
@@ -57,3 +58,30 @@ def test_every_trunk_and_its_decoding_state_satisfy_the_contracts(trunk):
     assert forked.lengths.tolist() == [3, 3, 5]
     cache.crop(2)
     assert cache.lengths.tolist() == [2, 2] and forked.lengths.tolist() == [3, 3, 5]
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "rwkv7"])
+def test_recurrent_caches_crop_per_row_snapshot_restore_and_fork(name):
+    """The state-space and RWKV caches roll back (crop, also per row, as speculative decoding does), restore a
+    snapshot after a continuation thrown away, and fork rows, each time agreeing with a full forward."""
+    torch.manual_seed(0)
+    trunk = TRUNKS[name]().eval()
+    x = torch.randn(2, 50, 32)
+    with torch.no_grad():
+        full = trunk(x)
+        cache = trunk.make_cache(2)
+        steps(trunk, x, cache, [10, 11, 12, 30])
+        cache.crop(21)  # back into the last multi-token advance (a rejected speculative draft)
+        assert rel_err(steps(trunk, x, cache, [25, 26]), full[:, 21:26]) < 1e-5
+        cache.crop(torch.tensor([11, 24]))  # per row
+        y = trunk(torch.stack([x[0, 11], x[1, 24]])[:, None], cache=cache)
+        assert rel_err(y[0, 0], full[0, 11]) < 1e-5 and rel_err(y[1, 0], full[1, 24]) < 1e-5
+        cache.crop(12)
+        snap = cache.snapshot()
+        steps(trunk, torch.randn(2, 20, 32), cache, [13, 14, 18])  # a continuation thrown away
+        cache.restore(snap)
+        assert cache.length == 12 and rel_err(steps(trunk, x, cache, [13, 40]), full[:, 12:40]) < 1e-5
+        forked = cache.fork(torch.tensor([1, 1, 0]))
+        y = trunk(torch.stack([x[1, 40], x[1, 40], x[0, 40]])[:, None], cache=forked)
+        assert forked.lengths.tolist() == [41, 41, 41] and cache.lengths.tolist() == [40, 40]
+        assert rel_err(y[:, 0], full[[1, 1, 0], 40]) < 1e-5
