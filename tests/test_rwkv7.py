@@ -12,19 +12,7 @@ import torch.nn.functional as F
 
 from models import RWKV7
 from models.rwkv7 import DECAY_SCALE, wkv_chunked, wkv_recurrent
-from test_mamba2 import steps  # advances a cache in pieces ending at given cuts
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_mamba2 import one_thread, rel_err, steps  # noqa: F401 (one_thread: the autouse fixture, 1 thread)
 
 
 def rule_args(T, batch=2, heads=3, K=5, V=4, seed=0, dtype=torch.float64, decay=None):
