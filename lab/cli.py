@@ -1,7 +1,7 @@
 """The project's Lightning CLI, which `train.py` runs: `python train.py fit --config configs/quickstart.yaml
 [--model ...] [--data ...]`. It links what the objective needs from the data, names the run after what it is,
-picks the precision the hardware computes natively, checks a config before any data is prepared, and prints the
-final figures of a fit.
+picks the precision the hardware computes natively, checks a config before any data is prepared, gives the data
+the tokenizer of a pretrained model's local folder where none is given, and prints the final figures of a fit.
 
 A user's mistake (a bad flag or class path, a missing file, a sequence longer than the trunk, an unreadable
 checkpoint) prints its message alone; `BEYOND_NTP_TRACEBACK=1` prints the usage text and the traceback too."""
@@ -12,6 +12,7 @@ import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 import datamodules
@@ -93,6 +94,10 @@ class BeyondNTPCLI(LightningCLI):
             if logger.init_args.get("name") in GENERIC_RUN_NAMES and logger.init_args.get("version") is None:
                 logger.init_args.name = f"{logger.init_args.name}/{run_name(config)}"
         check_fits_the_trunk(config)
+        filled = tokenizer_from_pretrained(config)
+        if filled:
+            rank_zero_only(print)(f"data.init_args.tokenizer_path: {filled} (the tokenizer of the pretrained model's "
+                                  f"folder, model.init_args.trunk.init_args.pretrained)")
         strategy = str(config.trainer.get("strategy") or "")
         if "fsdp" in strategy.lower() and config.trainer.get("accelerator") in ("cpu", "auto"):
             import torch
@@ -139,6 +144,25 @@ def check_fits_the_trunk(config) -> None:
     if isinstance(length, int) and isinstance(limit, int) and length > limit:
         raise ValueError(f"data.init_args.seq_len {length} is longer than the trunk's max_seq_len {limit}: raise "
                          f"model.init_args.trunk.init_args.max_seq_len or lower data.init_args.seq_len")
+
+
+def tokenizer_from_pretrained(config) -> str | None:
+    """Where the trunk is a pretrained model in a local folder that holds a `tokenizer.json` (a save_pretrained or
+    export_hf.py folder) and the data takes a `tokenizer_path` that was not given, set it to that file: the data must
+    tokenize as the model does. Returns the path set, else None. A hub id is left alone (nothing is downloaded
+    here): its tokenizer.json is given with --data.init_args.tokenizer_path."""
+    trunk = config.model.init_args.get("trunk") if config.get("model") else None
+    data = config.data.init_args if config.get("data") else None
+    pretrained = trunk.init_args.get("pretrained") if trunk is not None and hasattr(trunk, "init_args") else None
+    if not pretrained or data is None or "tokenizer_path" not in data or data.get("tokenizer_path"):
+        return None
+    if data.get("task") not in (None, "file"):  # a generated reasoning task: its own word-level vocabulary
+        return None
+    path = os.path.join(str(pretrained), "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    data.tokenizer_path = path
+    return path
 
 
 def main(args=None) -> BeyondNTPCLI:

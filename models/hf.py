@@ -24,6 +24,18 @@ causal mask (by slot) and its key-padding mask (by the 2D mask) give each row ex
 row clears its slots past the new length; slots no row uses any more are cut off the end, and when unused slots
 pile up inside (rows that accepted different numbers of drafts) each row's keys are gathered to the front.
 
+Masks: "causal", and a boolean mask tensor (True = attend; the project's layout, `models/contracts.py`: key j of row
+b is that row's position j, the cached ones first, then the T new tokens at lengths[b] .. lengths[b] + T - 1) for
+the model types whose body hands a custom 4D attention mask to every layer as it is (`TENSOR_MASK_MODEL_TYPES`,
+transformers 5: `masking_utils` returns a 4D mask unchanged, and Llama, Mistral, Qwen2/3 and GPT-2 pass it to
+their attention), without a sliding window (the 4D mask would replace it) and with the sdpa or eager attention
+(flash attention takes no arbitrary mask). The trunk rewrites the project's mask by cache slot: each used slot
+takes its row position's column, unused slots and padding keys none, and a padding query attends to itself; sdpa
+gets it boolean, eager additive (0 or the dtype's minimum). `tensor_mask_refusal` says why another model cannot.
+"full" (bidirectional) attention is not something a causal LM's layers promise: the denoising families refuse
+this trunk at setup. Tree drafts verify with a mask tensor but then move keys by position, which a cache of slots
+does not hold: they stop with a message to decode with chain drafts.
+
 `transformers` is imported only when a trunk is built, so `import models` works without it; it comes with the
 optional extra `pip install -e ".[hf]"`. Tested with transformers 5.x only. The code keeps to what 4.x has too (the
 cache read through `DynamicCache`'s iteration and written through its `update`, the cache keyword `cache` or
@@ -34,9 +46,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +62,11 @@ INSTALL = 'pip install -e ".[hf]"'
 HEADS_FILE = "beyond_ntp_heads.safetensors"
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm")  # the base models' names
 COMPACT_AFTER = 32  # unused slots inside the cache (past the longest row) that trigger a compaction
+# model types whose decoder body passes a custom 4D attention mask to every layer unchanged (transformers 5's
+# create_causal_mask returns a 4D mask as it is; these bodies use that one mask in every layer), each checked in
+# tests/test_hf.py against the model's own forward with the same mask
+TENSOR_MASK_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+MASK_ATTENTION = ("sdpa", "eager")  # attention implementations that apply an arbitrary mask (bool, or additive)
 
 
 def _transformers():
@@ -134,10 +152,51 @@ def _cache_keyword(body: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _has_sliding_window(config) -> bool:
+    """Whether some layer of the model attends within a sliding window (per-layer kinds in transformers 5, or a
+    window for every layer, as Mistral's config gives one)."""
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):
+        return any(kind != "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_before_5() -> bool:
+    from packaging.version import Version
+    return Version(_transformers().__version__) < Version("5.0")
+
+
+def tensor_mask_refusal(config) -> str | None:
+    """Why a model of this config cannot take a mask tensor through `HFTrunk` (None: it can)."""
+    version = _transformers().__version__
+    kind = getattr(config, "model_type", "?")
+    if _transformers_before_5():
+        return (f"transformers {version} is older than 5.0, from which a custom 4D attention mask reaches the "
+                f"layers of a {kind} model unchanged")
+    if kind not in TENSOR_MASK_MODEL_TYPES:
+        return (f"model type {kind!r} is not among those whose body is known to pass a custom 4D attention mask to "
+                f"every layer unchanged ({', '.join(TENSOR_MASK_MODEL_TYPES)})")
+    if _has_sliding_window(config):
+        return (f"this {kind} model attends within a sliding window (sliding_window "
+                f"{getattr(config, 'sliding_window', None)}), which a custom 4D mask would replace")
+    implementation = getattr(config, "_attn_implementation", None)  # None: not set yet, the default (sdpa)
+    if implementation is not None and implementation not in MASK_ATTENTION:
+        return (f"its attention implementation {implementation!r} applies no arbitrary mask "
+                f"({' and '.join(MASK_ATTENTION)} do)")
+    return None
+
+
+class SlotKeysValues(NamedTuple):
+    """One layer's cached keys and values [B, H, S, head_dim], by cache slot (not by position: see HFDecodingCache)."""
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _layer_tensors(cache) -> list[SlotKeysValues]:
     """(keys, values) [B, H, S, head_dim] per layer of a DynamicCache (its iteration yields them first in every
     version; transformers 5 adds a sliding-window entry)."""
-    return [(entry[0], entry[1]) for entry in cache]
+    return [SlotKeysValues(entry[0], entry[1]) for entry in cache]
 
 
 def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -217,7 +276,9 @@ class HFDecodingCache:
         return HFDecodingCache(len(index), self._lengths.device, _cache_from(layers), self.slots[index],
                                self._lengths[index])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[SlotKeysValues]:
+        """Each layer's (keys, values) by slot: a row's keys are where `slots` says, not at its positions, so tree
+        drafts (which move keys by position, `compact_to_path`) stop with a message to use chain drafts."""
         return iter(_layer_tensors(self.hf_cache))
 
 
@@ -238,14 +299,18 @@ class _HFStack(nn.Module):
     """What a trunk and its blocks share: a transformers base model (`self.body`) run on embeddings, with the
     project's masks, per-row positions, key padding and decoding cache.
 
-    Masks: only "causal". A 4D mask tensor reaches the attention differently across families and versions (an
-    additive float mask in transformers 4.x, boolean or additive in 5.x, flattened to 2D by GPT-2's eager path in
-    4.x), and the draft trees that need one also rewrite key-value tensors layer by layer; "full" (bidirectional)
-    attention is not something a causal LM's layers promise. The denoising families and tree drafts therefore
-    refuse this trunk at setup.
+    Masks: "causal", and a mask tensor where the model takes one (`supported_masks`, `tensor_mask_refusal`; the
+    module docstring says how).
     """
 
-    supported_masks = ("causal",)
+    @property
+    def supported_masks(self) -> tuple[str, ...]:
+        return ("causal",) if self.tensor_mask_refusal else ("causal", "tensor")
+
+    @property
+    def tensor_mask_refusal(self) -> str | None:
+        """Why this model takes no mask tensor (None: it takes one)."""
+        return tensor_mask_refusal(self.body.config)
 
     def _attach(self, body: nn.Module, max_seq_len: int) -> None:
         self.body = body
@@ -273,10 +338,15 @@ class _HFStack(nn.Module):
         padding_mask: [B, T] bool, True = a real token: padding is never attended to; with a cache it must come
             after each row's real tokens, without one it may come before (left padding) or after.
         """
-        if not (isinstance(mask, str) and mask == "causal"):
-            what = "a mask tensor" if isinstance(mask, torch.Tensor) else f"the {mask!r} mask"
-            raise ValueError(f"the Hugging Face trunk takes the causal mask only, not {what}: it wraps a causal LM "
-                             f"(see models/hf.py); use a models.Transformer trunk for other masks")
+        if isinstance(mask, torch.Tensor):
+            refusal = self.tensor_mask_refusal
+            if refusal:
+                raise ValueError(f"this Hugging Face trunk ({self.body.config.model_type}) takes no mask tensor: "
+                                 f"{refusal}; use a models.Transformer trunk for mask tensors")
+        elif mask != "causal":
+            raise ValueError(f"the Hugging Face trunk takes no {mask!r} mask: it wraps a causal LM, whose layers "
+                             f"promise only causal attention (and, for {', '.join(TENSOR_MASK_MODEL_TYPES)}, a mask "
+                             f"tensor); use a models.Transformer trunk for other masks")
         B, T, _ = x.shape
         real = None if padding_mask is None else padding_mask.to(device=x.device, dtype=torch.bool)
         if real is not None:  # the project's rule: left or right padding, and right padding only with a cache
@@ -293,8 +363,11 @@ class _HFStack(nn.Module):
             check_length(cache.length + T, self.max_seq_len, "trunk")
         new = real if real is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
         # a 2D mask whenever positions are given: without one transformers reads restarting positions as packing
-        attention_mask = torch.cat([cache.slots, new], 1) if cache is not None else (
-            new if real is not None or positions is not None else None)
+        if isinstance(mask, torch.Tensor):
+            attention_mask = self._slot_mask(mask, T, cache, new)
+        else:
+            attention_mask = torch.cat([cache.slots, new], 1) if cache is not None else (
+                new if real is not None or positions is not None else None)
         inputs = {"inputs_embeds": x.to(self._dtype()), "attention_mask": attention_mask,
                   "position_ids": positions, "use_cache": cache is not None}
         if cache is not None:
@@ -305,6 +378,39 @@ class _HFStack(nn.Module):
         else:
             hidden = self.body(**inputs).last_hidden_state
         return hidden.to(x.dtype)
+
+    def _slot_mask(self, mask: torch.Tensor, T: int, cache: HFDecodingCache | None, real: torch.Tensor
+                   ) -> torch.Tensor:
+        """The project's mask tensor (keys by row position: [B, H, T, S], S = cached positions + T; 3D [B, T, S]
+        and 2D [T, S] as the project's transformer reads them) as the model's 4D attention mask, keys by cache slot
+        [B, H, T, slots + T]: a used slot takes its position's column, unused slots and padding keys (real [B, T]
+        False) are never attended, a padding query attends to itself alone (its output is never used; a query
+        with no key would give NaN). Boolean for sdpa, additive (0 / the dtype's minimum) for eager attention."""
+        B, device = real.shape[0], real.device
+        m = mask.to(device=device, dtype=torch.bool)
+        m = m[None, None] if m.dim() == 2 else (m[:, None] if m.dim() == 3 else m)
+        cached = cache.length if cache is not None else 0
+        S = cached + T
+        if m.dim() != 4 or m.shape[-2] != T or m.shape[-1] != S:
+            raise ValueError(f"a mask tensor for {T} queries after {cached} cached positions is [B, H, {T}, {S}] "
+                             f"(True = attend), got {tuple(mask.shape)}")
+        m = m.expand(B, m.shape[1], T, S)
+        step = torch.arange(T, device=device)
+        if cache is not None:
+            used = cache.slots
+            index = torch.cat([(used.long().cumsum(1) - 1).clamp(min=0), cache.lengths[:, None] + step], 1)
+            keys = torch.cat([used, real], 1)
+        else:
+            index, keys = step.expand(B, T), real
+        width = index.shape[1]
+        allowed = m.gather(3, index[:, None, None, :].expand(B, m.shape[1], T, width)) & keys[:, None, None, :]
+        if not bool(real.all()):
+            itself = (torch.arange(width, device=device)[None, :] == (width - T) + step[:, None])  # [T, width]
+            allowed = torch.where(~real[:, None, :, None], itself, allowed)
+        if getattr(self.body.config, "_attn_implementation", None) == "eager":
+            dtype = self._dtype()
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
 
     def _dtype(self) -> torch.dtype:
         return next(self.body.parameters()).dtype
@@ -336,10 +442,11 @@ class HFTrunk(_HFStack):
 
     The objective takes the model's embedding and output head when it is built (`take_pretrained_embeddings`,
     `tied_embeddings`), and at setup the file of heads export_hf.py wrote beside the model (`pretrained_heads`); the
-    data's tokenizer must be the folder's `tokenizer.json` (`--data.init_args.tokenizer_path`; `tokenizer_vocab`
-    is what the objective checks it against). Sliding-window models (Mistral, Gemma-2) count
-    their window in cache slots, which can exceed positions after ragged prefills and per-row crops; models whose
-    cache is not a plain `DynamicCache` (linear-attention hybrids, encoder-decoders) are not supported.
+    data's tokenizer must be the folder's `tokenizer.json` (`--data.init_args.tokenizer_path`, which the CLI sets
+    itself for a local folder; `tokenizer_vocab` is what the objective checks it against). Sliding-window models
+    (Mistral, Gemma-2) count their window in cache slots, which can exceed positions after ragged prefills and
+    per-row crops; models whose cache is not a plain `DynamicCache` (linear-attention hybrids, encoder-decoders)
+    are not supported.
     """
 
     def __init__(self, pretrained: str, freeze_trunk: bool = False, gradient_checkpointing: bool = False,

@@ -11,7 +11,9 @@ Two published recipes share the model and the training here:
   a threshold tau, at least one token; no verification, so lossy.
 
 The student (this objective) starts from an NTP checkpoint of the project (`init_from`, a warm start) whose network
-stays frozen; the teacher is the same checkpoint as a frozen companion. Per training sequence x (tokens x_0..x_L-1):
+stays frozen; the teacher is the same checkpoint as a frozen companion. Over a pretrained Hugging Face model
+(`models.HFTrunk`, for the model types that take a mask tensor) the model is the network retrofitted, and its own
+frozen network (adapters shut) is the teacher. Per training sequence x (tokens x_0..x_L-1):
 
   1. anchors t_1..t_R, sampled among the positions whose next token is a target; per region k_r ~ U{2, ..., k}
   2. the teacher's greedy rollout after each anchor, all regions of the batch at once through its cache:
@@ -54,6 +56,16 @@ class Gate:
         self.open: torch.Tensor | None = None
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(inputs, outputs) of a linear layer the adapters act on: nn.Linear, or transformers' Conv1D (GPT-2's
+    linear layers, weight [inputs, outputs]); None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nx", None), int):
+        return module.nx, module.nf
+    return None
+
+
 class GatedLoRA(nn.Module):
     """y = W x + gate * (alpha / r) B A x on a frozen linear layer, as a forward hook, so that the layer and its
     state-dict names stay the network's own. B starts at zero; where the gate is shut, y is W x exactly.
@@ -63,14 +75,15 @@ class GatedLoRA(nn.Module):
     mask positions only, so that a verify step costs the next-token forward plus a small rank-r term (a merged
     dense product on every position, then a selection, would compute every linear twice)."""
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, gate: Gate):
+    def __init__(self, linear: nn.Module, rank: int, alpha: float, gate: Gate):
         super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, linear.in_features) / math.sqrt(linear.in_features))
-        self.b = nn.Parameter(torch.zeros(linear.out_features, rank))
+        inputs, outputs = linear_shape(linear)
+        self.a = nn.Parameter(torch.randn(rank, inputs) / math.sqrt(inputs))
+        self.b = nn.Parameter(torch.zeros(outputs, rank))
         self.scale, self.gate = alpha / rank, gate
         linear.register_forward_hook(self.apply_to)
 
-    def apply_to(self, linear: nn.Linear, inputs: tuple, output: torch.Tensor):
+    def apply_to(self, linear: nn.Module, inputs: tuple, output: torch.Tensor):
         rows = self.gate.open
         if rows is None:
             return None
@@ -141,10 +154,12 @@ class SelfDistillation(CausalObjective):
         lora_rank, lora_alpha: the gated adapters on every linear layer of the trunk.
         target: "ce" (cross-entropy to the teacher's greedy tokens) or "kl" (to its distributions).
         sampler_head: draft through Samragh et al.'s sampler head (previous token's embedding and hidden state).
-        teacher: the teacher's checkpoint; default `init_from` (the model being retrofitted).
+        teacher: the teacher's checkpoint; default `init_from` (the model being retrofitted), or without one the
+            objective's own frozen network (a pretrained model's, over `models.HFTrunk`).
         decoding: the default of `generate`: "verify" (lossless), "confidence" (ConfAdapt) or "greedy".
         tau: ConfAdapt's confidence threshold.
-        **kwargs: the base objective's arguments (`init_from` is required: the NTP checkpoint to retrofit).
+        **kwargs: the base objective's arguments (`init_from`: the NTP checkpoint to retrofit; over `HFTrunk`
+            the pretrained model is the one retrofitted, and no `init_from` is needed).
     """
 
     required_masks = ("causal", "tensor")
@@ -170,11 +185,14 @@ class SelfDistillation(CausalObjective):
         self.teacher = FrozenCompanion(teacher) if teacher else None
         if self.teacher is not None and getattr(self.teacher.model, "reverse", False):
             raise ValueError(f"the teacher {teacher} is a right-to-left model: retrofit a left-to-right one")
-        # the network being retrofitted stays frozen; the adapters, mask embeddings and sampler train
+        # the network being retrofitted stays frozen (a pretrained model's own output head too); the adapters,
+        # mask embeddings and sampler train
         self.trunk.requires_grad_(False)
         self.embed.requires_grad_(False)
+        if "lm_head" in self._modules:
+            self.lm_head.requires_grad_(False)
         self.gate = Gate()
-        linears = {n: m for n, m in self.trunk.named_modules() if isinstance(m, nn.Linear)}
+        linears = {n: m for n, m in self.trunk.named_modules() if linear_shape(m) is not None}
         self.adapters = nn.ModuleDict({n.replace(".", "_"): GatedLoRA(m, lora_rank, lora_alpha, self.gate)
                                        for n, m in linears.items()})
         self.mask_embed = nn.Embedding(k - 1, self.embedding_width())
@@ -186,8 +204,16 @@ class SelfDistillation(CausalObjective):
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau={tau}: ConfAdapt's threshold is a probability in [0, 1]")
 
+    def train(self, mode: bool = True) -> "SelfDistillation":
+        """The frozen network runs as in evaluation also while the adapters train: no dropout in it (a pretrained
+        GPT-2 has some), so that the next-token path, and the teacher where it is this network, stay the model's."""
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
     def setup(self, stage: str) -> None:
-        if stage == "fit" and not self.hparams.get("init_from") and not self.trainer.ckpt_path:
+        if (stage == "fit" and not self.hparams.get("init_from") and not self.trainer.ckpt_path
+                and self.pretrained_report is None):
             from lightning.pytorch.utilities import rank_zero_warn
             rank_zero_warn("SelfDistillation without --model.init_args.init_from retrofits an untrained network "
                            "(a smoke test): give the next-token checkpoint to retrofit")

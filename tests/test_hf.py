@@ -4,10 +4,13 @@ and a tiny GPT-2 gives the model's own hidden states, satisfies the trunk contra
 cropped, forked and speculative exactly as full forwards and rows alone do; an objective over it takes the model's
 embedding and head (tied or its own) and gives its logits, exported heads come back and draft as before, Coconut's
 passes give a loop of full forwards' gradients, heads on the frozen model train while the model keeps every bit;
-benchmarks/hf_lookup.py runs."""
+a mask tensor reaches the layers as the model's own 4D mask and gives a loop of prefix forwards (cached, ragged,
+over a cache with holes), so that the retrofit trains on a pretrained model and decodes as its greedy; planning
+tokens train and generate on it; the CLI gives the data a local folder's tokenizer; benchmarks/hf_lookup.py runs."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -167,7 +170,7 @@ def test_the_trunk_gives_the_models_own_hidden_states_and_satisfies_the_contract
     x = torch.randn(2, 11, 64)
     with torch.no_grad():
         close(trunk(x, mask="causal"), reference.base_model(inputs_embeds=x).last_hidden_state)
-    assert isinstance(trunk, Trunk) and trunk.supported_masks == ("causal",)
+    assert isinstance(trunk, Trunk) and trunk.supported_masks == ("causal", "tensor")
     assert (trunk.d_model, trunk.n_layers, trunk.max_seq_len) == (64, 2, 128)
     assert not any("embed" in n or "wte" in n for n, _ in trunk.named_parameters())  # the objective owns it
     cache = trunk.make_cache(2)
@@ -180,7 +183,7 @@ def test_the_trunk_gives_the_models_own_hidden_states_and_satisfies_the_contract
     cache.crop(2)
     assert cache.lengths.tolist() == [2, 2] and forked.lengths.tolist() == [3, 3, 5]
     assert len(list(cache)) == 2  # one (keys, values) per layer
-    with pytest.raises(ValueError, match="causal mask only"):
+    with pytest.raises(ValueError, match="no 'full' mask"):
         trunk(x, mask="full")
 
 
@@ -299,6 +302,8 @@ def test_multi_token_heads_made_by_the_trunk_train_and_draft_losslessly(family, 
     torch.nn.init.normal_(model.embed.weight)
     prompt = torch.randint(0, 97, (2, 8))
     assert torch.equal(model.generate(prompt, 16, speculative=True), model.generate(prompt, 16))
+    with pytest.raises(ValueError, match="chain drafts"):  # a cache of slots holds no keys by position to move
+        model.generate(prompt, 16, speculative=True, tree=[2, 2])
 
 
 def test_the_core_install_imports_models_without_transformers():
@@ -337,20 +342,23 @@ def tiny_llama(folder, tokenizer, tied: bool) -> None:
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_an_objective_built_by_the_cli_on_a_pretrained_folder_gives_the_models_own_logits(tied, tokenizer,
-                                                                                         tmp_path):
-    """The README's command (the folder's tokenizer for the data, hf.yaml for the trunk) builds an objective whose
-    embedding and unembedding are the model's (its own head where it has one): its logits are the model's before
-    any training, and validation runs on it."""
+                                                                                         tmp_path, capsys):
+    """The README's command (hf.yaml for the trunk, a local folder, whose tokenizer.json the CLI gives the data:
+    the untied case leaves the flag out, the tied one gives it) builds an objective whose embedding and
+    unembedding are the model's (its own head where it has one): its logits are the model's before any training,
+    and validation runs on it."""
     from conftest import run_cli, tiny_data
     folder = tmp_path / "model"
     tiny_llama(folder, tokenizer, tied)
     corpus = tmp_path / "docs.jsonl"  # small documents: the data's preparation takes no time
     corpus.write_text("".join(json.dumps({"text": f"# {i}\n" + TEXT[i % 4] * 3}) + "\n" for i in range(60)))
+    given = ["--data.init_args.tokenizer_path", str(folder / "tokenizer.json")] if tied else []
     cli = run_cli(tmp_path, "--config", "configs/quickstart.yaml", *tiny_data([str(corpus)]),
                   "--model.init_args.trunk", "configs/models/hf.yaml",
-                  "--model.init_args.trunk.init_args.pretrained", str(folder),
-                  "--data.init_args.tokenizer_path", str(folder / "tokenizer.json"), "--data.init_args.seq_len", "32",
+                  "--model.init_args.trunk.init_args.pretrained", str(folder), *given, "--data.init_args.seq_len", "32",
                   "--trainer.limit_val_batches", "1", "--model.init_args.sample_tokens", "0", subcommand="validate")
+    assert cli.datamodule.hparams.tokenizer_path == str(folder / "tokenizer.json")
+    assert ("tokenizer_path: " in capsys.readouterr().out) == (not tied)  # said where the CLI filled it in
     model = cli.model.float().eval()
     assert model.vocab_size == tokenizer.get_vocab_size() and model.pretrained_report["finished"]
     assert ("lm_head" in dict(model.named_children())) == (not tied)
@@ -596,9 +604,221 @@ def test_the_other_causal_families_take_a_step_on_a_pretrained_trunk(family, sav
                                         for p in added.parameters() if p.requires_grad)
 
 
-def test_families_that_need_full_attention_or_mask_tensors_refuse_a_pretrained_trunk_by_name(saved):
+# --- mask tensors, the retrofit and planning tokens on a pretrained model -----------------------------------------
+def tiny_config(config_class, **extra):
+    return config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, **extra)
+
+
+MASK_FAMILIES = {  # the model types that take a mask tensor (models.hf.TENSOR_MASK_MODEL_TYPES), tiny
+    **FAMILIES,
+    "mistral": lambda: transformers.MistralForCausalLM(tiny_config(transformers.MistralConfig, sliding_window=None)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(tiny_config(transformers.Qwen2Config)),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(tiny_config(transformers.Qwen3Config, head_dim=16)),
+}
+
+
+@pytest.mark.parametrize("family,attention", [(f, "sdpa") for f in MASK_FAMILIES]
+                         + [("llama", "eager"), ("gpt2", "eager")])
+def test_a_mask_tensor_reaches_every_layer_as_the_models_own_4d_mask(family, attention, tmp_path):
+    """Any pattern (each query sees itself) with any positions: the trunk's hidden states are the model's own
+    forward given the same mask as its 4D attention mask (boolean for sdpa, additive for eager), and differ from
+    the causal ones (the mask reached the layers)."""
+    from models.hf import TENSOR_MASK_MODEL_TYPES
+    assert set(MASK_FAMILIES) == set(TENSOR_MASK_MODEL_TYPES)  # every model type said to take one is checked here
+    torch.manual_seed(0)
+    MASK_FAMILIES[family]().save_pretrained(tmp_path)
+    trunk = HFTrunk(pretrained=str(tmp_path)).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for model in (trunk.body, reference):
+        model.set_attn_implementation(attention)
+    assert trunk.supported_masks == ("causal", "tensor")
+    x = torch.randn(2, 9, 64)
+    mask = (torch.rand(2, 1, 9, 9) < 0.5) | torch.eye(9, dtype=torch.bool)
+    positions = torch.randint(0, 40, (2, 9))
+    given = mask if attention == "sdpa" else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out = trunk(x, mask=mask, positions=positions)
+        own = reference.base_model(inputs_embeds=x, attention_mask=given, position_ids=positions).last_hidden_state
+        close(out, own)
+        assert not torch.allclose(out, trunk(x, positions=positions), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_mask_layout_gives_a_loop_of_prefix_forwards_cached_ragged_and_over_holes(family, saved):
+    """The retrofit's layout (groups of mask tokens after anchors, objectives/distill.py's mask_layout): each group's
+    states are a plain forward of its anchor's prefix followed by the group, the real tokens' are the causal ones;
+    after a ragged cache with holes (per-row crops) each row's step is a fresh forward of that row's history, and
+    the cache cropped to the real tokens continues as that history does. A causal mask tensor with left padding
+    is the causal forward."""
+    from objectives.distill import mask_layout
+    trunk = trunk_of(saved, family)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x, groups = torch.randn(2, 10, 64), torch.randn(2, 3 * 2, 64)  # 3 groups of 2 mask tokens per row
+        anchors = torch.tensor([[2, 5, 9], [0, 7, 4]])
+        layout = mask_layout(torch.tensor([10, 10]), 10, anchors, 2)
+        out = trunk(torch.cat([x, groups], 1), mask=layout.mask, positions=layout.positions)
+        close(out[:, :10], trunk(x))
+        for b in range(2):
+            for g, a in enumerate(anchors[b].tolist()):
+                alone = trunk(torch.cat([x[b : b + 1, : a + 1], groups[b : b + 1, 2 * g : 2 * g + 2]], 1))[0]
+                close(out[b, 10 + 2 * g : 12 + 2 * g], alone[a + 1 :])
+
+        cache = trunk.make_cache(2)
+        history = [torch.randn(6, 64), torch.randn(3, 64)]
+        trunk(torch.stack([history[0], torch.cat([history[1], torch.zeros(3, 64)])]), cache=cache,
+              padding_mask=torch.tensor([[True] * 6, [True] * 3 + [False] * 3]))
+        drafts = torch.randn(2, 4, 64)
+        trunk(drafts, cache=cache)
+        cache.crop(torch.tensor([6 + 1, 3 + 4]))  # row 0 keeps one draft: slots inside the cache no row uses
+        history = [torch.cat([h, d[:k]]) for h, d, k in zip(history, drafts, (1, 4))]
+        step, masks, n_real = torch.randn(2, 3, 64), torch.randn(2, 2, 64), torch.tensor([3, 2])  # row 1: padding
+        start = cache.lengths.clone()
+        layout = mask_layout(n_real, 3, (n_real - 1)[:, None], 2, start)
+        out = trunk(torch.cat([step, masks], 1), mask=layout.mask, cache=cache, positions=layout.positions)
+        cache.crop(start + n_real)  # as the retrofit's decoding keeps only the real tokens
+        nxt = torch.randn(2, 1, 64)
+        after = trunk(nxt, cache=cache)
+        for b, n in enumerate(n_real.tolist()):
+            L = len(history[b])
+            alone = trunk(torch.cat([history[b], step[b, :n], masks[b]])[None])[0]
+            close(out[b, :n], alone[L : L + n])
+            close(out[b, 3:], alone[L + n :])
+            close(after[b], trunk(torch.cat([history[b], step[b, :n], nxt[b]])[None])[0, L + n :])
+
+        real = torch.arange(10)[None] >= torch.tensor([[0], [4]])  # left padding, no cache
+        causal = torch.ones(10, 10, dtype=torch.bool).tril()
+        padded = trunk(x, mask=causal, padding_mask=real)
+        assert torch.isfinite(padded).all()  # padding queries see themselves: no row without a key
+        close(padded[1, 4:], trunk(x, padding_mask=real)[1, 4:])
+        close(padded[0], trunk(x)[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_retrofit_trains_on_a_pretrained_model_and_decodes_as_its_greedy(family, saved):
+    """SelfDistillation over HFTrunk (the model is its own teacher): adapters on every linear layer of the model
+    (GPT-2's Conv1D too) and the mask embeddings are all that trains, their gradients arrive, the loss falls on a
+    repeated batch, the model's weights (body, embedding, head) keep every bit and its dropout stays off; after
+    training, verified decoding (ragged prompts too) gives the model's greedy tokens."""
+    from objectives.distill import SelfDistillation
+    torch.manual_seed(0)
+    model = SelfDistillation(HFTrunk(pretrained=saved[family]), vocab_size=97, eos_id=None, k=3, regions=6,
+                             lora_rank=4)
+    with torch.no_grad():  # varied outputs from untrained weights: larger than their init
+        for name, p in model.named_parameters():
+            if name.startswith(("embed.", "lm_head.")):
+                p.normal_(std=0.3)
+            elif name.startswith("trunk.") and p.dim() == 2:
+                p.normal_(std=0.2)
+    assert len(model.adapters) == {"llama": 7, "gpt2": 4}[family] * 2
+    added = {n for n, _ in model.named_parameters() if n.startswith(("adapters.", "mask_embed."))}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == added
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in added}
+    tokens = torch.randint(0, 97, (2, 8)).repeat(1, 3)
+    batch = {"tokens": tokens, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    assert not any(m.training for m in model.trunk.modules())
+    losses = []
+    for step in range(10):
+        torch.manual_seed(1)  # the same regions every step
+        optimizer.zero_grad()
+        loss = model.loss(batch)["loss"]
+        loss.backward()
+        if step == 0:
+            assert all(a.b.grad.abs().sum() > 0 for a in model.adapters.values())  # (B starts at zero, A's grad too)
+            assert model.mask_embed.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.6 * losses[0]  # about 0.4 (Llama), 0.2 (GPT-2)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    model.eval()
+    prompts = tokens[:, :10]
+    greedy = model.generate(prompts, 12, decoding="greedy")
+    assert torch.equal(model.generate(prompts, 12, decoding="verify"), greedy) and len(set(greedy[0].tolist())) > 5
+    lengths = torch.tensor([6, 10])
+    out = model.generate(prompts, 8, decoding="verify", prompt_lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert out[b, : n + 8].tolist() == model.generate(prompts[b : b + 1, :n], 8, decoding="greedy")[0].tolist()
+
+
+def test_planning_tokens_train_and_generate_on_a_pretrained_llama(saved):
+    """The plan tokens are rows after the data's vocabulary: the data's rows are the model's, the plans' start
+    fresh at the pretrained start (as any family's extra tokens); a step trains them, and generation writes plans
+    and returns the text without them."""
+    from test_planning import small_batch
+
+    from objectives import PlanningTokens
+    from objectives.planning import remove_plans
+    dm, batch = small_batch(digits=2)
+    V = dm.vocab_size
+    model = PlanningTokens(HFTrunk(pretrained=saved["llama"]), vocab_size=V, eos_id=dm.eos_id, rule="multiplication",
+                           num_plan_types=4)
+    model.words = [dm.tokenizer.id_to_token(i) for i in range(V)]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(saved["llama"], dtype=torch.float32)
+    assert model.finish_pretrained_start()["new_rows"] == list(range(V, V + 4))
+    for matrix, theirs in ((model.embed.weight, reference.get_input_embeddings().weight),
+                           (model.lm_head.weight, reference.get_output_embeddings().weight)):
+        assert torch.equal(matrix[:V], theirs[:V]) and not torch.equal(matrix[V:], theirs[V : V + 4])
+    augmented = model.augment(batch)
+    assert (augmented["tokens"] >= V).any()
+    loss = model.loss(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.embed.weight.grad[V:].abs().sum() > 0
+    assert model.lm_head.weight.grad[V:].abs().sum() > 0
+    model.eval()
+    prompt = batch["tokens"][:2, : int(batch["prompt_len"].min())]
+    with torch.no_grad():
+        model.lm_head.weight[V:] += 5 * model.lm_head.weight[V:].sign()  # plans likely: generation writes some
+    kept = model.generate(prompt, 10, keep_plans=True)
+    assert (kept >= V).any() and kept.max() < V + 4
+    text = model.generate(prompt, 10)
+    assert (text < V).all() and torch.equal(text, remove_plans(kept, V, dm.eos_id))
+
+
+def test_families_that_need_full_attention_or_a_mask_tensor_the_model_cannot_take_refuse_it_by_name(saved, tmp_path):
+    """The denoising families need full attention, which a causal LM does not promise; the retrofit needs a mask
+    tensor, which a model with a sliding window (Mistral's default), another model type or flash attention cannot
+    take: each refuses at construction, and the trunk says why, naming the model type."""
     from objectives import MaskedDiffusion
     from objectives.distill import SelfDistillation
-    for family in (MaskedDiffusion, SelfDistillation):
-        with pytest.raises(ValueError, match="HFTrunk"):
-            family(HFTrunk(pretrained=saved["llama"]), vocab_size=97)
+    from models.hf import tensor_mask_refusal
+    with pytest.raises(ValueError, match="MaskedDiffusion needs the full attention mask.*HFTrunk"):
+        MaskedDiffusion(HFTrunk(pretrained=saved["llama"]), vocab_size=97)
+    transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=97, max_position_embeddings=128, sliding_window=16)).save_pretrained(tmp_path)
+    trunk = HFTrunk(pretrained=str(tmp_path))
+    assert trunk.supported_masks == ("causal",) and "sliding window" in trunk.tensor_mask_refusal
+    with pytest.raises(ValueError, match="SelfDistillation needs the tensor attention mask.*HFTrunk"):
+        SelfDistillation(trunk, vocab_size=97)
+    with pytest.raises(ValueError, match="mistral.*sliding window"):
+        trunk(torch.randn(1, 4, 64), mask=torch.ones(4, 4, dtype=torch.bool))
+    assert "'gpt_neox'" in tensor_mask_refusal(transformers.GPTNeoXConfig())
+    flash = transformers.LlamaConfig()
+    flash._attn_implementation = "flash_attention_2"
+    assert "'flash_attention_2'" in tensor_mask_refusal(flash)
+
+
+def test_the_cli_takes_a_local_folders_tokenizer_but_leaves_a_hub_id_and_a_given_path_alone(tmp_path):
+    """lab/cli.py's tokenizer_from_pretrained on the parsed config: a folder with tokenizer.json fills an unset
+    tokenizer_path; a hub id, a folder without one, a path already given or a generated task's data do not."""
+    from jsonargparse import Namespace
+
+    from lab.cli import tokenizer_from_pretrained
+    (tmp_path / "tokenizer.json").write_text("{}")
+
+    def config(pretrained, **data):
+        return Namespace(model=Namespace(class_path="objectives.NextTokenPrediction", init_args=Namespace(
+            trunk=Namespace(class_path="models.HFTrunk", init_args=Namespace(pretrained=pretrained)))),
+            data=Namespace(class_path="datamodules.TextDataModule", init_args=Namespace(**data)))
+
+    filled = config(str(tmp_path), tokenizer_path=None)
+    assert tokenizer_from_pretrained(filled) == str(tmp_path / "tokenizer.json")
+    assert filled.data.init_args.tokenizer_path == str(tmp_path / "tokenizer.json")
+    for unchanged in (config("gpt2", tokenizer_path=None), config(str(tmp_path / "none"), tokenizer_path=None),
+                      config(str(tmp_path), tokenizer_path="mine.json"),
+                      config(str(tmp_path), tokenizer_path=None, task="multiplication")):
+        before = unchanged.data.init_args.tokenizer_path
+        assert tokenizer_from_pretrained(unchanged) is None and unchanged.data.init_args.tokenizer_path == before
