@@ -11,6 +11,7 @@ strings is refused, never unpickled.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -47,12 +48,13 @@ def generate(ckpt_path: str, prompt: str = "", max_new_tokens: int = 64, tempera
     out = model.generate(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, **kwargs)
     seconds = time.perf_counter() - start
     print(tokenizer.decode(out[0].tolist(), skip_special_tokens=False))
+    # the speed to stderr, so that stdout is the text alone (two decoding modes compare by their output)
     new = out.shape[1] - prompt_ids.shape[1]
-    print(f"\n[{new} tokens in {seconds:.2f}s: {new / seconds:.1f} tokens/s", end="")
+    speed = f"[{new} tokens in {seconds:.2f}s: {new / seconds:.1f} tokens/s"
     stats = getattr(model, "decode_stats", None)
     if stats and stats.get("steps"):
-        print(f"; mean accepted length {stats['tokens'] / max(stats['steps'], 1):.2f} tokens per forward", end="")
-    print("]")
+        speed += f"; mean accepted length {stats['tokens'] / max(stats['steps'], 1):.2f} tokens per forward"
+    print(speed + "]", file=sys.stderr)
 
 
 def main(args: list[str] | None = None) -> None:
