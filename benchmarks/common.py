@@ -174,7 +174,11 @@ def judge(datamodule, prompt: list[int], gen: list[int], gold: list[int], eos_id
 
 
 def takes_prompt_lengths(fn) -> bool:
-    """Whether a generation function decodes right-padded prompts of different lengths (`prompt_lengths`)."""
+    """Whether a generation function decodes right-padded prompts of different lengths (`prompt_lengths`). A
+    family that declares it does not (`generates_ragged`: the denoising families, whose `generate` takes **options
+    only to name and refuse them) is taken at its word."""
+    if getattr(getattr(fn, "__self__", None), "generates_ragged", True) is False:
+        return False
     params = inspect.signature(fn).parameters.values()
     return any(p.name == "prompt_lengths" or p.kind is p.VAR_KEYWORD for p in params)
 

@@ -4,7 +4,7 @@ among k samples, and generation speed.
 
     python -m benchmarks.countdown [--runs cot,mdlm,coconut,ladir] [--steps 1000] [--minutes 4]
         [--vae_steps 600] [--vae_minutes 2] [--d_model 128] [--n_layers 4] [--test_size 200] [--samples 8]
-        [--threads 1] [--json F]
+        [--decode_steps 1,2,4,8,16] [--ckpt_path CKPT] [--threads 1] [--json F]
 
 Each run is `configs/experiments/countdown_<run>.yaml` with the trunk's width and depth, the learning rate and the
 batch overridden from the command line; LaDiR is two fits, the step VAE (`ladir_vae_countdown.yaml`, its own
@@ -13,6 +13,9 @@ batch overridden from the command line; LaDiR is two fits, the step VAE (`ladir_
 optimizer steps or `minutes`, whichever ends first (a run cut by time is marked). The defaults keep the whole
 benchmark under 30 minutes on 2 CPU cores (22 measured, BENCHMARKS.md "Countdown"; the time caps bound its
 training at 18 minutes) with one thread, so that a second job on the other core does not oversubscribe them.
+`--ckpt_path` scores a trained run instead (e.g. one of configs/experiments/zoo_countdown.yaml, Countdown-4 or 3 as
+it was trained), `--runs` naming its family; `--decode_steps` adds one MDLM row per number of denoising steps
+(accuracy against decoding steps).
 
 Rows (every question is checked by `countdown.check`, so any valid solution counts):
   * one generation per question: CoT and Coconut greedy; MDLM greedy, most confident tokens first; LaDiR with 1
@@ -39,6 +42,7 @@ from __future__ import annotations
 import math
 import statistics
 from itertools import combinations
+from pathlib import Path
 
 import torch
 
@@ -46,6 +50,7 @@ from benchmarks.common import fit_experiment, parser, repeated, report, timed_ge
 from datamodules.countdown import ARROW, OPS, apply, check
 from datamodules.reasoning import STEP
 from objectives.decoding.scoring import exact_match
+from objectives.training.checkpoints import load_checkpoint
 
 PAPER = {"cot": 45.8, "mdlm": 91.5}  # Ye et al. 2024, Countdown: AR and their masked diffusion model
 RUNS = "cot,mdlm,coconut,ladir"
@@ -146,7 +151,7 @@ def samples_row(model, dm, size: int, k: int, decoding: str, generate, **options
             "distinct valid": statistics.mean(s["distinct"] for s in scores), "tokens/s": tokens / seconds}
 
 
-def evaluate(run: str, model, dm, size: int, k: int) -> list[dict]:
+def evaluate(run: str, model, dm, size: int, k: int, decode_steps: tuple[int, ...] = ()) -> list[dict]:
     if run == "ladir":
         return [accuracy_row(model, dm, size, "1 trajectory", num_trajectories=1),
                 accuracy_row(model, dm, size, f"{k} trajectories, majority vote", num_trajectories=k),
@@ -156,6 +161,8 @@ def evaluate(run: str, model, dm, size: int, k: int) -> list[dict]:
                             num_trajectories=k, repulsion=None)]
     greedy = {"cot": "greedy", "mdlm": "greedy, most confident first", "coconut": "greedy"}[run]
     rows = [accuracy_row(model, dm, size, greedy)]
+    if run == "mdlm":
+        rows += [accuracy_row(model, dm, size, f"{greedy}, {n} steps", steps=n) for n in decode_steps]
     if run in ("cot", "mdlm"):
         rows.append(samples_row(model, dm, size, k, f"{k} samples, T=1", repeated(model.generate, k),
                                 temperature=1.0))
@@ -179,6 +186,17 @@ def fit_run(run: str, args, extra: list[str]):
     return cli, info
 
 
+def trained_run(ckpt_path: str, save_dir: str):
+    """A trained run's objective (eval mode) and datamodule, rebuilt by the CLI from the config.yaml it saved beside
+    its checkpoints folder, the weights loaded by one validation (the project's checkpoint loader reads the families
+    that decode left to right, not MDLM)."""
+    from lab.cli import main  # the CLI (and every objective behind it) only where a benchmark needs it
+    config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    cli = main(["validate", "-c", str(config), "--ckpt_path", ckpt_path, "--trainer.logger", "false",
+                "--trainer.default_root_dir", save_dir, "--trainer.enable_progress_bar", "false"])
+    return cli.model.eval(), cli.datamodule
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--runs", default=RUNS)
@@ -199,7 +217,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default=None, help="the trainer's precision (default: the hardware's pick)")
     p.add_argument("--save_dir", default="runs/countdown")
+    p.add_argument("--decode_steps", default="", help="MDLM: one more row per number of denoising steps, e.g. 1,2,4,8")
+    p.add_argument("--ckpt_path", help="score this trained run instead of fitting one (--runs names its family)")
     args = p.parse_args()
+    decode_steps = tuple(int(n) for n in args.decode_steps.split(",") if n)
     torch.set_num_threads(args.threads)
     extra = ["--model.init_args.trunk.init_args.d_model", str(args.d_model),
              "--model.init_args.trunk.init_args.n_layers", str(args.n_layers),
@@ -212,12 +233,19 @@ def main() -> None:
     if args.precision:
         extra += ["--trainer.precision", args.precision]
     rows = []
+    if args.ckpt_path and "," in args.runs:
+        p.error("--ckpt_path scores one trained run: give its family alone in --runs")
     for run in args.runs.split(","):
-        cli, info = fit_run(run, args, extra)
-        model = cli.model.eval()
-        precision = str(cli.trainer.precision)
+        if args.ckpt_path:
+            model, dm = trained_run(args.ckpt_path, args.save_dir)
+            precision = "32-true"
+            info = {"steps": load_checkpoint(args.ckpt_path)["global_step"], "train min": None, "cut by time": None}
+        else:
+            cli, info = fit_run(run, args, extra)
+            model, dm = cli.model.eval(), cli.datamodule
+            precision = str(cli.trainer.precision)
         k = args.samples
-        for scores in evaluate(run, model, cli.datamodule, args.test_size, k):
+        for scores in evaluate(run, model, dm, args.test_size, k, decode_steps):
             row = {"run": run, "objective": type(model).__name__, "decoding": scores["decoding"]}
             for column in ("answer %", "valid %", "latent steps", "sample acc %", f"pass@{k} %", "distinct valid",
                            "tokens/s"):
@@ -230,10 +258,11 @@ def main() -> None:
     context = {"precision": args.precision or precision, "threads": args.threads, "steps": args.steps,
                "minutes": args.minutes, "vae_steps": args.vae_steps, "d_model": args.d_model,
                "n_layers": args.n_layers, "test_size": args.test_size, "samples": args.samples}
-    report(rows, f"Countdown-3 ({args.test_size} test questions): right answers, valid solutions, "
-                 f"pass@{args.samples} and distinct valid solutions among {args.samples} samples; "
-                 f"d_model {args.d_model}, {args.n_layers} layers, "
-                 f"{args.steps} steps or {args.minutes:g} min per fit", args.json, **context)
+    trained = (f"{args.ckpt_path} at step {info['steps']}" if args.ckpt_path else
+               f"d_model {args.d_model}, {args.n_layers} layers, {args.steps} steps or {args.minutes:g} min per fit")
+    report(rows, f"Countdown-{dm.generator.n} ({args.test_size} test questions): right answers, valid solutions, "
+                 f"pass@{args.samples} and distinct valid solutions among {args.samples} samples; {trained}",
+           args.json, **context)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,27 @@ Text (word-level, each number one token)::
     steps:     7 * 3 = 21 <step> 12 + 21 = 33 <step>   (one ``a op b = c`` per step)
     answer:    <ans> 33
 
-A problem has several valid solutions (at least `min_solutions`); the shown steps are one of them, drawn at
-random. Answer scoring (`check`) evaluates a generated solution against the question, so any valid solution
-counts, not only the shown one.
+A problem has several distinct valid solutions (at least `min_solutions`); the shown steps are one of them, drawn
+at random. Two solutions are the same when they write the same steps, in any order: ``a + b`` and ``b + a`` are
+one step, and Countdown-4's two independent first steps written the other way round are one solution; solutions
+through different intermediate results (``(6 + 4) + 2`` and ``(6 + 2) + 4``) are distinct. Answer scoring
+(`check`) evaluates a generated solution against the question, so any valid solution counts, not only the shown
+one.
+
+Sizes: numbers are drawn from ``1..max_number`` and every result, the target included, is at most `max_value`
+(each value is one token). Small settings have few distinct problems, and the val and test sets are drawn from
+them: Countdown-3 with max_number 9 and max_value 30 has 922 problems with two distinct solutions, Countdown-4
+10,021; the defaults 20 and 100 give 7,820 and about 260,000.
+
+Where this departs from Ye et al. 2024, whose Countdown sets follow Stream of Search (Gandhi et al. 2024,
+`src/countdown_generate.py` of kanishkg/stream-of-search): there the target is drawn first, uniformly from
+10..100 (a tenth of the targets held out for a second test set), the numbers uniformly from 1..99 until some
+solution exists, intermediate results are not bounded, any solvable problem counts (no `min_solutions`), and a
+solution is written character by character.
+Here the numbers come first and random play gives the target (small targets are more frequent, 0 is possible),
+results are bounded by `max_value` so that every number is one word of the vocabulary, problems with fewer than
+`min_solutions` distinct solutions are redrawn, and val/test problems are held out by their numbers and target,
+not by target value.
 """
 from __future__ import annotations
 
@@ -72,6 +90,12 @@ def solutions(numbers: list[int], target: int, max_value: int) -> list[tuple[tup
     return sorted(set(found))
 
 
+def distinct_solutions(numbers: list[int], target: int, max_value: int) -> set[tuple]:
+    """The distinct valid solutions: each solution's steps as a sorted tuple, so that the same steps written in
+    another order are one solution (the module's docstring says why)."""
+    return {tuple(sorted(steps)) for steps in solutions(numbers, target, max_value)}
+
+
 def check(question: list[str], generated: list[str], max_value: int = 10**9) -> bool:
     """Whether `generated` (the tokens after the question, up to an optional ``<eos>``) is a valid solution of
     `question` (``n1 ... nk -> target``): steps ``a op b = c`` separated by ``<step>``, each on two numbers of the
@@ -123,7 +147,8 @@ class CountdownTask:
         num_numbers: how many numbers are given (Countdown-3: 3); a solution has ``num_numbers - 1`` steps.
         max_number: the given numbers are drawn uniformly from ``1..max_number``.
         max_value: the largest allowed result of a step (and target); every number ``0..max_value`` is a token.
-        min_solutions: problems with fewer valid solutions are redrawn (2: every problem has several).
+        min_solutions: problems with fewer distinct valid solutions (`distinct_solutions`) are redrawn (2: every
+            problem has several).
     """
 
     name = "countdown"
@@ -168,7 +193,7 @@ class CountdownTask:
             if len(pool) > 1:
                 continue
             target = pool[0]
-            if len(solutions(numbers, target, self.max_value)) < self.min_solutions:
+            if len(distinct_solutions(numbers, target, self.max_value)) < self.min_solutions:
                 continue
             question = [str(v) for v in numbers] + [ARROW, str(target)]
             key = "cd:" + ",".join(map(str, sorted(numbers))) + f"->{target}"

@@ -299,6 +299,9 @@ class ReasoningDataModule(L.LightningDataModule):
             name pool, and "words" or "compact" syntax (`datamodules/prosqa.py`).
         num_numbers: Countdown: how many numbers a question gives (default 3, Countdown-3); a solution has
             num_numbers - 1 steps.
+        max_number, max_value, min_solutions: Countdown: the given numbers are drawn from 1..max_number (default
+            20), every result is at most max_value (default 100), and every problem has at least min_solutions
+            distinct solutions (default 2; `datamodules/countdown.py`).
         reverse_answer: write the answer tokens in reverse order (path-star: the path goal-first).
         teacherless: add `inputs` = tokens with the answer tokens replaced by <dummy> (Bachmann & Nagarajan's
             teacherless training: every answer token is predicted from the prompt alone).
@@ -330,6 +333,9 @@ class ReasoningDataModule(L.LightningDataModule):
         path_length: int = 5,
         num_nodes: int | None = None,
         num_numbers: int | None = None,
+        max_number: int | None = None,
+        max_value: int | None = None,
+        min_solutions: int | None = None,
         graph_nodes: list[int] | None = None,
         step_shares: dict[int, float] | None = None,
         test_steps: int | None = None,
@@ -372,9 +378,12 @@ class ReasoningDataModule(L.LightningDataModule):
         if task == "countdown" and num_nodes is not None:
             raise ValueError(f"num_nodes={num_nodes} is not a Countdown option: give how many numbers a question has "
                              f"as data.init_args.num_numbers")
-        if task not in ("countdown", "file") and num_numbers is not None:
-            raise ValueError(f"num_numbers={num_numbers} is a Countdown option (task='countdown'), not one of "
-                             f"task={task!r}: leave it out")
+        countdown_options = {"num_numbers": num_numbers, "max_number": max_number, "max_value": max_value,
+                             "min_solutions": min_solutions}
+        for name, value in countdown_options.items():
+            if task not in ("countdown", "file") and value is not None:
+                raise ValueError(f"{name}={value} is a Countdown option (task='countdown'), not one of "
+                                 f"task={task!r}: leave it out")
         graph_options = {"graph_nodes": graph_nodes, "step_shares": step_shares, "test_steps": test_steps,
                          "concepts": concepts, "syntax": None if syntax == "words" else syntax}
         given = ", ".join(f"{k}={v}" for k, v in graph_options.items() if v is not None)
@@ -398,7 +407,7 @@ class ReasoningDataModule(L.LightningDataModule):
                                       tuple(graph_nodes) if graph_nodes is not None else None, step_shares,
                                       test_steps, concepts, syntax)
             elif task == "countdown":
-                gen = CountdownTask(3 if num_numbers is None else num_numbers)
+                gen = CountdownTask(**{k: v for k, v in countdown_options.items() if v is not None})
             else:
                 gen = MultiplicationTask(digits, reverse_digits)
             self._init_generated(gen, train_size, 500 if val_size is None else val_size,
