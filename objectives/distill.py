@@ -1,36 +1,60 @@
 """Retrofitting a trained next-token model into a multi-token predictor by online self-distillation.
 
-Two published recipes share the model and the training here:
-- Samragh et al. 2025, "Your LLM Knows the Future: Uncovering Its Multi-Token Prediction Potential"
-  (arXiv 2507.11851): learned mask tokens appended after the prefix, gated LoRA that is active only at the mask
-  positions (so the next-token path is the frozen model's, bit for bit), a small sampler head, and decoding that
-  the model's own next-token path verifies in the same forward (lossless). Masks follow every draft token of the
-  step ("quadratic decoding"), so whichever prefix is accepted, the next drafts were made after exactly it.
-- Kirchenbauer et al. 2026 (arXiv 2602.06019): the model trained on its own greedy rollouts at k-1 mask positions,
-  k drawn per region, and decoded with ConfAdapt: keep the longest prefix of drafts whose probability stays above
-  a threshold tau, at least one token; no verification, so lossy.
+The model and decoding follow Samragh et al. 2025, "Your LLM Knows the Future: Uncovering Its Multi-Token
+Prediction Potential" (arXiv 2507.11851): learned mask tokens appended after the prefix, gated LoRA that is active
+only at the mask positions (so the next-token path is the frozen model's, bit for bit), a small sampler head, and
+decoding that the model's own next-token path verifies in the same forward (lossless). Masks follow every draft
+token of the step ("quadratic decoding"), so whichever prefix is accepted, the next drafts were made after exactly it.
+Kirchenbauer et al. 2026, "Multi-Token Prediction via Self-Distillation" (arXiv 2602.06019) add ConfAdapt decoding:
+keep the longest prefix of drafts whose probability stays above a threshold tau, at least one token; no
+verification, so lossy.
 
-The student (this objective) starts from an NTP checkpoint of the project (`init_from`, a warm start) whose network
-stays frozen; the teacher is the same checkpoint as a frozen companion. Over a pretrained Hugging Face model
-(`models.HFTrunk`, for the model types that take a mask tensor) the model is the network retrofitted, and its own
-frozen network (adapters shut) is the teacher. Per training sequence x (tokens x_0..x_L-1):
+Two training objectives (`objective`), each against a frozen teacher:
+- "teacher_rollout": the masks learn the teacher's own greedy continuation, the self-distilled target of Samragh et
+  al. 2025 and FastMTP (Cai et al. 2025); only the adapters, mask embeddings and sampler train.
+- "student_forced": Kirchenbauer et al. 2026's objective. The student proposes its k tokens in one forward (its
+  argmax at the prefix's last token and at each mask), the teacher reads the prefix followed by those proposals
+  (student forcing) and labels each position with its own argmax there (the "hard teacher"); the whole student
+  (network, mask embeddings, adapters) trains on those labels, so its next-token path moves too.
+
+The student starts from an NTP checkpoint of the project (`init_from`, a warm start); the teacher is the same
+checkpoint as a frozen companion. Over a pretrained Hugging Face model (`models.HFTrunk`, for the model types that
+take a mask tensor) the model is the network retrofitted, and its teacher is that network frozen: its own network
+with the adapters shut ("teacher_rollout", where the network does not train), or a frozen copy of it as it starts
+("student_forced"). Per training sequence x (tokens x_0..x_L-1):
 
   1. anchors t_1..t_R, sampled among the positions whose next token is a target; per region k_r ~ U{2, ..., k}
-  2. the teacher's greedy rollout after each anchor, all regions of the batch at once through its cache:
-         g^r_j = argmax_v p_T(v | x_<=t_r, g^r_<j),  j = 1..k
-  3. the student reads x, then for each region the k-1 mask tokens m_1..m_k-1 at rotary positions t_r+1..t_r+k-1
+     (Kirchenbauer et al.'s randomised k)
+  2. the student reads x, then for each region the k-1 mask tokens m_1..m_k-1 at rotary positions t_r+1..t_r+k-1
      (the positions the continuation would have); m_s attends to x_<=t_r and to m_<=s of its own region, x
      attends causally to x alone, and the adapters act only at mask positions
-  4. target "ce":  L = mean over counted (r, s), s < k_r, of  -log q_S(g^r_s+1 | x_<=t_r, m_<=s)
+  3. "teacher_rollout": the teacher's greedy rollout after each anchor, all regions of the batch at once through
+     its cache:
+         g^r_j = argmax_v p_T(v | x_<=t_r, g^r_<j),  j = 1..k
+     target "ce":  L = mean over counted (r, s), s < k_r, of  -log q_S(g^r_s+1 | x_<=t_r, m_<=s)
      target "kl":  L = mean of  KL( p_T(. | x_<=t_r, g^r_<=s) || q_S(. | x_<=t_r, m_<=s) )
      With the sampler head, q_S reads [the embedding of the token before the one it predicts (g^r_s; in decoding
      the draft before); the mask's hidden state].
+  3'. "student_forced": the student's own proposals from the forward of step 2, with q^r_1 = q_S(. | x_<=t_r) (its
+     next-token distribution) and q^r_s+1 = q_S(. | x_<=t_r, m_<=s),
+         y^r_j = argmax_v q^r_j(v)                          (detached),  j = 1..k
+     the teacher reads x and y^r_1..y^r_k-1 in the masks' places (one no-grad forward, the same layout) and labels
+         h^r_j = argmax_v p_T(v | x_<=t_r, y^r_<j)
+     target "ce" (hard teacher):  L = mean over counted (r, j), j <= k_r, of  -log q^r_j(h^r_j)
+     target "kl" (soft teacher):  L = mean of  KL( p_T(. | x_<=t_r, y^r_<j) || q^r_j )
+     Where this may differ from the paper: it has one <MTP> token (an embedding and an unembedding row) for every
+     mask and no adapters, here each slot has its own mask embedding and the adapters stay unless lora_rank is 0
+     (configs/objectives/distill_student_forced.yaml sets 0); its soft teacher is written as a sequence-level
+     product, here per position; its regions are strided with random offsets, here sampled anchors; and the
+     network runs without dropout here.
 
-Decoding (`generate(..., decoding=...)`): "verify" (lossless, through the project's speculative loop, per-row
-acceptance), "confidence" (ConfAdapt with `tau`), or "greedy" (the next-token path alone, the teacher's output).
+Decoding (`generate(..., decoding=...)`): "verify" (lossless with respect to the model's own next-token path: the
+teacher's where the network stays frozen; through the project's speculative loop, per-row acceptance),
+"confidence" (ConfAdapt with `tau`), or "greedy" (the next-token path alone).
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -106,6 +130,36 @@ class SamplerHead(nn.Module):
         return hidden + self.down(F.silu(self.up(torch.cat([previous, hidden], -1))))
 
 
+def rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, r]] for every row: [B, T, D] and [B, R] -> [B, R, D]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class FrozenStart(nn.Module):
+    """The owner's network as it starts (trunk, embedding, output head), frozen and in eval mode: the teacher of a
+    student-forced retrofit given no teacher checkpoint, where the owner's own network trains. Unlike a
+    FrozenCompanion it stays in the state dict, as there is no file to rebuild it from on a resume."""
+
+    def __init__(self, owner: Objective):
+        super().__init__()
+        self.trunk, self.embed = copy.deepcopy(owner.trunk), copy.deepcopy(owner.embed)
+        if "lm_head" in owner._modules:
+            self.lm_head = copy.deepcopy(owner.lm_head)
+        self.requires_grad_(False)
+        super().train(False)
+
+    # the objective's own forward, over these copies
+    unembedding, hidden, logits = Objective.unembedding, Objective.hidden, Objective.logits
+
+    @property
+    def model(self) -> "FrozenStart":
+        """Read as a FrozenCompanion's objective is (`teacher.model`)."""
+        return self
+
+    def train(self, mode: bool = True) -> "FrozenStart":
+        return super().train(False)
+
+
 class Layout(NamedTuple):
     """One forward over real tokens followed by groups of mask tokens: the attention mask [B, 1, T, S], the rotary
     positions [B, T], the gate [B, T] (mask positions) and each mask's slot [T] (1..slots; 0 for real tokens)."""
@@ -151,11 +205,18 @@ class SelfDistillation(CausalObjective):
     Args:
         k: tokens per forward at most: the next token and k-1 mask positions.
         regions: anchors sampled per training sequence.
-        lora_rank, lora_alpha: the gated adapters on every linear layer of the trunk.
-        target: "ce" (cross-entropy to the teacher's greedy tokens) or "kl" (to its distributions).
-        sampler_head: draft through Samragh et al.'s sampler head (previous token's embedding and hidden state).
+        lora_rank, lora_alpha: the gated adapters on every linear layer of the trunk (rank 0: none).
+        objective: "teacher_rollout" (the masks learn the teacher's greedy rollout, the network frozen: Samragh et
+            al. 2025, FastMTP) or "student_forced" (the whole student learns the teacher's labels of its own
+            argmax proposals: Kirchenbauer et al. 2026).
+        target: "ce" (cross-entropy to the teacher's argmax tokens: its rollout, or under student forcing the hard
+            teacher's labels) or "kl" (to its distributions at the same places; under student forcing the soft
+            teacher).
+        sampler_head: draft through Samragh et al.'s sampler head (previous token's embedding and hidden state);
+            "teacher_rollout" only.
         teacher: the teacher's checkpoint; default `init_from` (the model being retrofitted), or without one the
-            objective's own frozen network (a pretrained model's, over `models.HFTrunk`).
+            objective's own network, frozen (a pretrained model's, over `models.HFTrunk`): read with the adapters
+            shut ("teacher_rollout"), or a frozen copy of it as it starts ("student_forced").
         decoding: the default of `generate`: "verify" (lossless), "confidence" (ConfAdapt) or "greedy".
         tau: ConfAdapt's confidence threshold.
         **kwargs: the base objective's arguments (`init_from`: the NTP checkpoint to retrofit; over `HFTrunk`
@@ -167,32 +228,46 @@ class SelfDistillation(CausalObjective):
     takes_row_budgets = False
     decodings = ("verify", "confidence", "greedy")
 
+    objectives = ("teacher_rollout", "student_forced")
+
     def __init__(self, *args, k: int = 4, regions: int = 16, lora_rank: int = 16, lora_alpha: float = 32.0,
-                 target: str = "ce", sampler_head: bool = False, teacher: str | None = None,
-                 decoding: str = "verify", tau: float = 0.9, **kwargs):
+                 objective: str = "teacher_rollout", target: str = "ce", sampler_head: bool = False,
+                 teacher: str | None = None, decoding: str = "verify", tau: float = 0.9, **kwargs):
         super().__init__(*args, **kwargs)
         if k < 2:
             raise ValueError(f"k={k}: a multi-token predictor drafts at least one token beyond the next (k >= 2)")
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank={lora_rank}: the adapters' rank is 0 (none) or more")
+        if objective not in self.objectives:
+            raise ValueError(f"objective {objective!r}: use 'teacher_rollout' (the teacher's greedy rollout) or "
+                             f"'student_forced' (the teacher's labels of the student's own proposals)")
         if target not in ("ce", "kl"):
-            raise ValueError(f"target {target!r}: use 'ce' (teacher's greedy tokens) or 'kl' (its distributions)")
+            raise ValueError(f"target {target!r}: use 'ce' (teacher's argmax tokens) or 'kl' (its distributions)")
+        if objective == "student_forced" and sampler_head:
+            raise ValueError("sampler_head is Samragh et al.'s, trained on the teacher's rollout: the student-forced "
+                             "objective has none (use objective 'teacher_rollout')")
         if decoding not in self.decodings:
             raise ValueError(f"decoding {decoding!r}: use one of {self.decodings}")
         self.check_tau(tau)
-        self.k, self.regions, self.target = k, regions, target
+        self.k, self.regions, self.objective, self.target = k, regions, objective, target
         teacher = teacher or self.hparams.get("init_from")
-        # without a checkpoint the teacher is the student's own frozen network read with the adapters shut (the
-        # same function): a retrofit of an untrained network, for smoke tests
+        # without a checkpoint the teacher is the student's own network, frozen: read with the adapters shut (the
+        # same function) where that network does not train; a copy taken before the adapters hook into it where
+        # it does. Over an untrained network this is a smoke test; over HFTrunk, the pretrained model
         self.teacher = FrozenCompanion(teacher) if teacher else None
+        if self.teacher is None and objective == "student_forced":
+            self.teacher = FrozenStart(self)
         if self.teacher is not None and getattr(self.teacher.model, "reverse", False):
             raise ValueError(f"the teacher {teacher} is a right-to-left model: retrofit a left-to-right one")
-        # the network being retrofitted stays frozen (a pretrained model's own output head too); the adapters,
-        # mask embeddings and sampler train
-        self.trunk.requires_grad_(False)
-        self.embed.requires_grad_(False)
-        if "lm_head" in self._modules:
-            self.lm_head.requires_grad_(False)
+        if objective == "teacher_rollout":
+            # the network being retrofitted stays frozen (a pretrained model's own output head too); the adapters,
+            # mask embeddings and sampler train
+            self.trunk.requires_grad_(False)
+            self.embed.requires_grad_(False)
+            if "lm_head" in self._modules:
+                self.lm_head.requires_grad_(False)
         self.gate = Gate()
-        linears = {n: m for n, m in self.trunk.named_modules() if linear_shape(m) is not None}
+        linears = {n: m for n, m in self.trunk.named_modules() if linear_shape(m) is not None} if lora_rank else {}
         self.adapters = nn.ModuleDict({n.replace(".", "_"): GatedLoRA(m, lora_rank, lora_alpha, self.gate)
                                        for n, m in linears.items()})
         self.mask_embed = nn.Embedding(k - 1, self.embedding_width())
@@ -205,8 +280,9 @@ class SelfDistillation(CausalObjective):
             raise ValueError(f"tau={tau}: ConfAdapt's threshold is a probability in [0, 1]")
 
     def train(self, mode: bool = True) -> "SelfDistillation":
-        """The frozen network runs as in evaluation also while the adapters train: no dropout in it (a pretrained
-        GPT-2 has some), so that the next-token path, and the teacher where it is this network, stay the model's."""
+        """The network runs as in evaluation also while training: no dropout in it (a pretrained GPT-2 has some), so
+        that where it is frozen the next-token path, and the teacher where it is this network, stay the model's,
+        and where it trains (student forcing) the proposals are the argmaxes it decodes with."""
         super().train(mode)
         self.trunk.eval()
         return self
@@ -221,8 +297,8 @@ class SelfDistillation(CausalObjective):
 
     @property
     def teacher_model(self) -> Objective:
-        """The network whose greedy continuations the masks learn: the frozen companion, or this objective's own
-        frozen network (adapters shut) when no checkpoint was given."""
+        """The frozen network the student learns from: the companion checkpoint, or without one this objective's
+        own network (adapters shut; "teacher_rollout") or a frozen copy of it as it started ("student_forced")."""
         return self.teacher.model if self.teacher is not None else self
 
     @contextmanager
@@ -278,7 +354,7 @@ class SelfDistillation(CausalObjective):
         R = anchors.shape[1]
         cache = teacher.trunk.make_cache(B, device=tokens.device, dtype=teacher.embed.weight.dtype)
         hidden = teacher.hidden(tokens, cache=cache)
-        logits = [teacher.logits(hidden.gather(1, anchors[..., None].expand(-1, -1, hidden.shape[-1])))]
+        logits = [teacher.logits(rows_at(hidden, anchors))]
         out = [logits[0].argmax(-1)]
         region = torch.arange(R, device=tokens.device)
         for j in range(1, steps):
@@ -291,6 +367,23 @@ class SelfDistillation(CausalObjective):
             out.append(logits[-1].argmax(-1))
         return torch.stack(out, 2), torch.stack(logits, 2)
 
+    @torch.no_grad()
+    def teacher_scores(self, tokens: torch.Tensor, proposals: torch.Tensor, anchors: torch.Tensor, layout: Layout
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student forcing: the teacher reads x [B, L] and, after each anchor, the student's proposals y_1..y_k-1
+        (of proposals [B, R, k]) in the places of the masks of `layout` (the student's), so that y_s sits at
+        t_r + s and sees x_<=t_r and y_<=s of its region. Returns its argmax after x_<=t_r, y_<j for j = 1..k (the
+        hard teacher's labels) [B, R, k] and the logits they come from [B, R, k, V]."""
+        teacher = self.teacher_model
+        B, L = tokens.shape
+        R, slots = proposals.shape[1], proposals.shape[2] - 1
+        read = torch.cat([tokens, proposals[:, :, :slots].flatten(1)], 1)
+        hidden = teacher.hidden(read, mask=layout.mask, positions=layout.positions)
+        # after the anchor: the label of y_1; after y_s: the label of y_s+1
+        after = torch.cat([rows_at(hidden, anchors)[:, :, None], hidden[:, L:].view(B, R, slots, -1)], 2)
+        logits = teacher.logits(after)
+        return logits.argmax(-1), logits
+
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
         B, L = tokens.shape
@@ -300,22 +393,34 @@ class SelfDistillation(CausalObjective):
             raise ValueError(f"{L} tokens and {anchors.shape[1]} regions of {slots} mask tokens are more positions "
                              f"than the trunk's max_seq_len {self.trunk.max_seq_len}: lower model.init_args.regions "
                              f"or data.init_args.seq_len")
-        rollout, teacher_logits = self.teacher_rollouts(tokens, anchors, self.k)
         layout = mask_layout(torch.full((B,), L, device=tokens.device), L, anchors, slots)
         hidden = self.masked_hidden(tokens, layout)
-        # mask s of region r predicts g_{s+1}, after g_s (the sampler's previous token)
-        logits = self.mask_logits(hidden[:, L:].reshape(B, -1, slots, hidden.shape[-1]), rollout[:, :, :-1]).float()
-        target, weight = rollout[:, :, 1:], counted.float()
-        if self.target == "ce":
-            per_mask = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").view_as(weight)
+        masks = hidden[:, L:].reshape(B, -1, slots, hidden.shape[-1])
+        if self.objective == "teacher_rollout":
+            rollout, teacher_logits = self.teacher_rollouts(tokens, anchors, self.k)
+            # mask s of region r predicts g_{s+1}, after g_s (the sampler's previous token)
+            logits = self.mask_logits(masks, rollout[:, :, :-1]).float()
+            target, teacher_logits, weight = rollout[:, :, 1:], teacher_logits[:, :, 1:], counted.float()
         else:
-            p_teacher = teacher_logits[:, :, 1:].float().log_softmax(-1)
-            per_mask = F.kl_div(logits.log_softmax(-1), p_teacher, log_target=True, reduction="none").sum(-1)
+            # the student's k distributions from this one forward: its next token at the anchor, then the masks'
+            logits = torch.cat([self.logits(rows_at(hidden, anchors))[:, :, None], self.mask_logits(masks, None)],
+                               2).float()
+            # argmaxes: the proposals carry no gradient
+            target, teacher_logits = self.teacher_scores(tokens, logits.argmax(-1), anchors, layout)
+            # the next token counts wherever its region does (slot 1 always does: k_r >= 2)
+            weight = torch.cat([counted[..., :1], counted], 2).float()
+        if self.target == "ce":
+            per_place = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").view_as(weight)
+        else:
+            p_teacher = teacher_logits.float().log_softmax(-1)
+            per_place = F.kl_div(logits.log_softmax(-1), p_teacher, log_target=True, reduction="none").sum(-1)
         n = weight.sum().clamp(min=1)
-        loss = (per_mask * weight).sum() / n
-        # the next-token path is the teacher's: its NLL, the family-comparable likelihood
+        loss = (per_place * weight).sum() / n
+        # the next-token path (the teacher's where the network is frozen): its NLL, the family-comparable likelihood
         nll, count, _ = chunked_cross_entropy(hidden[:, : L - 1], self.unembedding, tokens[:, 1:],
                                               batch["loss_mask"][:, 1:], self.hparams.ce_chunk_size)
+        # per mask slot: its argmax is the teacher's token there (its rollout's, or its label under student forcing)
+        logits, target, weight = logits[:, :, -slots:], target[:, :, -slots:], weight[:, :, -slots:]
         agree = (logits.argmax(-1) == target).float() * weight
         metrics = {M.distill_acc(s + 2): (agree[..., s].sum() / weight[..., s].sum().clamp(min=1),
                                                weight[..., s].sum()) for s in range(slots)}
@@ -398,10 +503,11 @@ class SelfDistillation(CausalObjective):
         """prompt [B, P] (rows right-padded to `prompt_lengths`) -> [B, P + max_new_tokens].
 
         decoding "verify": the masks after every token of a step draft, the next-token path verifies them in the
-        same forward (the teacher's greedy output token for token; with temperature > 0, speculative sampling of
-        its distribution). "confidence": ConfAdapt, greedy: the next token and then the drafts while their
-        probability is above `tau` (tau = 1 is plain greedy decoding). "greedy": the next-token path alone (and
-        the base objective's options, e.g. speculative with prompt lookup). `k` (at most the trained k) caps the
+        same forward (that path's greedy output token for token, the teacher's where the network stays frozen;
+        with temperature > 0, speculative sampling of its distribution). "confidence": ConfAdapt, greedy: the next
+        token and then the drafts while their probability is above `tau` (tau = 1 is plain greedy decoding).
+        "greedy": the next-token path alone (and the base objective's options, e.g. speculative with prompt
+        lookup). `k` (at most the trained k) caps the
         tokens per forward: the first k-1 masks of each group (masks are causal, so these are what a model trained
         with that k would read). `self.decode_stats` holds the
         forwards after the prompt's ("steps") and the new tokens per row ("tokens").

@@ -26,7 +26,8 @@ ACCEPT_LEN_TEACHER_FORCED = "val/accept_len_teacher_forced"  # tokens per greedy
 
 
 def distill_acc(k: int) -> str:
-    """Multi-token retrofit: how often the mask slot for token t+k picks the teacher's rollout token."""
+    """Multi-token retrofit: how often the mask slot for token t+k picks the teacher's token there (its rollout's,
+    or under student forcing its label after the student's earlier proposals)."""
     return f"val/distill_acc{k}"
 
 
