@@ -1,6 +1,7 @@
 """The two contracts between the trunks (`models/`) and the objectives, in code: what an objective may use of a
 trunk and of a decoding state, and nothing else. Every trunk of `models/` satisfies `Trunk`, every cache it makes
-satisfies `DecodingState` (tests/test_trunk_contract.py checks both with `isinstance`)."""
+satisfies `DecodingState` (tests/test_trunk_contract.py checks both with `isinstance`); `BranchingTrunk` is what a
+trunk may offer beyond `Trunk` (the project's own trunks do)."""
 from __future__ import annotations
 
 from typing import Iterator, Protocol, runtime_checkable
@@ -55,3 +56,19 @@ class Trunk(Protocol):
     def make_block(self) -> nn.Module:
         """A fresh block of the trunk's own kind (`block(x, cache=...)` maps [B, T, D] to [B, T, D], with
         `block.make_cache(batch_size, device, dtype)`), for heads that need a layer (MTP heads and modules)."""
+
+
+@runtime_checkable
+class BranchingTrunk(Trunk, Protocol):
+    """A trunk that can also hand out the input of its last blocks, and names its final norm: what multi-token
+    heads that are siblings of its last layer need (Gloeckle et al. 2024's released model: heads 2..n read what the
+    last layer reads, and every head goes through the one final norm). The project's trunks are; a Hugging Face
+    model, which transformers runs whole, is not."""
+
+    norm: nn.Module  # the final norm, which `forward` applies to the last block's output
+
+    def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingState | None = None,
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                branch: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As `Trunk.forward`; with branch = m > 0 it returns (hidden states, z): z [B, T, D] the input of its last
+        m blocks (the residual stream there, before any norm), the cache advancing as without it."""

@@ -64,6 +64,15 @@ def check_length(length: int, maximum: int, owner: str) -> None:
         )
 
 
+def branch_index(n_blocks: int, branch: int) -> int | None:
+    """The block whose input a trunk's forward hands out with `branch` = m (the input of its last m blocks, where
+    multi-token sibling heads branch off); None for m = 0 (nothing handed out)."""
+    if not 0 <= branch <= n_blocks:
+        raise ValueError(f"branch={branch}: a trunk of {n_blocks} blocks can hand out the input of its last 1 to "
+                         f"{n_blocks} blocks (0: none)")
+    return n_blocks - branch if branch else None
+
+
 def block_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """The block-causal attention mask of segment ids [B, T] (or [T]): bool [B, 1, T, T], True = attend.
 

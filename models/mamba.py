@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import selective_scan as scan
-from models.layers import DecodingCache, RMSNorm, as_index, as_lengths, check_length, check_padding
+from models.layers import DecodingCache, RMSNorm, as_index, as_lengths, branch_index, check_length, check_padding
 
 Mask = str | torch.Tensor
 
@@ -311,10 +311,10 @@ def check_causal_mask(mask: Mask, owner: str = "Mamba trunk") -> None:
 
 
 def recurrent_forward(trunk: nn.Module, x: torch.Tensor, mask: Mask, cache, padding_mask: torch.Tensor | None,
-                      owner: str) -> torch.Tensor:
+                      owner: str, branch: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The forward of a recurrent trunk (Mamba, Mamba-2): the causal mask and the length checked, padding checked
     (at either end of a row, or with a cache after each row's real tokens only), then the blocks with their caches
-    and the final norm."""
+    and the final norm; with `branch` = m > 0, also the input of the last m blocks (`models.contracts`)."""
     check_causal_mask(mask, owner)
     check_length((cache.length if cache is not None else 0) + x.shape[1], trunk.max_seq_len, "trunk")
     if padding_mask is not None:
@@ -322,9 +322,11 @@ def recurrent_forward(trunk: nn.Module, x: torch.Tensor, mask: Mask, cache, padd
         check_padding(padding_mask, f"{owner}'s decoding cache" if cache is not None else owner,
                       at_the_end=cache is not None)
     layer_caches = list(cache) if cache is not None else [None] * len(trunk.blocks)
-    for block, layer_cache in zip(trunk.blocks, layer_caches):
+    cut, z = branch_index(len(trunk.blocks), branch), None
+    for i, (block, layer_cache) in enumerate(zip(trunk.blocks, layer_caches)):
+        z = x if i == cut else z
         x = block(x, mask=mask, cache=layer_cache, padding_mask=padding_mask)
-    return trunk.norm(x)
+    return (trunk.norm(x), z) if branch else trunk.norm(x)
 
 
 class MambaResidualBlock(nn.Module):
@@ -400,12 +402,14 @@ class Mamba(nn.Module):
         return MambaDecodingCache([b.make_cache(batch_size, device, dtype, history) for b in self.blocks])
 
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingCache | None = None,
-                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                branch: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> hidden states [B, T, D], the trunk contract of models/transformer.py.
 
         mask: "causal" only (anything else is refused, naming it). cache: the T positions follow each row's
         cached ones. positions: accepted and unused (a recurrent scan has no position tables: order is the
         sequence's). padding_mask [B, T] bool, True = a real token: padding leaves the state unchanged (see
         MambaBlock.forward); padding at either end of a row, or, with a cache, after the real tokens only.
+        branch: m > 0 returns (hidden states, the input of the last m blocks).
         """
-        return recurrent_forward(self, x, mask, cache, padding_mask, "Mamba trunk")
+        return recurrent_forward(self, x, mask, cache, padding_mask, "Mamba trunk", branch)

@@ -576,8 +576,10 @@ class Mamba2(nn.Module):
         return MambaDecodingCache([b.make_cache(batch_size, device, dtype, history) for b in self.blocks])
 
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaDecodingCache | None = None,
-                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                branch: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d_model) -> hidden states (B, T, d_model). `positions` is accepted for the trunk contract and
         unused (a recurrence has no positional encoding); `padding_mask` (B, T) True at real tokens: padding
-        at either end of a row, or, with a cache, after each row's real tokens only (row b advances by its own)."""
-        return recurrent_forward(self, x, mask, cache, padding_mask, "Mamba-2 trunk")
+        at either end of a row, or, with a cache, after each row's real tokens only (row b advances by its own).
+        `branch` = m > 0: (hidden states, the input of the last m blocks)."""
+        return recurrent_forward(self, x, mask, cache, padding_mask, "Mamba-2 trunk", branch)

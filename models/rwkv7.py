@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import check_length, check_padding
+from models.layers import branch_index, check_length, check_padding
 from models.mamba import MambaCache, MambaDecodingCache
 
 try:  # fla's fused Triton kernel of the chunked rule (what its `fla.ops.rwkv7.chunk_rwkv7` wraps; called directly
@@ -459,11 +459,12 @@ class RWKV7(nn.Module):
         return MambaDecodingCache([b.make_cache(batch_size, device, dtype, history) for b in self.blocks])
 
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaDecodingCache | None = None,
-                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                branch: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d_model) -> hidden states (B, T, d_model). mask: "causal" only. `positions` is accepted for the
         trunk contract and unused (a recurrence has no positional encoding). padding_mask (B, T) True at real
         tokens: padding at either end of a row, or, with a cache, after each row's real tokens only (row b
-        advances by its own)."""
+        advances by its own). `branch` = m > 0: (hidden states, the input of the last m blocks)."""
         check_causal(mask, "RWKV-7 trunk")
         check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
         if padding_mask is not None:
@@ -472,7 +473,9 @@ class RWKV7(nn.Module):
                           at_the_end=cache is not None)
         layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
         x, v_first = self.ln0(x), None
-        for block, layer_cache in zip(self.blocks, layer_caches):
+        cut, z = branch_index(len(self.blocks), branch), None
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, layer_caches)):
+            z = x if i == cut else z
             x, v = block.mix(x, layer_cache, padding_mask, v_first)
             v_first = v if v_first is None else v_first  # the first layer's values, for the value residual
-        return self.norm(x)
+        return (self.norm(x), z) if branch else self.norm(x)

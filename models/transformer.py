@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import (DecodingCache, RMSNorm, Rotary, SwiGLU, as_index, as_lengths, check_length,
-                           check_padding, padded_at_the_end)
+from models.layers import (DecodingCache, RMSNorm, Rotary, SwiGLU, as_index, as_lengths, branch_index,
+                           check_length, check_padding, padded_at_the_end)
 
 Mask = str | torch.Tensor  # "causal", "full", or a boolean tensor broadcastable to [B, H, T, S], True = attend
 
@@ -278,7 +278,8 @@ class Transformer(nn.Module):
         return DecodingCache([b.make_cache(batch_size, device, dtype) for b in self.blocks])
 
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: DecodingCache | None = None,
-                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                branch: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> hidden states [B, T, D].
 
         mask: "causal", "full" or a boolean tensor broadcastable to [B, H, T, S] (True = attend; S = the cached
@@ -289,6 +290,7 @@ class Transformer(nn.Module):
             consecutively when padded).
         padding_mask: [B, T] bool, True = a real token: padding is never attended to; with a cache it must come
             after each row's real tokens.
+        branch: m > 0 returns (hidden states, z), z [B, T, D] the input of the last m blocks (no final norm).
         """
         layer_caches = list(cache) if cache is not None else [None] * len(self.blocks)
         check_length((cache.length if cache is not None else 0) + x.shape[1], self.max_seq_len, "trunk")
@@ -296,6 +298,8 @@ class Transformer(nn.Module):
             check_length(int(positions.max()) + 1, self.max_seq_len, "trunk")
         inputs = attention_inputs(mask, x.shape[1], layer_caches[0] if layer_caches else None, positions,
                                   padding_mask, x.device)
-        for block, layer_cache in zip(self.blocks, layer_caches):
+        cut, z = branch_index(len(self.blocks), branch), None
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, layer_caches)):
+            z = x if i == cut else z
             x = block(x, mask=inputs, cache=layer_cache)
-        return self.norm(x)
+        return (self.norm(x), z) if branch else self.norm(x)

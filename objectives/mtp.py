@@ -4,7 +4,8 @@ decoding with the heads as drafters. DeepSeek-V3's sequential modules are in `ob
 
 Head k predicts token t+k from the prefix up to t. Head 1 is the trunk itself, so n_future=1 is exactly next-token
 prediction, and `match_params` moves n-1 trunk layers into heads 2..n for a comparison at equal parameter count
-(the NTP model's last layer plays head 1, as in the paper).
+(the NTP model's last layer plays head 1, as in the paper). Heads 2..n stack on the trunk's output, or
+(`topology="siblings"`) stand beside its last layer as in Meta's released model.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.contracts import BranchingTrunk
 from models.layers import DecodingCache, RMSNorm
 from objectives.decoding.drafters import CacheGroup, Drafter, PromptLookup, lookup_drafts
 from objectives.decoding.greedy import token_probs
@@ -66,22 +68,23 @@ def _head_chunk(h, w, targets, mask, scale, grad_weight):
 class _PerHeadBackward(torch.autograd.Function):
     """The paper's memory order (Gloeckle et al. 2024, section 3.2 and Figure 2), inside one autograd node.
 
-    Forward: given the trunk's output, for each head compute its loss and gradients on the spot (only one chunk of
-    one head's logits alive at a time), the unembedding's gradient accumulated in place into one buffer of the
-    compute dtype; then one backward through the heads' norm and blocks to the trunk output. The gradients are
-    handed out in `backward`, so Lightning's automatic optimization, gradient accumulation and DDP see a single
-    ordinary backward per step. Peak memory over NTP: that one buffer (half an fp32 gradient under bf16 autocast).
+    Forward: given the trunk's output (and with sibling heads the input of its last layer, `branch`), for each head
+    compute its loss and gradients on the spot (only one chunk of one head's logits alive at a time), the
+    unembedding's gradient accumulated in place into one buffer of the compute dtype; then one backward through the
+    heads' norm and blocks to the trunk output (and `branch`). The gradients are handed out in `backward`, so
+    Lightning's automatic optimization, gradient accumulation and DDP see a single ordinary backward per step. Peak memory over NTP: that one buffer (half an fp32 gradient under bf16 autocast).
     """
 
     @staticmethod
-    def forward(ctx, hidden, objective, targets, masks, stats, *params):
+    def forward(ctx, hidden, branch, objective, targets, masks, stats, *params):
         embed = objective.unembedding  # the output projection: tied, or an untied lm_head
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else embed.dtype
         grad_embed = torch.zeros(embed.shape, dtype=dtype, device=embed.device)
         with torch.enable_grad():
             h = hidden.detach().requires_grad_()
-            states = objective.head_states(h)
+            b = None if branch is None else branch.detach().requires_grad_()
+            states = objective.head_states(h, branch=b)
             leaves = [z.detach().requires_grad_() for z in states]
             outputs = [objective.head_output(k, leaf) for k, leaf in enumerate(leaves)]
         total, output_grads = hidden.new_zeros((), dtype=torch.float32), []
@@ -96,27 +99,29 @@ class _PerHeadBackward(torch.autograd.Function):
                 output_grads.append(grad.view(out.shape).to(out.dtype))
                 total = total + scale * nll
         with torch.enable_grad():
-            norm_params = list(objective.head_norm.parameters())
+            norm_params = list(objective.shared_norm.parameters())
             pairs = [(o, g) for o, g in zip(outputs, output_grads) if o.requires_grad]
             normed = torch.autograd.grad([o for o, _ in pairs], [*leaves, *norm_params],
                                          grad_outputs=[g for _, g in pairs], allow_unused=True)
             state_grads = [g if g is not None else torch.zeros_like(z) for g, z in zip(normed, leaves)]
             block_params = list(objective.heads.parameters())
-            through_blocks = torch.autograd.grad(states, [h, *block_params], grad_outputs=state_grads,
+            inputs = [h] if b is None else [h, b]
+            through_blocks = torch.autograd.grad(states, [*inputs, *block_params], grad_outputs=state_grads,
                                                  allow_unused=True)
         by_param = {id(embed): grad_embed,
                     **{id(p): g for p, g in zip(norm_params, normed[len(leaves):])},
-                    **{id(p): g for p, g in zip(block_params, through_blocks[1:])}}
+                    **{id(p): g for p, g in zip(block_params, through_blocks[len(inputs):])}}
         # kept on ctx, not saved: backward releases them, so the gradients it returns are taken over, not copied
-        ctx.grads = [through_blocks[0], *(by_param.get(id(p)) for p in params)]
+        ctx.grads = [through_blocks[0], through_blocks[1] if b is not None else None,
+                     *(by_param.get(id(p)) for p in params)]
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grads, ctx.grads = ctx.grads, None
         # scaled in place: the gradients are used once, and a copy would double their memory
-        return (None if grads[0] is None else grads[0].mul_(grad_output), None, None, None, None,
-                *(None if g is None else g.mul_(grad_output) for g in grads[1:]))
+        return (*(None if g is None else g.mul_(grad_output) for g in grads[:2]), None, None, None, None,
+                *(None if g is None else g.mul_(grad_output) for g in grads[2:]))
 
 
 class ResidualMLP(nn.Module):
@@ -134,18 +139,37 @@ class ResidualMLP(nn.Module):
 
 
 class MultiTokenPrediction(CausalObjective):
-    """n future tokens from one trunk (Gloeckle et al. 2024).
+    """n future tokens from one trunk (Gloeckle et al. 2024, "Better & Faster Large Language Models via
+    Multi-token Prediction", arXiv:2404.19737).
 
-    Loss = sum_k w_k CE(head_k(h_t), x_{t+k}), weights normalised to sum to 1 (uniform by default).
+    Loss = sum_k w_k CE(head_k(x_{<=t}), x_{t+k}), each CE the mean over the head's target positions. The paper's
+    loss is the sum over heads (its section 2: -sum_t sum_k log P(x_{t+k} | z_t)): `head_reduction="sum"` takes
+    the weights as given (all 1 by default: the sum of the n heads' losses); "mean", the default, normalises them
+    to sum to 1 (the mean of the heads' losses by default), which keeps the loss on next-token prediction's scale
+    whatever n, so a learning rate tuned for NTP carries over. Head 1's figures (val/ntp_loss) are the same either
+    way.
+
+    Topologies (heads 2..n; head 1 is always the whole trunk, so greedy decoding is the trunk's):
+        "parallel": every head reads the trunk's output h (after its last layer and final norm): the heads stack
+            on head 1's output and go through a norm of their own (`head_norm`).
+        "causal": head k reads head k-1's output (head 2 reads h).
+        "siblings": the wiring of Meta's released model (facebook/multi-token-prediction, llama/model.py): a
+            shared trunk of n_layers - head_layers blocks gives z; the trunk's last head_layers blocks are head 1,
+            and heads 2..n, head_layers blocks each, read the same z beside them; every head, head 1 included, goes
+            through the trunk's one final norm, then the shared unembedding. With match_params and head_layers 1 the
+            trunk keeps n_layers - n + 1 blocks, head 1 the last of them: NTP's parameter count, and no norm of the
+            heads' own. Needs head_type "block" and a trunk that hands out z (`models.contracts.BranchingTrunk`:
+            the project's trunks, not HFTrunk).
 
     Args:
         n_future: number of heads; head k predicts token t+k.
-        head_layers: blocks per head (heads 2..n).
+        head_layers: blocks per head (heads 2..n; with "siblings" also head 1's, the trunk's last ones).
         head_type: "block": each head block is a layer of the trunk's kind (`make_block()`; the paper's heads, and
             at decode time they need caches of their own); "mlp": Medusa's residual MLP on the trunk's last hidden
             state (no attention, no cache, about d_model^2 parameters a block).
-        topology: "parallel" (every head reads the trunk output) or "causal" (head k reads head k-1's output).
+        topology: "parallel", "causal" or "siblings" (above).
         loss_weights: one weight per head; default uniform.
+        head_reduction: "mean" (weights normalised to sum to 1) or "sum" (weights as given: the paper's sum).
         match_params: move (n-1) * head_layers trunk blocks into the heads (equal parameters to NTP).
         per_head_backward: the paper's memory-saving order; false computes every head then one backward.
         **kwargs: the base objective's arguments.
@@ -156,15 +180,19 @@ class MultiTokenPrediction(CausalObjective):
     default_drafter = "heads"
 
     def __init__(self, *args, n_future: int = 4, head_layers: int = 1, head_type: str = "block",
-                 topology: str = "parallel", loss_weights: list[float] | None = None, match_params: bool = False,
-                 per_head_backward: bool = True, **kwargs):
+                 topology: str = "parallel", loss_weights: list[float] | None = None, head_reduction: str = "mean",
+                 match_params: bool = False, per_head_backward: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if n_future < 1 or head_layers < 1:
             raise ValueError(f"n_future ({n_future}) and head_layers ({head_layers}) must be at least 1")
-        if topology not in ("parallel", "causal"):
-            raise ValueError(f"topology {topology!r} is unknown: use 'parallel' or 'causal'")
+        if topology not in ("parallel", "causal", "siblings"):
+            raise ValueError(f"topology {topology!r} is unknown: use 'parallel', 'causal' or 'siblings'")
         if head_type not in ("block", "mlp"):
             raise ValueError(f"head_type {head_type!r} is unknown: use 'block' (a trunk layer) or 'mlp' (Medusa's)")
+        if head_reduction not in ("mean", "sum"):
+            raise ValueError(f"head_reduction {head_reduction!r} is unknown: use 'mean' or 'sum' (the paper's)")
+        if topology == "siblings":
+            self.check_siblings(head_type, head_layers, (n_future - 1) * head_layers if match_params else 0)
         weights = torch.ones(n_future) if loss_weights is None else torch.tensor(loss_weights, dtype=torch.float32)
         if weights.shape != (n_future,) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"loss_weights {loss_weights} must be {n_future} non-negative numbers, not all zero")
@@ -175,19 +203,57 @@ class MultiTokenPrediction(CausalObjective):
                                  f"into the heads: give the trunk more layers or lower n_future")
             del self.trunk.blocks[len(self.trunk.blocks) - moved :]
         self.n_future, self.topology, self.per_head_backward = n_future, topology, per_head_backward
-        self.head_type = head_type
-        self.register_buffer("loss_weights", weights / weights.sum(), persistent=False)
+        self.head_type, self.head_layers = head_type, head_layers
+        self.register_buffer("loss_weights", weights / weights.sum() if head_reduction == "mean" else weights,
+                             persistent=False)
         make = self.trunk.make_block if head_type == "block" else lambda: ResidualMLP(self.trunk.d_model)
         self.heads = nn.ModuleList(nn.ModuleList(make() for _ in range(head_layers)) for _ in range(n_future - 1))
-        self.head_norm = RMSNorm(self.trunk.d_model)
+        if topology != "siblings":  # sibling heads share the trunk's final norm
+            self.head_norm = RMSNorm(self.trunk.d_model)
+
+    def check_siblings(self, head_type: str, head_layers: int, moved: int) -> None:
+        """What sibling heads need, refused at construction with the way out."""
+        if head_type != "block":
+            raise ValueError("topology 'siblings' makes heads 2..n layers beside the trunk's last, which is head 1; "
+                             "Medusa's MLP heads (head_type 'mlp') read the trunk's output: use head_type 'block', "
+                             "or topology 'parallel' for MLP heads")
+        if not isinstance(self.trunk, BranchingTrunk):
+            raise ValueError(f"topology 'siblings' needs a trunk that hands out the input of its last layer and "
+                             f"names its final norm (models.contracts.BranchingTrunk: Transformer, Mamba, Mamba2, "
+                             f"RWKV7); {type(self.trunk).__name__} cannot: use topology 'parallel'")
+        if self.trunk.n_layers - moved < head_layers:
+            raise ValueError(f"topology 'siblings' makes the trunk's last {head_layers} blocks head 1, but the trunk "
+                             f"has {self.trunk.n_layers - moved}" + (" after match_params" if moved else "")
+                             + ": give it more layers, or lower head_layers or n_future")
 
     # --- heads ----------------------------------------------------------------------------------------------------
-    def head_states(self, hidden: torch.Tensor, caches: list | None = None, **block_options) -> list[torch.Tensor]:
-        """[z_1 .. z_n]: z_1 is the trunk output; z_k the output of head k's blocks (pre-norm). `block_options`
-        (mask, positions, padding_mask) reach the blocks of transformer-layer heads."""
+    @property
+    def shared_norm(self) -> nn.Module:
+        """The norm heads 2..n share before the unembedding: their own `head_norm`, or with siblings the trunk's
+        final norm, which head 1 goes through too (one norm for every head)."""
+        return self.trunk.norm if self.topology == "siblings" else self.head_norm
+
+    def trunk_states(self, tokens: torch.Tensor, cache=None,
+                     **trunk_options) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, branch): the trunk's hidden states h [B, T, D] (head 1's, normalised: the next-token path is the
+        whole trunk whatever the topology) and, for sibling heads, branch [B, T, D], the input of the trunk's last
+        head_layers blocks, which heads 2..n read (else None: they read h)."""
+        if self.topology != "siblings" or not len(self.heads):
+            return self.hidden(tokens, cache=cache, **trunk_options), None
+        trunk_options = {"mask": "causal", **trunk_options}
+        return self.trunk(self.embed(tokens), cache=cache, branch=self.head_layers, **trunk_options)
+
+    def head_states(self, hidden: torch.Tensor, caches: list | None = None, branch: torch.Tensor | None = None,
+                    **block_options) -> list[torch.Tensor]:
+        """[z_1 .. z_n]: z_1 is the trunk output; z_k the output of head k's blocks (pre-norm), which read the trunk
+        output (parallel), head k-1's output (causal) or `branch` (siblings, from `trunk_states`).
+        `block_options` (mask, positions, padding_mask) reach the blocks of transformer-layer heads."""
+        if self.topology == "siblings" and branch is None and len(self.heads):
+            raise ValueError("sibling heads read the input of the trunk's last layer: pass branch "
+                             "(MultiTokenPrediction.trunk_states gives it with the trunk's output)")
         states = [hidden]
         for k, blocks in enumerate(self.heads):
-            x = states[-1] if self.topology == "causal" else hidden
+            x = {"parallel": hidden, "causal": states[-1], "siblings": branch}[self.topology]
             for j, block in enumerate(blocks):
                 if self.head_type == "mlp":
                     x = block(x)
@@ -198,7 +264,7 @@ class MultiTokenPrediction(CausalObjective):
 
     def head_output(self, k: int, state: torch.Tensor) -> torch.Tensor:
         """The hidden state the unembedding reads for head k+1 (0-based k; the trunk normalises head 1's)."""
-        return state if k == 0 else self.head_norm(state)
+        return state if k == 0 else self.shared_norm(state)
 
     def head_loss(self, k: int, state, targets, mask, stats: dict) -> torch.Tensor:
         nll, count, correct, predictions = chunked_cross_entropy(
@@ -210,14 +276,14 @@ class MultiTokenPrediction(CausalObjective):
     def loss(self, batch: dict[str, torch.Tensor]) -> dict:
         tokens, inputs, mask = batch["tokens"], batch.get("inputs", batch["tokens"]), batch["loss_mask"]
         T = tokens.shape[1] - 1
-        hidden = self.hidden(inputs[:, :-1])
+        hidden, branch = self.trunk_states(inputs[:, :-1])
         targets, masks = zip(*(shifted(tokens, mask, k, T) for k in range(1, self.n_future + 1)))
         stats: dict = {}
         if self.per_head_backward and torch.is_grad_enabled():
-            params = [self.unembedding, *self.head_norm.parameters(), *self.heads.parameters()]
-            loss = _PerHeadBackward.apply(hidden, self, targets, masks, stats, *params)
+            params = [self.unembedding, *self.shared_norm.parameters(), *self.heads.parameters()]
+            loss = _PerHeadBackward.apply(hidden, branch, self, targets, masks, stats, *params)
         else:
-            states = self.head_states(hidden)
+            states = self.head_states(hidden, branch=branch)
             loss = sum(self.head_loss(k, z, targets[k], masks[k], stats) for k, z in enumerate(states))
         if len(self.summaries):
             loss = loss + self.summary_loss(hidden, batch)
@@ -233,10 +299,10 @@ class MultiTokenPrediction(CausalObjective):
     def decode_forward(self, tokens: torch.Tensor, state: CacheGroup, **trunk_options):
         """Next-token logits [B, m, V] and drafting features: the head blocks' states [B, m, n-1, D] (their caches
         advance with the trunk's), or for MLP heads, which read one position, the trunk's hidden state [B, m, D]."""
-        hidden = self.hidden(tokens, cache=state.caches[0], **trunk_options)
+        hidden, branch = self.trunk_states(tokens, cache=state.caches[0], **trunk_options)
         if self.head_type == "mlp" or self.n_future == 1:
             return self.logits(hidden), hidden
-        states = self.head_states(hidden, list(state.caches[1:]), **trunk_options)
+        states = self.head_states(hidden, list(state.caches[1:]), branch, **trunk_options)
         return self.logits(hidden), torch.stack(states[1:], dim=2)
 
     def draft_logits(self, features: torch.Tensor, k: int, stacked: tuple | None = None) -> torch.Tensor:
@@ -247,7 +313,7 @@ class MultiTokenPrediction(CausalObjective):
         if k == 0:
             return features.new_zeros(features.shape[0], 0, self.unembedding.shape[0])
         states = self.mlp_heads_at(features, k, stacked) if self.head_type == "mlp" else features[:, :k]
-        return self.logits(self.head_norm(states))
+        return self.logits(self.shared_norm(states))
 
     def mlp_heads_at(self, x: torch.Tensor, k: int, stacked: tuple | None = None) -> torch.Tensor:
         """MLP heads 2..k+1 on hidden states x [N, D]: their states [N, k, D] (before the norm)."""
@@ -368,9 +434,9 @@ class HeadsChain:
         """ids [1, m] -> [m, 1 + k (+ 1)]: the argmax of the next token and of each head (then the confident
         heads' count) at each position; with `last`, at the last position only (a prefill)."""
         model, k = self.model, self.reach
-        hidden = model.hidden(ids, cache=state.caches[0])
+        hidden, branch = model.trunk_states(ids, cache=state.caches[0])
         if model.head_type == "block" and model.n_future > 1:  # every head block's cache advances with the trunk
-            states = torch.stack(model.head_states(hidden, list(state.caches[1:]))[1:], 2)[0, :, :k]
+            states = torch.stack(model.head_states(hidden, list(state.caches[1:]), branch)[1:], 2)[0, :, :k]
         hidden = hidden[0, -1:] if last else hidden[0]
         if model.head_type == "block" and k:
             states = states[-1:] if last else states
@@ -381,7 +447,7 @@ class HeadsChain:
             states = hidden[:, None][:, :0]
         elif model.head_type == "mlp":
             states = model.mlp_heads_at(hidden, k, self.stacked)
-        logits = model.logits(torch.cat([hidden[:, None], model.head_norm(states)], 1))  # [m, 1 + k, V]
+        logits = model.logits(torch.cat([hidden[:, None], model.shared_norm(states)], 1))  # [m, 1 + k, V]
         return self.rows(logits)
 
     def rows(self, logits: torch.Tensor, skip: int = 1) -> torch.Tensor:

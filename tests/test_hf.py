@@ -547,6 +547,9 @@ def test_match_params_on_a_pretrained_trunk_fails_naming_the_option(saved):
     with pytest.raises(AttributeError, match="match_params false"):
         MultiTokenPrediction(HFTrunk(pretrained=saved["llama"]), vocab_size=97, n_future=3, match_params=True)
     assert getattr(HFTrunk(pretrained=saved["llama"]), "blocks", None) is None  # getattr with a default still works
+    # transformers runs the model whole: nothing hands out the input of its last layer for sibling heads
+    with pytest.raises(ValueError, match="HFTrunk cannot: use topology 'parallel'"):
+        MultiTokenPrediction(HFTrunk(pretrained=saved["llama"]), vocab_size=97, n_future=3, topology="siblings")
 
 
 def test_the_per_head_backward_uses_an_untied_head(saved):

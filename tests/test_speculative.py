@@ -29,24 +29,29 @@ def sharpened(model):
     return model.eval()
 
 
+def varied(m):
+    """Greedy output that varies (the blocks, scaled up, outweigh the embedding), logits sharp enough for heads of
+    spread confidence."""
+    with torch.no_grad():
+        for weight in (p for p in m.trunk.parameters() if p.dim() == 2):
+            weight.mul_(6)
+        m.trunk.norm.weight.mul_(20)
+        if m.shared_norm is not m.trunk.norm:  # sibling heads share the trunk's, sharpened once
+            m.shared_norm.weight.mul_(20)
+    return m.eval()
+
+
 def model(name: str, vocab: int = V, max_len: int = 128):
     torch.manual_seed(0)
     if name == "mtp-block":
         return sharpened(MultiTokenPrediction(transformer(max_len), vocab_size=vocab, n_future=4))
     if name == "mtp-mlp":
         return sharpened(MultiTokenPrediction(transformer(max_len), vocab_size=vocab, n_future=4, head_type="mlp"))
-    if name.startswith("varied"):  # greedy output that varies (the blocks, scaled up, outweigh the embedding),
-        # logits sharp enough for heads of spread confidence
+    if name.startswith("varied"):
         kind = name.removeprefix("varied").lstrip("-") or "mlp"
         trunk = Mamba(d_model=32, n_layers=2, d_state=8, max_seq_len=max_len) if kind == "mamba" else transformer(max_len)
-        m = MultiTokenPrediction(trunk, vocab_size=vocab, n_future=3 if kind == "mamba" else 4,
-                                 head_type="mlp" if kind == "mlp" else "block")
-        with torch.no_grad():
-            for weight in (p for p in m.trunk.parameters() if p.dim() == 2):
-                weight.mul_(6)
-            m.trunk.norm.weight.mul_(20)
-            m.head_norm.weight.mul_(20)
-        return m.eval()
+        return varied(MultiTokenPrediction(trunk, vocab_size=vocab, n_future=3 if kind == "mamba" else 4,
+                                           head_type="mlp" if kind == "mlp" else "block"))
     if name == "mtp-mamba":
         return sharpened(MultiTokenPrediction(Mamba(d_model=32, n_layers=2, d_state=8, max_seq_len=max_len),
                                               vocab_size=vocab, n_future=3))
