@@ -150,7 +150,7 @@ class SpecialIds:
 
 @dataclass(frozen=True)
 class SequenceOptions:
-    train_on: str = "steps+answer"  # or "answer"
+    train_on: str = "steps+answer"  # or "answer", or "all" (the question's tokens too)
     include_steps: bool = True
     reverse_answer: bool = False
     teacherless: bool = False
@@ -168,7 +168,7 @@ def build_sequence(question: Sequence[int], steps: Sequence[Sequence[int]], answ
     start = len(tokens) + 1  # first answer token
     tokens += [ids.ans] + answer + [ids.eos]
     segments += [1] * (len(answer) + 2)
-    trained = (lambda g: g == 1) if opts.train_on == "answer" else (lambda g: g >= 1)  # noqa: E731
+    trained = {"answer": lambda g: g == 1, "steps+answer": lambda g: g >= 1, "all": lambda g: g >= 0}[opts.train_on]
     out = {
         "tokens": tokens,
         "segments": segments,
@@ -321,7 +321,8 @@ class ReasoningDataModule(L.LightningDataModule):
         stream_size: nominal length of the generated train stream (an epoch).
         batch_size, num_workers: loader settings.
         seed: seeds everything the data depends on.
-        train_on: "steps+answer" or "answer" (<ans>, answer tokens and <eos>).
+        train_on: "steps+answer", "answer" (<ans>, answer tokens and <eos>) or "all" (every token, the question's
+            too: what a right-to-left companion needs, which reads the answer before the question).
         format: "cot" (steps then answer) or "no_cot" (answer only).
         include_steps: if given, overrides `format` (False = drop the steps).
     """
@@ -356,15 +357,15 @@ class ReasoningDataModule(L.LightningDataModule):
         stream_size: int = 1_000_000,
         batch_size: int = 64,
         seed: int = 0,
-        train_on: Literal["answer", "steps+answer"] = "steps+answer",
+        train_on: Literal["answer", "steps+answer", "all"] = "steps+answer",
         format: Literal["cot", "no_cot"] = "cot",
         include_steps: bool | None = None,
         num_workers: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
-        if train_on not in ("answer", "steps+answer"):
-            raise ValueError(f"train_on must be 'answer' or 'steps+answer', got {train_on!r}")
+        if train_on not in ("answer", "steps+answer", "all"):
+            raise ValueError(f"train_on must be 'answer', 'steps+answer' or 'all', got {train_on!r}")
         if format not in ("cot", "no_cot"):
             raise ValueError(f"format must be 'cot' or 'no_cot', got {format!r}")
         self.task_name, self.seed = task, seed

@@ -212,6 +212,7 @@ def test_multiplication_steps_sum_to_the_product(digits, reverse):
 CONTRACT_CASES = [
     ("path_star", dict()),
     ("path_star", dict(train_on="answer", teacherless=True)),
+    ("path_star", dict(train_on="all")),
     ("prosqa", dict(train_on="answer")),
     ("prosqa", dict(format="no_cot")),
     ("multiplication", dict()),
@@ -231,7 +232,7 @@ def test_batch_contract(task, kw):
         assert tok.dtype == seg.dtype == batch["prompt_len"].dtype == batch["answer"].dtype == torch.long
         assert mask.dtype == torch.float32 and mask.shape == seg.shape == (B, T) and T <= d.seq_len
         assert ((tok >= 0) & (tok < d.vocab_size)).all()
-        expect = (seg == 1) if kw.get("train_on") == "answer" else (seg >= 1)
+        expect = {"answer": seg == 1, "all": seg >= 0}.get(kw.get("train_on"), seg >= 1)
         assert torch.equal(mask, expect.float())
         for b in range(B):
             s, t, p = seg[b].tolist(), tok[b].tolist(), int(batch["prompt_len"][b])
