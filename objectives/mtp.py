@@ -72,7 +72,8 @@ class _PerHeadBackward(torch.autograd.Function):
     compute its loss and gradients on the spot (only one chunk of one head's logits alive at a time), the
     unembedding's gradient accumulated in place into one buffer of the compute dtype; then one backward through the
     heads' norm and blocks to the trunk output (and `branch`). The gradients are handed out in `backward`, so
-    Lightning's automatic optimization, gradient accumulation and DDP see a single ordinary backward per step. Peak memory over NTP: that one buffer (half an fp32 gradient under bf16 autocast).
+    Lightning's automatic optimization, gradient accumulation and DDP see a single ordinary backward per step.
+    Peak memory over NTP: that one buffer (half an fp32 gradient under bf16 autocast).
     """
 
     @staticmethod
