@@ -5,7 +5,9 @@ decoding with the heads as drafters. DeepSeek-V3's sequential modules are in `ob
 Head k predicts token t+k from the prefix up to t. Head 1 is the trunk itself, so n_future=1 is exactly next-token
 prediction, and `match_params` moves n-1 trunk layers into heads 2..n for a comparison at equal parameter count
 (the NTP model's last layer plays head 1, as in the paper). Heads 2..n stack on the trunk's output, or
-(`topology="siblings"`) stand beside its last layer as in Meta's released model.
+(`topology="siblings"`) stand beside its last layer as in Meta's released model. The heads learn the data's
+tokens, or (`head_targets="self"`) the model's own greedy continuations, which are what a self-speculative decoder
+accepts (Medusa-2's self-distillation).
 """
 from __future__ import annotations
 
@@ -19,28 +21,29 @@ from torch import nn
 from models.contracts import BranchingTrunk
 from models.layers import DecodingCache, RMSNorm
 from objectives.decoding.drafters import CacheGroup, Drafter, PromptLookup, lookup_drafts
-from objectives.decoding.greedy import token_probs
+from objectives.decoding.greedy import left_to_right, token_probs
 from objectives.training import metrics as M
 from objectives.training.causal import CausalObjective
 from objectives.training.losses import chunk_positions, chunked_cross_entropy
 from objectives.training.multi_token import head_metrics, shifted
 
 
-def head_cross_entropy_with_grads(hidden, weight, targets, mask, scale, grad_weight, chunk_mib: float):
+def head_cross_entropy_with_grads(hidden, weight, targets, mask, scale, grad_weight, chunk_mib: float, dtype):
     """Cross-entropy of one head over the tied unembedding with its gradients computed on the spot, chunk by chunk.
 
     hidden [N, D] (the head's normalised output), weight [V, D], targets [N], mask [N]; the loss's gradient is
-    d(scale * sum mask * NLL): (softmax - onehot) * mask * scale per position. The unembedding's share is added in
-    place into grad_weight [V, D] (addmm_, no [V, D] temporary), so no embedding-sized buffer is ever allocated
-    per head or per chunk. Returns (summed NLL, correct count, argmax predictions [N], gradient for hidden [N, D]).
+    d(scale * sum mask * NLL): (softmax - onehot) * mask * scale per position, computed in `dtype`. The
+    unembedding's share is added in place into grad_weight [V, D] (addmm_, no [V, D] temporary), so no
+    embedding-sized buffer is ever allocated per head or per chunk; grad_weight None: a frozen unembedding, no
+    share computed. Returns (summed NLL, correct count, argmax predictions [N], gradient for hidden [N, D]).
     """
     nll, correct = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
     grad_hidden, predictions = torch.empty_like(hidden), torch.empty_like(targets)
-    w = weight.to(grad_weight.dtype)
+    w = weight.to(dtype)
     chunk_size = chunk_positions(chunk_mib, weight.shape[0])
     for start in range(0, hidden.shape[0], chunk_size):
         span = slice(start, start + chunk_size)
-        h = hidden[span].to(grad_weight.dtype)
+        h = hidden[span].to(dtype)
         chunk_nll, chunk_correct, predictions[span], grad_hidden[span] = _head_chunk(
             h, w, targets[span], mask[span], scale, grad_weight)
         nll, correct = nll + chunk_nll, correct + chunk_correct
@@ -58,9 +61,10 @@ def _head_chunk(h, w, targets, mask, scale, grad_weight):
     total = probs.sum(-1, keepdim=True)
     nll = ((top + total.log() - picked)[:, 0] * mask).sum()  # -log softmax(z)_t = max + log sum exp(z - max) - z_t
     grad = probs.div_(total).scatter_add_(-1, targets[:, None], torch.full_like(picked, -1.0))
-    grad = grad.mul_((mask * scale)[:, None]).to(grad_weight.dtype)
+    grad = grad.mul_((mask * scale)[:, None]).to(h.dtype)
     del logits, probs  # under autocast the fp32 buffer goes before the matmuls (a no-op in fp32: it is grad)
-    grad_weight.addmm_(grad.t(), h)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad.t(), h)
     predictions = predictions[:, 0]
     return nll, ((predictions == targets).float() * mask).sum(), predictions, grad @ w
 
@@ -81,7 +85,8 @@ class _PerHeadBackward(torch.autograd.Function):
         embed = objective.unembedding  # the output projection: tied, or an untied lm_head
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else embed.dtype
-        grad_embed = torch.zeros(embed.shape, dtype=dtype, device=embed.device)
+        # a frozen unembedding (head_targets "self", a frozen pretrained model) takes no gradient: none computed
+        grad_embed = torch.zeros(embed.shape, dtype=dtype, device=embed.device) if embed.requires_grad else None
         with torch.enable_grad():
             h = hidden.detach().requires_grad_()
             b = None if branch is None else branch.detach().requires_grad_()
@@ -95,7 +100,7 @@ class _PerHeadBackward(torch.autograd.Function):
                 scale = objective.loss_weights[k] / count.clamp(min=1)
                 nll, correct, predictions, grad = head_cross_entropy_with_grads(
                     out.detach().flatten(0, 1), embed, targets[k].flatten(), masks[k].flatten().float(), scale,
-                    grad_embed, objective.hparams.ce_chunk_size)
+                    grad_embed, objective.hparams.ce_chunk_size, dtype)
                 stats[k] = (nll, count, correct, predictions.view(targets[k].shape))
                 output_grads.append(grad.view(out.shape).to(out.dtype))
                 total = total + scale * nll
@@ -173,6 +178,17 @@ class MultiTokenPrediction(CausalObjective):
         head_reduction: "mean" (weights normalised to sum to 1) or "sum" (weights as given: the paper's sum).
         match_params: move (n-1) * head_layers trunk blocks into the heads (equal parameters to NTP).
         per_head_backward: the paper's memory-saving order; false computes every head then one backward.
+        head_targets: what heads 2..n learn to predict. "data": the data's tokens. "self": the model's own greedy
+            continuation, Medusa-2's self-distillation (Cai et al. 2024, "Medusa", section 2.3.2; Samragh et al.
+            2025 train on the model's rollout too). A self-speculative decoder accepts head k's draft only where it
+            equals the model's greedy token k steps ahead, which the data's next tokens often are not. In training
+            each row becomes its first `self_prefix` data tokens followed by the model's greedy continuation to the
+            row's length, and a target counts only where its whole path is generated (position t >= self_prefix
+            - 1). The trunk, the embedding and an untied lm_head are frozen (and the trunk kept in eval mode):
+            only heads 2..n and their `head_norm` train. Start from a trained MTP or NTP checkpoint (`init_from`).
+            Validation keeps the data's tokens, so its figures compare with other runs. Topology "parallel" or
+            "causal" only.
+        self_prefix: with head_targets "self", the data tokens each row keeps as the prompt of its continuation.
         **kwargs: the base objective's arguments.
     """
 
@@ -182,7 +198,8 @@ class MultiTokenPrediction(CausalObjective):
 
     def __init__(self, *args, n_future: int = 4, head_layers: int = 1, head_type: str = "block",
                  topology: str = "parallel", loss_weights: list[float] | None = None, head_reduction: str = "mean",
-                 match_params: bool = False, per_head_backward: bool = True, **kwargs):
+                 match_params: bool = False, per_head_backward: bool = True, head_targets: str = "data",
+                 self_prefix: int = 32, **kwargs):
         super().__init__(*args, **kwargs)
         if n_future < 1 or head_layers < 1:
             raise ValueError(f"n_future ({n_future}) and head_layers ({head_layers}) must be at least 1")
@@ -192,6 +209,13 @@ class MultiTokenPrediction(CausalObjective):
             raise ValueError(f"head_type {head_type!r} is unknown: use 'block' (a trunk layer) or 'mlp' (Medusa's)")
         if head_reduction not in ("mean", "sum"):
             raise ValueError(f"head_reduction {head_reduction!r} is unknown: use 'mean' or 'sum' (the paper's)")
+        if head_targets not in ("data", "self"):
+            raise ValueError(f"head_targets {head_targets!r} is unknown: use 'data' (the data's tokens) or 'self' "
+                             f"(the model's own greedy continuation, Medusa-2's self-distillation)")
+        if self_prefix < 1:
+            raise ValueError(f"self_prefix ({self_prefix}) must be at least 1: the continuation needs a prompt")
+        if head_targets == "self":
+            self.check_self_targets(n_future, topology)
         if topology == "siblings":
             self.check_siblings(head_type, head_layers, (n_future - 1) * head_layers if match_params else 0)
         weights = torch.ones(n_future) if loss_weights is None else torch.tensor(loss_weights, dtype=torch.float32)
@@ -211,6 +235,30 @@ class MultiTokenPrediction(CausalObjective):
         self.heads = nn.ModuleList(nn.ModuleList(make() for _ in range(head_layers)) for _ in range(n_future - 1))
         if topology != "siblings":  # sibling heads share the trunk's final norm
             self.head_norm = RMSNorm(self.trunk.d_model)
+        self.head_targets, self.self_prefix = head_targets, self_prefix
+        if head_targets == "self":  # the model whose continuation the heads learn stays as it is
+            for frozen in (self.trunk, self.embed, getattr(self, "lm_head", None)):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
+            self.trunk.eval()
+
+    def check_self_targets(self, n_future: int, topology: str) -> None:
+        """What head_targets "self" needs, refused at construction with the way out."""
+        if n_future == 1:
+            raise ValueError("head_targets 'self' trains heads 2..n on the model's own continuation, and n_future 1 "
+                             "has none: raise n_future, or use head_targets 'data'")
+        if topology == "siblings":
+            raise ValueError("head_targets 'self' freezes the trunk, but sibling heads share its final norm and its "
+                             "last layer is head 1: use topology 'parallel' or 'causal'")
+        if len(self.summaries):
+            raise ValueError("future summaries shape the trunk, which head_targets 'self' freezes: drop "
+                             "model.init_args.summaries, or use head_targets 'data'")
+
+    def train(self, mode: bool = True) -> "MultiTokenPrediction":
+        super().train(mode)
+        if self.head_targets == "self":  # a frozen trunk keeps any dropout off: its continuation is its greedy one
+            self.trunk.eval()
+        return self
 
     def check_siblings(self, head_type: str, head_layers: int, moved: int) -> None:
         """What sibling heads need, refused at construction with the way out."""
@@ -274,11 +322,41 @@ class MultiTokenPrediction(CausalObjective):
         stats[k] = (nll.detach(), count, correct, predictions)
         return self.loss_weights[k] * nll / count.clamp(min=1)
 
+    @torch.no_grad()
+    def own_continuation(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """What head_targets "self" trains on, from the data's tokens [B, L]: each row's first self_prefix tokens
+        followed by the model's greedy continuation to length L, and per head k (1-based) a target mask [B, L]
+        counting target j only where its whole greedy path is generated, i.e. its position j - k >= self_prefix - 1
+        (for `shifted`, which reads head k's targets j = t + k). The data's loss_mask does not apply: every
+        generated token is the model's."""
+        B, L = tokens.shape
+        if L < self.self_prefix + 2:
+            raise ValueError(f"head_targets 'self' keeps each row's first self_prefix={self.self_prefix} tokens as "
+                             f"its prompt, and rows of {L} tokens (the data's seq_len + 1) leave head 2 no generated "
+                             f"target: lower self_prefix below {L - 1} or raise the data's seq_len")
+        if L > self.trunk.max_seq_len:
+            raise ValueError(f"head_targets 'self' generates each row to its full {L} tokens (the data's seq_len + "
+                             f"1), more than the trunk's max_seq_len {self.trunk.max_seq_len}: raise max_seq_len")
+        own = left_to_right(self, tokens[:, : self.self_prefix], L - self.self_prefix)
+        position = torch.arange(L, device=tokens.device)
+        masks = [(position >= self.self_prefix - 1 + k).float().expand(B, L) for k in range(1, self.n_future + 1)]
+        return own, masks
+
     def loss(self, batch: dict[str, torch.Tensor]) -> dict:
         tokens, inputs, mask = batch["tokens"], batch.get("inputs", batch["tokens"]), batch["loss_mask"]
         T = tokens.shape[1] - 1
-        hidden, branch = self.trunk_states(inputs[:, :-1])
-        targets, masks = zip(*(shifted(tokens, mask, k, T) for k in range(1, self.n_future + 1)))
+        on_own_continuation = self.head_targets == "self" and self.training and torch.is_grad_enabled()
+        if on_own_continuation:  # validation keeps the data's tokens: its figures compare with other runs
+            if inputs is not tokens and not torch.equal(inputs, tokens):
+                raise ValueError("head_targets 'self' replaces each row by the model's own continuation, which "
+                                 "leaves no room for separate inputs (teacherless data): use head_targets 'data'")
+            tokens, head_masks = self.own_continuation(tokens)
+            with torch.no_grad():  # the frozen trunk: no activations to keep
+                hidden, branch = self.trunk_states(tokens[:, :-1])
+        else:
+            head_masks = [mask] * self.n_future
+            hidden, branch = self.trunk_states(inputs[:, :-1])
+        targets, masks = zip(*(shifted(tokens, m, k, T) for k, m in enumerate(head_masks, start=1)))
         stats: dict = {}
         if self.per_head_backward and torch.is_grad_enabled():
             params = [self.unembedding, *self.shared_norm.parameters(), *self.heads.parameters()]
