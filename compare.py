@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the existing runs")
     p.add_argument("--steps", type=int, help="a smaller (or larger) budget than the experiment's, in steps")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a train.py flag for every run on top of the experiment's base (repeatable), e.g. "
+                   help="a train.py flag for every run, over the experiment file's (the runs' own included; repeatable), e.g. "
                         "--set data.init_args.batch_size=8; the report names it")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("--test", action="store_true", help="also score every finished run on the test split (once)")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             p.error(f"--set takes KEY=VALUE (a train.py flag without its dashes), got {item!r}")
-        experiment.args[key] = yaml.safe_load(value)
+        experiment.set_args[key] = yaml.safe_load(value)
         experiment.overrides.append(f"--set {item}")
     runs_dir = Path(args.runs_dir).resolve()
     if args.dry_run:

@@ -42,7 +42,8 @@ class Run:
 @dataclass
 class Experiment:
     """The shared base (configs, flags, budget, seeds, checkpoints, probe settings) and the runs by name.
-    `overrides` lists the command-line changes (a reduced budget) the report names."""
+    `overrides` lists the command-line changes (a reduced budget) the report names; `set_args` are the command
+    line's train.py flags (`compare.py --set`), which every run gets after its own."""
     name: str
     description: str
     configs: list[str]
@@ -54,6 +55,7 @@ class Experiment:
     future_lens: dict | None
     runs: dict[str, Run] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    set_args: dict = field(default_factory=dict)
 
 
 class ExperimentError(ValueError):

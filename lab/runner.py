@@ -65,7 +65,7 @@ def train_command(runs_dir: Path, experiment: Experiment, name: str, seed: int, 
         cmd += ["--data", run.data]
     for summary in run.summaries:
         cmd += [f"--model.init_args.summaries+={summary}"]
-    for key, value in run.args.items():
+    for key, value in {**run.args, **experiment.set_args}.items():  # the command line's flags win
         cmd += [f"--{key}", flag_value(value)]
     cmd += ["--trainer.callbacks", json.dumps(callbacks(experiment, configs)),
             "--trainer.max_steps", str(experiment.steps), "--seed_everything", str(seed),

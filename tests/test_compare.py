@@ -223,6 +223,18 @@ def test_malformed_experiment_file_names_the_bad_entry_and_the_known_keys(tmp_pa
         compare.load_experiment(str(path))
 
 
+def test_set_on_the_command_line_wins_over_a_runs_own_flags(tmp_path, capsys):
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump({"base": {"steps": 2, "args": {"model.init_args.optimizer.init_args.lr": 0.01}},
+                                    "runs": {"ntp": {"model": "configs/objectives/ntp.yaml",
+                                                     "args": {"model.init_args.optimizer.init_args.lr": 0.003}}}}))
+    compare.main([str(path), "--dry-run", "--runs-dir", str(tmp_path), "--set",
+                  "model.init_args.optimizer.init_args.lr=0.001"])
+    command = capsys.readouterr().out.split()
+    flag = "--model.init_args.optimizer.init_args.lr"
+    assert command[len(command) - 1 - command[::-1].index(flag) + 1] == "0.001"  # the last one given wins
+
+
 def test_future_lens_recovers_a_planted_future_token():
     """A toy trunk whose hidden state at t is the embedding of x[t+2]: the k=2 probe reads it off, the others
     see noise."""
