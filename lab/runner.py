@@ -120,7 +120,7 @@ class RunRecord(L.Callback):
                 "hparams": {k: v for k, v in pl_module.hparams.items() if isinstance(v, (int, float, str, bool))},
                 "steps": trainer.global_step, "max_steps": trainer.max_steps, "tokens_seen": self.tokens,
                 "wall_clock_s": self.elapsed(), "peak_memory_mib": peak_memory_mib(pl_module.device),
-                "finished": finished}
+                "finished": finished, **data_floors(trainer)}
         (folder / "run.json").write_text(json.dumps(info, indent=1))
 
     def figures(self, pl_module) -> dict[str, float]:
@@ -149,6 +149,20 @@ class RunRecord(L.Callback):
         if trainer.logger is not None:  # the totals, validation or not
             trainer.logger.log_metrics(self.figures(pl_module), step=trainer.global_step)
         self.write(trainer, pl_module, finished=True)
+
+
+def data_floors(trainer) -> dict[str, float]:
+    """The trivial baselines the report sets the run's figures beside, where its datamodule knows them: the
+    unigram entropy of the val split (nats/token; a context-free model's loss) and the accuracy of chance."""
+    floors = {}
+    for name in ("unigram_entropy", "chance_accuracy"):
+        try:
+            value = getattr(trainer.datamodule, name, None)
+        except (AttributeError, KeyError, TypeError):  # a datamodule not set up yet has no statistics
+            value = None
+        if isinstance(value, (int, float)):
+            floors[name] = float(value)
+    return floors
 
 
 def peak_memory_mib(device: torch.device) -> float:
