@@ -1,7 +1,8 @@
 """Train an experiment's runs on the same data, trunk size, budget and seeds, and write the side-by-side report.
 
     python compare.py configs/experiments/zoo_code.yaml [--runs ntp,mdlm] [--seeds 0,1] [--dry-run] [--report-only]
-        [--test]
+        [--test] [--report-dir docs/zoo]
+    python compare.py configs/experiments/zoo_*.yaml --report-only --report-dir docs/zoo   # every report, rebuilt
 
 An experiment file names a shared base and the runs:
 
@@ -15,6 +16,7 @@ An experiment file names a shared base and the runs:
       seeds: [0]
       checkpoint_every: 100           # steps between checkpoints (an interrupted run resumes from the last one)
       future_lens: {train_windows: 64, val_windows: 16, epochs: 6}   # or false
+      minutes: 30                     # optional: the stated budget, the time estimate until a run here has finished
     runs:
       ntp: {model: configs/objectives/ntp.yaml}
       mtp2: {model: configs/objectives/mtp.yaml, args: {model.init_args.n_future: 2}, label: "MTP n=2"}
@@ -24,10 +26,14 @@ An experiment file names a shared base and the runs:
 Each run trains in its own process through train.py (the same Lightning CLI path as a user's run), with the
 experiment's callback `RunRecord` added: it logs tokens seen, peak memory and training wall-clock beside the
 family's own metrics and marks the run finished. A finished run is skipped; an interrupted one resumes from its
-`last.ckpt`. After training, every causal run gets the future-lens probes (lab/future_lens.py). The report
-is read back from the TensorBoard event files into runs/<name>/report/: report.md, report.json, PNG plots, and a
-custom-scalars layout (TensorBoard's "Custom Scalars" tab) that puts every run's comparable figures on shared
-charts: `tensorboard --logdir runs/<name>`.
+`last.ckpt`. Before training it says how long the runs still to train should take (from the seconds per step of
+the runs that finished here, else from `minutes`). After training, every causal run gets the future-lens probes
+(lab/future_lens.py). The report is read back from the TensorBoard event files into runs/<name>/report/, or with
+`--report-dir DIR` into DIR/<name>/ (the reports kept in the repository: docs/zoo/): report.md, report.json and
+PNG plots, each figure beside its floor, the same bytes from the same event files apart from the line that dates
+the report. runs/<name>/report/ also gets a custom-scalars layout (TensorBoard's "Custom Scalars" tab) that puts
+every run's comparable figures on shared charts: `tensorboard --logdir runs/<name>`. With --report-only (or
+--dry-run) several experiment files may be given; one without runs is skipped with a line.
 """
 from __future__ import annotations
 
@@ -39,19 +45,22 @@ import yaml
 
 from lab.experiment import ROOT, RUN_KEYS, ExperimentError, load_experiment  # noqa: F401 (used by tests)
 from lab.report import write_report
-from lab.runner import (TOKENS_SEEN, WALL_CLOCK, RunRecord, lens_all, run_dir, state, test_all,  # noqa: F401
-                        train_all, train_command)
+from lab.runner import (TOKENS_SEEN, WALL_CLOCK, RunRecord, estimate, lens_all, run_dir, state,  # noqa: F401
+                        test_all, train_all, train_command)
 
 
 # --- the command line -------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", help="an experiment file, e.g. configs/experiments/zoo_code.yaml")
+    p.add_argument("experiments", nargs="+", metavar="experiment",
+                   help="an experiment file, e.g. configs/experiments/zoo_code.yaml (several with --report-only)")
     p.add_argument("--runs", help="comma-separated subset of the experiment's runs")
     p.add_argument("--seeds", help="comma-separated seeds instead of the experiment's")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where runs/<experiment>/ lives")
     p.add_argument("--dry-run", action="store_true", help="print what would run, train nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the existing runs")
+    p.add_argument("--report-dir", metavar="DIR",
+                   help="write the report of experiment NAME to DIR/NAME/ (e.g. docs/zoo) instead of runs/NAME/report/")
     p.add_argument("--steps", type=int, help="a smaller (or larger) budget than the experiment's, in steps")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a train.py flag for every run, over the experiment file's (the runs' own included; repeatable), e.g. "
@@ -59,18 +68,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("--test", action="store_true", help="also score every finished run on the test split (once)")
     args = p.parse_args(argv)
-    try:
-        experiment = load_experiment(args.experiment)
-    except ExperimentError as error:
-        p.error(str(error))
+    if len(args.experiments) > 1 and not (args.report_only or args.dry_run):
+        p.error("several experiment files are read with --report-only (or --dry-run): train one experiment at a time")
+    experiments = []
+    for path in args.experiments:
+        try:
+            experiments.append((path, load_experiment(path)))
+        except ExperimentError as error:
+            p.error(str(error))
+    outcomes = [one_experiment(p, args, path, experiment) for path, experiment in experiments]
+    if args.dry_run:
+        return 0
+    failed = any(code == "failed" for code in outcomes)
+    return 1 if failed or all(code == "no runs" for code in outcomes) else 0
+
+
+def one_experiment(p: argparse.ArgumentParser, args, path: str, experiment) -> str:
+    """Train (unless --report-only), probe and report one experiment, or print its plan (--dry-run): "reported",
+    "failed", "no runs" or "dry run"."""
     names = list(experiment.runs)
     if args.runs:
         names = [n.strip() for n in args.runs.split(",") if n.strip()]
         unknown = [n for n in names if n not in experiment.runs]
         if unknown:
-            p.error(f"--runs names {', '.join(unknown)}, not runs of {args.experiment}: it has {', '.join(experiment.runs)}")
+            p.error(f"--runs names {', '.join(unknown)}, not runs of {path}: it has {', '.join(experiment.runs)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else experiment.seeds
     if args.steps:
+        if experiment.minutes:  # the stated budget was for the file's steps
+            experiment.minutes *= args.steps / experiment.steps
         experiment.steps = args.steps
         experiment.overrides.append(f"--steps {args.steps}")
     for item in args.set or []:
@@ -80,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment.set_args[key] = yaml.safe_load(value)
         experiment.overrides.append(f"--set {item}")
     runs_dir = Path(args.runs_dir).resolve()
+    report_dir = Path(args.report_dir).resolve() / experiment.name if args.report_dir else None
     if args.dry_run:
         for name in names:
             for seed in seeds:
@@ -87,20 +113,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {name} seed{seed}: {status}" + (f" from {last}" if last else ""))
                 if status != "finished":
                     print(" ".join(quote(a) for a in train_command(runs_dir, experiment, name, seed, last)))
-        print(f"# then the future lens on each causal run and the report in {runs_dir / experiment.name / 'report'}")
-        return 0
+        print(f"# estimate: {estimate(runs_dir, experiment, [(n, s) for n in names for s in seeds])}")
+        print(f"# then the future lens on each causal run and the report in "
+              f"{report_dir or runs_dir / experiment.name / 'report'}")
+        return "dry run"
     failed = []
     if not args.report_only:
         failed = train_all(runs_dir, experiment, names, seeds, args.poll)
         lens_all(runs_dir, experiment, names, seeds)
     if args.test:
         test_all(runs_dir, experiment, names, seeds)
-    folder = write_report(runs_dir, experiment, names, seeds)
+    folder = write_report(runs_dir, experiment, names, seeds, report_dir)
+    if folder is None:
+        print(f"[{experiment.name}] no runs under {runs_dir / experiment.name}: no report (python compare.py {path} "
+              f"trains them)")
+        return "no runs"
     print((folder / "report.md").read_text())
     print(f"report: {folder / 'report.md'}; TensorBoard: tensorboard --logdir {runs_dir / experiment.name}")
     if failed:
         print(f"failed: {', '.join(failed)}")
-    return 1 if failed else 0
+    return "failed" if failed else "reported"
 
 
 def quote(arg: str) -> str:

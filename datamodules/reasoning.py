@@ -556,6 +556,16 @@ class ReasoningDataModule(L.LightningDataModule):
 
     # -- public API -----------------------------------------------------------------------------------------
 
+    @property
+    def chance_accuracy(self) -> float | None:
+        """val/accuracy of a guess among the answers a question allows: path-star 1/degree (an arm picked at random
+        and followed to its end, the plateau Bachmann & Nagarajan report for next-token prediction), ProsQA 0.5 (one
+        of the two concepts the question names); None where no such figure is simple (Countdown, multiplication,
+        files)."""
+        if self.task_name == "path_star":
+            return 1 / self.generator.d
+        return 0.5 if self.task_name in ("prosqa", "prosqa_alg1") else None
+
     def check_answer(self, prompt_ids, generated_ids) -> bool | None:
         """The task's own verdict on a generated solution where it has one (Countdown evaluates the steps, so any
         valid solution counts); None: answer scoring uses exact match."""

@@ -220,6 +220,12 @@ class SyntheticDataModule(L.LightningDataModule):
         return 1.0
 
     @property
+    def chance_accuracy(self) -> float | None:
+        """val/accuracy of a guess: induction heads' value is one of the vocab - 1 data tokens (selective copying's
+        16-token answers: none worth stating)."""
+        return 1 / (self.vocab - 1) if self.task == "induction_heads" else None
+
+    @property
     def answer_len(self) -> int:
         return 1 if self.task == "induction_heads" else self.hparams.num_tokens
 

@@ -17,7 +17,9 @@ EXPERIMENT_KEYS = {"name": "the experiment's folder under runs/ (default: the fi
 BASE_KEYS = {"configs": "train.py config files every run starts from", "args": "train.py flags every run gets",
              "steps": "optimizer steps per run", "tokens": "stop a run once it has seen this many training tokens",
              "seeds": "seeds every run is trained with", "checkpoint_every": "steps between checkpoints",
-             "future_lens": "probe settings for causal runs (train_windows, val_windows, epochs, max_k) or false"}
+             "future_lens": "probe settings for causal runs (train_windows, val_windows, epochs, max_k) or false",
+             "minutes": "the stated budget: minutes the whole experiment should take alone (compare.py's estimate "
+                        "until a run here has finished)"}
 RUN_KEYS = {"model": "an objective config (configs/objectives/*.yaml)", "trunk": "a trunk config (configs/models/)",
             "data": "a data config (configs/data/)", "configs": "more train.py config files",
             "summaries": "future-summary configs to attach (configs/summaries/*.yaml)",
@@ -53,6 +55,7 @@ class Experiment:
     seeds: list[int]
     checkpoint_every: int
     future_lens: dict | None
+    minutes: float | None = None
     runs: dict[str, Run] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     set_args: dict = field(default_factory=dict)
@@ -93,6 +96,9 @@ def load_experiment(path: str) -> Experiment:
         raise ExperimentError(f"{where}: base.args must map train.py flags (dotted keys) to values")
     if "steps" not in base:
         raise ExperimentError(f"{where}: base needs `steps` (the optimizer steps every run trains for)")
+    minutes = base.get("minutes")
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0):
+        raise ExperimentError(f"{where}: base.minutes must be a positive number of minutes, got {minutes!r}")
     lens = base.get("future_lens", {})
     if lens:
         check_keys(f"{where}: base.future_lens", lens, LENS_KEYS)
@@ -103,7 +109,8 @@ def load_experiment(path: str) -> Experiment:
         seeds=[int(s) for s in as_list(base.get("seeds", [0]))],
         checkpoint_every=int(base.get("checkpoint_every", max(1, int(base["steps"]) // 4))),
         future_lens=({"train_windows": 64, "val_windows": 16, "epochs": 6, "max_k": 8, **lens}
-                     if lens is not False else None))
+                     if lens is not False else None),
+        minutes=None if minutes is None else float(minutes))
     for name, run in runs.items():
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise ExperimentError(f"{where}: run name {name!r} must be letters, digits, - and _ (it names a folder)")

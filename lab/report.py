@@ -1,8 +1,15 @@
 """The side-by-side report of an experiment, read back from its runs' TensorBoard event files into
-runs/<name>/report/: report.md, report.json, PNG plots against training tokens, and a custom-scalars layout
-(TensorBoard's "Custom Scalars" tab) that puts every run's comparable figures on shared charts."""
+runs/<name>/report/ (or another folder): report.md, report.json, PNG plots against training tokens, each figure
+beside its floor (a context-free model's bits per byte, chance accuracy, the future lens's most-frequent-token
+accuracy), and in runs/<name>/report/ a custom-scalars layout (TensorBoard's "Custom Scalars" tab) that puts every
+run's comparable figures on shared charts.
+
+The report is a document kept in the repository (docs/zoo/): built twice from the same event files it comes out
+byte for byte the same apart from the line that dates it (no absolute paths, keys sorted, no version or date in
+the PNGs)."""
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
@@ -10,7 +17,7 @@ import statistics
 from pathlib import Path
 
 import objectives
-from lab.experiment import Experiment, Run
+from lab.experiment import ROOT, Experiment, Run
 from lab.runner import FUTURE_LENS, PEAK_MEMORY, REPORT_LENS_KS, TOKENS_SEEN, WALL_CLOCK, clock, read_json, run_dir
 from objectives.training import metrics as M
 
@@ -19,6 +26,13 @@ REASONING_HEADLINE = (M.VAL_ANSWER_TOKENS, "answer tokens")
 # val/accuracy broken down by a group of questions (metrics.ACCURACY_GROUPS), and its column in the second table
 GROUP_TAG = re.compile(r"val/accuracy_(\d+)_(%s)" % "|".join(M.ACCURACY_GROUPS.values()))
 GROUP_COLUMN = {"steps": "accuracy, {}-step questions", "pairs": "accuracy, {} pairs", "tokens": "accuracy @{} tokens"}
+HEAD_ACC = re.compile(r"val/head(\d+)_acc")  # multi-token prediction: head k's accuracy on token t+k
+HEAD_ACC_KEY = re.compile(r"head (\d+) accuracy")  # its figure in the report
+# the plots: tag, y axis, file, and the floor drawn beside it (the rows' key, the line's label)
+CHARTS = ((M.VAL_BPB, "val/bpb (bits per UTF-8 byte)", "val_bpb.png", ("unigram_bpb", "unigram (context-free) model")),
+          (M.VAL_ACCURACY, "val/accuracy (exact match, share of questions)", "val_accuracy.png",
+           ("chance_accuracy", "chance")))
+BUILT = "Built {} from the runs' TensorBoard event files."  # the report's one line that changes from build to build
 
 
 # --- reading the runs back -------------------------------------------------------------------------------------------------
@@ -59,8 +73,12 @@ def seed_figures(folder: Path, run: Run) -> dict:
                "tokens seen": last(TOKENS_SEEN), "tokens/s": statistics.median(throughput) if throughput else None,
                "peak memory MiB": last(PEAK_MEMORY), "wall-clock s": last(WALL_CLOCK),
                "steps": max((s for values in scalars.values() for s, _ in values), default=0)}
+    lens = (read_json(folder / "future_lens.json") or {}).get("results", {})
     for k in REPORT_LENS_KS:
         figures[f"future lens k={k}"] = last(FUTURE_LENS.format(k))
+        figures[f"future lens k={k} floor"] = lens.get(str(k), {}).get("floor")  # the most frequent token's accuracy
+    for k, tag in sorted((int(m[1]), m[0]) for t in scalars if (m := HEAD_ACC.fullmatch(t))):
+        figures[f"head {k} accuracy"] = last(tag)
     # reasoning and recall data: accuracy per group (ProsQA-mini's step counts, MQAR's pairs, prompt lengths), its
     # learning curve, tokens written per answer, answers in shape
     for unit, k, tag in sorted((m[2], int(m[1]), m[0]) for t in scalars if (m := GROUP_TAG.fullmatch(t))):
@@ -119,8 +137,8 @@ def collect(runs_dir: Path, experiment: Experiment, names: list[str], seeds: lis
                     if run_dir(runs_dir, experiment, name, s).is_dir()}
         if not per_seed:
             continue
-        info = next(iter(per_seed.values()))["info"]
         first = next(iter(per_seed.values()))
+        info = first["info"]
         tag, label = headline(run, info, first["scalars"])
         keys = list(first["figures"])
         rows.append({
@@ -131,11 +149,20 @@ def collect(runs_dir: Path, experiment: Experiment, names: list[str], seeds: lis
             "likelihood": "bound" if any(p["figures"][M.VAL_NLL_BOUND] is not None for p in per_seed.values())
             else "likelihood",
             "headline_tag": tag, "headline_label": label,
+            # the data's floors: a context-free model's loss (and bits per byte), a guess's accuracy
+            "unigram_entropy": info.get("unigram_entropy"), "unigram_bpb": unigram_bpb(info),
+            "chance_accuracy": info.get("chance_accuracy"),
             "figures": {k: summarise([p["figures"].get(k) for p in per_seed.values()]) for k in keys},
             "curves": {str(s): {t: p["scalars"].get(t, []) for t in (M.VAL_BPB, M.VAL_ACCURACY, TOKENS_SEEN)}
                        for s, p in per_seed.items()},
         })
     return rows
+
+
+def unigram_bpb(info: dict) -> float | None:
+    """The unigram entropy (nats/token) in bits per byte, where the data has bytes."""
+    nats, per_token = info.get("unigram_entropy"), info.get("bytes_per_token")
+    return nats / math.log(2) / per_token if nats and per_token else None
 
 
 # --- the report ------------------------------------------------------------------------------------------------------------
@@ -147,30 +174,68 @@ def cell(summary: dict | None, digits: int = 3, prefix: str = "") -> str:
     return text + f" ± {fmt(summary['std'])}" if summary["n"] > 1 else text
 
 
-def markdown(experiment: Experiment, rows: list[dict]) -> str:
+def floors(rows: list[dict], key: str) -> list[tuple[dict, str]]:
+    """One row per distinct value of a floor (`key`: unigram_entropy, unigram_bpb, chance_accuracy), with the runs
+    that share it in brackets where not every run does."""
+    groups: dict[float, list[dict]] = {}
+    for row in rows:
+        if row.get(key) is not None:
+            groups.setdefault(row[key], []).append(row)
+    return [(same[0], "" if len(same) == len(rows) else f" ({', '.join(r['label'] for r in same)})")
+            for same in groups.values()]
+
+
+def lens_cell(figures: dict, k: int) -> str:
+    """The probe's accuracy beside the most frequent token's: "0.312 (floor 0.105)"."""
+    floor = figures.get(f"future lens k={k} floor")
+    return cell(figures[f"future lens k={k}"]) + (f" (floor {floor['mean']:.3f})" if floor else "")
+
+
+def family_figure(row: dict) -> str:
+    """The family's own figure, and beside it the per-head accuracy of multi-token heads (what the accepted
+    length is made of): "accepted length (teacher-forced) 1.62; head accuracy 0.41/0.18/0.09"."""
+    f, h = row["figures"], row["figures"].get("headline")
+    parts = [f"{row['headline_label']} {cell(h, 0 if h and float(h['mean']).is_integer() else 2)}"
+             if row["headline_tag"] else None]
+    heads = [f"{summary['mean']:.2f}" for key, summary in f.items() if HEAD_ACC_KEY.fullmatch(key) and summary]
+    parts.append(f"head accuracy {'/'.join(heads)}" if heads else None)
+    return "; ".join(p for p in parts if p) or "-"
+
+
+def portable(text: str) -> str:
+    """A path under the project made relative to it and any other absolute path cut to its file name, so that the
+    report reads the same on every machine."""
+    return re.sub(r"(?<![\w.~:/-])/(?:[^\s/'\",\]]+/)+([^\s/'\",\]]+)", r"\1", text.replace(f"{ROOT}/", ""))
+
+
+def markdown(experiment: Experiment, rows: list[dict], built: str) -> str:
     columns = ["run", "family", "trunk", "params", "tokens seen", "final val/bpb", "best val/bpb",
                M.VAL_NTP_LOSS, "val/nll_bound (bound)", M.VAL_ACCURACY, "tokens/s", "peak MiB", "wall-clock",
                "future lens k=2", "future lens k=4", "family's figure"]
-    reduced = (f"Run with {' '.join(experiment.overrides)} on top of the experiment file (a reduced budget)."
-               if experiment.overrides else "")
-    lines = [f"# {experiment.name}", "", experiment.description, "", *([reduced, ""] if reduced else []),
+    reduced = (f"Run with {portable(' '.join(experiment.overrides))} on top of the experiment file (a reduced "
+               f"budget)." if experiment.overrides else "")
+    lines = [f"# {experiment.name}", "", experiment.description, "", BUILT.format(built), "",
+             *([reduced, ""] if reduced else []),
              "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         f, bound = row["figures"], row["likelihood"] == "bound"
         trunk = f"{row['trunk']} d{row['d_model']}x{row['n_layers']}" if row["trunk"] else "-"
         wall = f["wall-clock s"]
-        h = f.get("headline")
-        figure = (f"{row['headline_label']} {cell(h, 0 if h and float(h['mean']).is_integer() else 2)}"
-                  if row["headline_tag"] else "-")
         values = [row["label"] + ("" if row["finished"] else " (unfinished)"), row["family"] or "-", trunk,
                   f"{row['parameters'] / 1e6:.2f}M" if row["parameters"] else "-",
                   cell(f["tokens seen"], 0), cell(f[M.VAL_BPB], 3, "≤ " if bound else ""),
                   cell(f["best val/bpb"], 3, "≤ " if bound else ""), cell(f[M.VAL_NTP_LOSS]),
                   cell(f[M.VAL_NLL_BOUND], 3, "≤ " if bound else ""), cell(f[M.VAL_ACCURACY]),
                   cell(f["tokens/s"], 0), cell(f["peak memory MiB"], 0),
-                  clock(wall["mean"]) if wall else "-", cell(f["future lens k=2"]), cell(f["future lens k=4"]),
-                  figure]
+                  clock(wall["mean"]) if wall else "-", *(lens_cell(f, k) for k in REPORT_LENS_KS),
+                  family_figure(row)]
         lines.append("| " + " | ".join(values) + " |")
+    unigram = [f"{r['unigram_entropy']:.3f} nats/token"
+               + (f" = {r['unigram_bpb']:.3f} bits/byte" if r["unigram_bpb"] else "") + which
+               for r, which in floors(rows, "unigram_entropy")]
+    if unigram:
+        lines += ["", f"Unigram entropy of the val split: {'; '.join(unigram)} (the loss of a context-free model: "
+                      "a run below it has learned something from the context)."]
     lines += reasoning_table(rows)
     seeds = sorted({s for row in rows for s in row["seeds"]})
     lines += ["", f"Seeds: {', '.join(map(str, seeds))} (a ± is the standard deviation over seeds). "
@@ -178,7 +243,8 @@ def markdown(experiment: Experiment, rows: list[dict]) -> str:
               "(diffusion families), and their `val/bpb` (marked ≤) is the same bound in bits per byte, not a "
               "likelihood. Future lens: held-out accuracy of a linear probe from the trunk's hidden state at t to "
               "the token at t+k (causal runs). Peak memory: allocated GPU memory, or the process's peak resident "
-              "set on CPU. Wall-clock: training time, validation included, data preparation not."]
+              "set on CPU. Wall-clock: training time, validation included, data preparation not. Future lens floor: "
+              "the accuracy of always guessing the most frequent target."]
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +275,9 @@ def reasoning_table(rows: list[dict]) -> list[str]:
                                            reached(f, "90%", row)] if curves else []),
                                         *([cell(f.get("test accuracy")), cell(f.get("test answer tokens"), 1)]
                                           if tested else [])]) + " |")
+    chance = [f"{r['chance_accuracy']:.3f}{which}" for r, which in floors(rows, "chance_accuracy")]
+    if chance:
+        lines += ["", f"Chance val/accuracy (a guess among the answers a question allows): {'; '.join(chance)}."]
     if curves:
         lines += ["", "AUC: the mean val/accuracy over the validated steps (trapezoid rule between validations). "
                   "Steps to 50% / 90%: where val/accuracy first reaches the level (linear between validations), "
@@ -236,9 +305,9 @@ def tokens_at(curves: dict, steps: list[int]) -> list[float]:
     return [float(np.interp(s, (0, *xs), (0, *ys))) if s <= xs[-1] else s * slope for s in steps]
 
 
-def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str) -> bool:
+def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str, floor: tuple[str, str]) -> bool:
     """`tag` against tokens seen, one line per run (the mean over seeds) and a band from the lowest to the highest
-    seed."""
+    seed, beside the data's floor (`floor`: the rows' key and the line's label) as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,13 +331,16 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str) -> boo
             ax.fill_between(grid, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
         drawn = True
     if drawn:
-        ax.set_xlabel("training tokens seen")
+        key, label = floor
+        for (row, which), style in zip(floors(rows, key), ("--", ":", "-.") * len(rows)):
+            ax.axhline(row[key], color="black", linestyle=style, linewidth=1, label=f"{label}: {row[key]:.3f}{which}")
+        ax.set_xlabel("training tokens seen (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, metadata={"Software": None})  # no matplotlib version: the same bytes every build
     plt.close(fig)
     return drawn
 
@@ -296,25 +368,28 @@ def write_layout(folder: Path, experiment: Experiment) -> None:
     writer.close()
 
 
-def write_report(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int]) -> Path:
-    folder = runs_dir / experiment.name / "report"
-    folder.mkdir(parents=True, exist_ok=True)
+def write_report(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int],
+                 folder: Path | None = None) -> Path | None:
+    """The report in `folder` (default runs/<name>/report/), the layout in runs/<name>/report/, where TensorBoard
+    reads it; None where the experiment has no runs."""
     rows = collect(runs_dir, experiment, names, seeds)
     if not rows:
-        raise SystemExit(f"no runs of {experiment.name} under {runs_dir / experiment.name}: train them first "
-                         f"(python compare.py EXPERIMENT without --report-only)")
+        return None
+    folder = folder or runs_dir / experiment.name / "report"
+    folder.mkdir(parents=True, exist_ok=True)
     plots = []
-    if plot(rows, M.VAL_BPB, "val/bpb (bits per byte)", folder / "val_bpb.png",
-            f"{experiment.name}: val/bpb against training tokens"):
-        plots.append("val_bpb.png")
-    if plot(rows, M.VAL_ACCURACY, "val/accuracy (exact match)", folder / "val_accuracy.png",
-            f"{experiment.name}: val/accuracy against training tokens"):
-        plots.append("val_accuracy.png")
-    text = markdown(experiment, rows) + "".join(f"\n![{p}]({p})\n" for p in plots)
+    for tag, ylabel, name, floor in CHARTS:
+        (folder / name).unlink(missing_ok=True)  # a chart without data this time leaves no old picture behind
+        if plot(rows, tag, ylabel, folder / name, f"{experiment.name}: {tag} against training tokens", floor):
+            plots.append(name)
+    built = datetime.date.today().isoformat()
+    text = markdown(experiment, rows, built) + "".join(f"\n![{p}]({p})\n" for p in plots)
     (folder / "report.md").write_text(text)
     (folder / "report.json").write_text(json.dumps(
         {"experiment": experiment.name, "description": experiment.description, "steps": experiment.steps,
-         "overrides": experiment.overrides,
-         "plots": plots, "rows": rows}, indent=1))
-    write_layout(folder, experiment)
+         "overrides": [portable(o) for o in experiment.overrides], "built": built,
+         "plots": plots, "rows": rows}, indent=1, sort_keys=True) + "\n")
+    layout_folder = runs_dir / experiment.name / "report"
+    layout_folder.mkdir(parents=True, exist_ok=True)
+    write_layout(layout_folder, experiment)
     return folder

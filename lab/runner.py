@@ -26,6 +26,7 @@ BASE_CONFIG = ROOT / "configs" / "base.yaml"
 TOKENS_SEEN, PEAK_MEMORY, WALL_CLOCK = "perf/tokens_seen", "perf/peak_memory_mib", "perf/wall_clock_s"
 FUTURE_LENS = "future_lens/k{}_acc"  # held-out accuracy of the probe h_t -> x_(t+k)
 REPORT_LENS_KS = (2, 4)
+START_UP_S = 15  # a run's process start, imports and data preparation, which its wall_clock_s leaves out
 
 
 # --- one run: the train.py command, and the callback that records it -----------------------------------------------------
@@ -120,7 +121,7 @@ class RunRecord(L.Callback):
                 "hparams": {k: v for k, v in pl_module.hparams.items() if isinstance(v, (int, float, str, bool))},
                 "steps": trainer.global_step, "max_steps": trainer.max_steps, "tokens_seen": self.tokens,
                 "wall_clock_s": self.elapsed(), "peak_memory_mib": peak_memory_mib(pl_module.device),
-                "finished": finished, **data_floors(trainer)}
+                "finished": finished, **data_floors(trainer.datamodule)}
         (folder / "run.json").write_text(json.dumps(info, indent=1))
 
     def figures(self, pl_module) -> dict[str, float]:
@@ -151,18 +152,20 @@ class RunRecord(L.Callback):
         self.write(trainer, pl_module, finished=True)
 
 
-def data_floors(trainer) -> dict[str, float]:
-    """The trivial baselines the report sets the run's figures beside, where its datamodule knows them: the
-    unigram entropy of the val split (nats/token; a context-free model's loss) and the accuracy of chance."""
-    floors = {}
-    for name in ("unigram_entropy", "chance_accuracy"):
+def data_floors(datamodule) -> dict[str, float]:
+    """What a trivial model scores on the run's data, where the datamodule knows it: `unigram_entropy` (nats/token
+    of a context-free model of the val split, with the split's `bytes_per_token` to turn it into bits per byte) and
+    `chance_accuracy` (val/accuracy of a guess)."""
+    def fact(name: str) -> float | None:
         try:
-            value = getattr(trainer.datamodule, name, None)
-        except (AttributeError, KeyError, TypeError):  # a datamodule not set up yet has no statistics
-            value = None
-        if isinstance(value, (int, float)):
-            floors[name] = float(value)
-    return floors
+            value = getattr(datamodule, name, None)
+        except KeyError:  # a corpus whose metadata lacks it (no val split)
+            return None
+        return float(value) if value else None  # bytes_per_token 0: no bytes (a word-level vocabulary)
+    floors = {"unigram_entropy": fact("unigram_entropy"), "chance_accuracy": fact("chance_accuracy")}
+    if floors["unigram_entropy"] is not None:
+        floors["bytes_per_token"] = fact("bytes_per_token")
+    return {k: v for k, v in floors.items() if v is not None}
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -195,6 +198,35 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def steps_done(last: Path | None) -> int:
+    """The step an interrupted run resumes from (0 for a new one)."""
+    return int(load_checkpoint(last)["global_step"]) if last else 0
+
+
+def estimate(runs_dir: Path, experiment: Experiment, jobs: list[tuple[str, int]]) -> str:
+    """How long the (run, seed)s still to train should take on this machine, said before training starts: the
+    seconds per step of the runs of this experiment that finished here (plus a start-up per run), else the
+    experiment file's stated `minutes` (its share for these steps), else no figure."""
+    todo = [last for status, last in (state(runs_dir, experiment, n, s) for n, s in jobs) if status != "finished"]
+    if not todo:
+        return "nothing to train"
+    steps_left = sum(experiment.steps - steps_done(last) for last in todo)
+    what = f"for the {len(todo)} run{'s' * (len(todo) > 1)} still to train"
+    finished = [info for path in sorted((runs_dir / experiment.name).glob("*/seed*/run.json"))
+                if (info := read_json(path)) and info.get("finished") and info.get("steps")
+                and info.get("wall_clock_s")]
+    if finished:
+        per_step = sum(i["wall_clock_s"] for i in finished) / sum(i["steps"] for i in finished)
+        return (f"about {clock(per_step * steps_left + START_UP_S * len(todo))} {what} ({per_step:.2f} s/step, "
+                f"measured on {len(finished)} finished run{'s' * (len(finished) > 1)} here, plus {START_UP_S} s "
+                f"start-up a run)")
+    if experiment.minutes:
+        budget_steps = experiment.steps * len(experiment.runs) * len(experiment.seeds)
+        return (f"about {clock(experiment.minutes * 60 * steps_left / budget_steps)} {what} (the experiment "
+                f"file's stated budget, minutes: {experiment.minutes:g} for all its runs)")
+    return "no estimate yet (the first run's progress line gives one)"
+
+
 def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int], poll: float = 5.0) -> list[str]:
     """Train every (run, seed) that is not finished, one process each; returns the ones that failed."""
     jobs = [(n, s) for n in names for s in seeds]
@@ -202,6 +234,7 @@ def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: l
     for n, s in jobs:
         if (n, s) not in todo:
             print(f"[{experiment.name}] {n} seed{s}: finished, skipped", flush=True)
+    print(f"[{experiment.name}] estimate: {estimate(runs_dir, experiment, jobs)}", flush=True)
     done_steps, busy, failed = 0, 0.0, []
     for i, (name, seed) in enumerate(todo):
         status, last = state(runs_dir, experiment, name, seed)
@@ -210,7 +243,7 @@ def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: l
         if status == "new":  # an attempt that died before its first checkpoint starts over, without its old events
             for stale in glob.glob(str(out / "events.out.tfevents.*")):
                 os.remove(stale)
-        start_step = int(load_checkpoint(last)["global_step"]) if last else 0
+        start_step = steps_done(last)
         print(f"[{experiment.name} {i + 1}/{len(todo)}] {name} seed{seed}: "
               f"{'resuming from ' + str(last) + f' (step {start_step})' if last else 'training'}", flush=True)
         (out / "progress.json").unlink(missing_ok=True)

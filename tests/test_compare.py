@@ -91,6 +91,8 @@ def test_interrupted_run_resumes_and_finished_run_is_not_repeated(trained):
     assert f"mdlm seed0: resuming from {trained['mdlm'] / 'checkpoints' / 'last.ckpt'} (step {trained['killed_at']})" \
         in trained["output"]
     assert "Restored all states from the checkpoint" in (trained["mdlm"] / "train.log").read_text()
+    # before training, the time MDLM's remaining steps should take, at the finished NTP run's pace
+    assert "[tiny] estimate: about " in trained["output"] and "measured on 1 finished run here" in trained["output"]
     info = json.loads((trained["mdlm"] / "run.json").read_text())
     assert info["finished"] and info["steps"] == STEPS
     # RunRecord's counters continue across the resume: every step's tokens are counted once
@@ -135,6 +137,10 @@ def test_report_numbers_equal_the_event_files(trained):
     assert rows["mdlm"]["figures"]["future lens k=2"] is None
     markdown = (trained["runs_dir"] / "tiny" / "report" / "report.md").read_text()
     assert f"{rows['ntp']['figures']['val/bpb']['mean']:.3f}" in markdown
+    # the data's floor, recorded by RunRecord from the datamodule and printed under the table
+    info = json.loads((trained["ntp"] / "run.json").read_text())
+    assert info["unigram_entropy"] > 0 and info["bytes_per_token"] > 1
+    assert f"Unigram entropy of the val split: {info['unigram_entropy']:.3f} nats/token = " in markdown
     assert f"≤ {rows['mdlm']['figures']['val/nll_bound']['mean']:.3f}" in markdown
     assert (trained["runs_dir"] / "tiny" / "report" / "val_bpb.png").stat().st_size > 1000
 
@@ -280,3 +286,143 @@ def test_reasoning_runs_report_accuracy_by_step_count_from_their_event_files(tmp
     assert line.startswith("| CoT | 0.750 | 1.000 | 0.625 | 11.5 | 0.960 | 0.575 | 129 | never (0/1) |")
     text_row = {"label": "NTP", "figures": {"val/accuracy": None}}
     assert reasoning_table([text_row]) == []
+
+
+# --- reports from fake runs (no training): the report folder, several experiments, reproducibility, floors, estimate --
+def fake_experiment(folder: Path, name: str, **base) -> Path:
+    spec = {"name": name, "description": "fake runs written by the test, nothing trained",
+            "base": {"steps": 60, "seeds": [0], **base},
+            "runs": {"ntp": {"model": "configs/objectives/ntp.yaml", "label": "NTP"},
+                     "mtp": {"model": "configs/objectives/mtp.yaml", "label": "MTP n=3"}}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def fake_run(out: Path, family: str, heads: int = 0) -> None:
+    """What a finished run leaves behind, written directly: run.json (with the data's floors), event files and
+    future_lens.json."""
+    from torch.utils.tensorboard import SummaryWriter
+    out.mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps(
+        {"family": family, "trunk": "Transformer", "d_model": 32, "n_layers": 1, "parameters": 50_000, "causal": True,
+         "hparams": {}, "steps": 60, "max_steps": 60, "tokens_seen": 15_600, "wall_clock_s": 120.0, "finished": True,
+         "unigram_entropy": 5.0, "bytes_per_token": 2.5, "chance_accuracy": 0.5}))
+    writer = SummaryWriter(str(out))
+    for step in (30, 60):
+        for tag, value in (("val/bpb", 3.0 - step / 60), (compare.TOKENS_SEEN, step * 260.0),
+                           ("val/accuracy", step / 100), ("val/answer_tokens", 5.0)):
+            writer.add_scalar(tag, value, step)
+        for k in range(1, heads + 1):
+            writer.add_scalar(f"val/head{k}_acc", 0.5 / k, step)
+        if heads:
+            writer.add_scalar("val/accept_len_teacher_forced", 1.62, step)
+    writer.add_scalar("future_lens/k2_acc", 0.312, 60)
+    writer.close()
+    (out / "future_lens.json").write_text(json.dumps({"results": {"2": {"accuracy": 0.312, "floor": 0.105}}}))
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    spec, runs_dir = fake_experiment(tmp_path, "fake"), tmp_path / "runs"
+    fake_run(runs_dir / "fake" / "ntp" / "seed0", "NextTokenPrediction")
+    fake_run(runs_dir / "fake" / "mtp" / "seed0", "MultiTokenPrediction", heads=3)
+    return spec, runs_dir
+
+
+def test_report_dir_takes_the_report_and_several_experiments_are_rebuilt(fake_runs, tmp_path):
+    spec, runs_dir = fake_runs
+    empty = fake_experiment(tmp_path, "never_trained")
+    docs = tmp_path / "docs" / "zoo"
+    code, output = run_compare(str(spec), str(empty), "--runs-dir", str(runs_dir), "--report-only",
+                               "--report-dir", str(docs))
+    assert code == 0, output
+    assert sorted(p.name for p in (docs / "fake").iterdir()) == ["report.json", "report.md", "val_accuracy.png",
+                                                                  "val_bpb.png"]
+    assert "[never_trained] no runs under" in output and not (docs / "never_trained").exists()
+    # the custom-scalars layout stays where TensorBoard reads it, beside the runs
+    assert list((runs_dir / "fake" / "report").glob("events.out.tfevents.*"))
+    assert not list((runs_dir / "fake" / "report").glob("report.*"))
+    # nothing to report at all is a failure; training several experiments at once is refused
+    assert run_compare(str(empty), "--runs-dir", str(runs_dir), "--report-only")[0] == 1
+    with pytest.raises(SystemExit):
+        compare.main([str(spec), str(empty), "--runs-dir", str(runs_dir)])
+
+
+def report_files(folder: Path) -> dict[str, bytes]:
+    """The report's files, the line that dates it dropped."""
+    return {p.name: b"\n".join(line for line in p.read_bytes().split(b"\n")
+                               if not line.startswith(b"Built ") and b'"built":' not in line)
+            for p in sorted(folder.iterdir())}
+
+
+def test_report_is_reproducible_byte_for_byte_from_the_same_event_files(fake_runs, tmp_path):
+    spec, runs_dir = fake_runs
+    builds = []
+    for where in ("first", "second"):  # the same event files in two places, each report built in its own folder
+        runs = tmp_path / where / "runs"
+        shutil.copytree(runs_dir / "fake", runs / "fake")
+        code, output = run_compare(str(spec), "--runs-dir", str(runs), "--report-only", "--report-dir",
+                                   str(tmp_path / where / "docs"), "--set",
+                                   f"data.init_args.tokenizer_path={tmp_path / where / 'tokenizer.json'}")
+        assert code == 0, output
+        builds.append(report_files(tmp_path / where / "docs" / "fake"))
+    assert builds[0] == builds[1]
+    text = builds[0]["report.md"].decode() + builds[0]["report.json"].decode()
+    assert str(tmp_path) not in text and "tokenizer_path=tokenizer.json" in text  # an absolute path cut to its name
+    assert b"Software" not in builds[0]["val_bpb.png"]  # no matplotlib version in the PNG
+    built = (tmp_path / "first" / "docs" / "fake" / "report.md").read_text().splitlines()
+    assert sum(line.startswith("Built ") for line in built) == 1
+
+
+def test_report_shows_each_figure_beside_its_floor(fake_runs, tmp_path):
+    spec, runs_dir = fake_runs
+    code, output = run_compare(str(spec), "--runs-dir", str(runs_dir), "--report-only")
+    assert code == 0, output
+    report = (runs_dir / "fake" / "report" / "report.md").read_text()
+    assert "Unigram entropy of the val split: 5.000 nats/token = 2.885 bits/byte" in report  # 5 / ln 2 / 2.5
+    assert "| 0.312 (floor 0.105) |" in report
+    assert "accepted length (teacher-forced) 1.62; head accuracy 0.50/0.25/0.17 |" in report
+    assert "Chance val/accuracy (a guess among the answers a question allows): 0.500." in report
+    rows = json.loads((runs_dir / "fake" / "report" / "report.json").read_text())["rows"]
+    assert {row["chance_accuracy"] for row in rows} == {0.5}
+
+
+def test_data_floors_come_from_the_datamodule():
+    from types import SimpleNamespace
+
+    from datamodules import ReasoningDataModule, SyntheticDataModule
+    from lab.runner import data_floors
+
+    class NoValSplit:
+        @property
+        def unigram_entropy(self):
+            raise KeyError("unigram_entropy")
+
+    assert data_floors(SimpleNamespace(unigram_entropy=5.0, bytes_per_token=2.5)) == {"unigram_entropy": 5.0,
+                                                                                       "bytes_per_token": 2.5}
+    assert data_floors(NoValSplit()) == {} and data_floors(None) == {}
+    sizes = {"train_size": 4, "val_size": 4, "test_size": 4}
+    assert data_floors(ReasoningDataModule("path_star", degree=3, **sizes)) == {"chance_accuracy": pytest.approx(1 / 3)}
+    assert ReasoningDataModule("prosqa", **sizes).chance_accuracy == 0.5
+    assert ReasoningDataModule("multiplication", digits=2, **sizes).chance_accuracy is None
+    assert SyntheticDataModule("induction_heads", vocab=16, seq_len=16).chance_accuracy == pytest.approx(1 / 15)
+
+
+def test_estimate_before_training_from_finished_runs_else_the_stated_minutes(fake_runs, tmp_path):
+    spec, runs_dir = fake_runs
+    shutil.rmtree(runs_dir / "fake" / "mtp")  # left to train: 60 steps at the finished run's 120 s / 60 steps, + 15 s
+    code, output = run_compare(str(spec), "--runs-dir", str(runs_dir), "--dry-run")
+    assert code == 0
+    assert ("# estimate: about 0:02:15 for the 1 run still to train (2.00 s/step, measured on 1 finished run here, "
+            "plus 15 s start-up a run)") in output
+    fresh = tmp_path / "fresh"
+    stated = fake_experiment(tmp_path, "stated", minutes=10)
+    output = run_compare(str(stated), "--runs-dir", str(fresh), "--dry-run")[1]
+    assert "# estimate: about 0:10:00 for the 2 runs still to train (the experiment file's stated budget" in output
+    output = run_compare(str(stated), "--runs-dir", str(fresh), "--dry-run", "--steps", "30")[1]
+    assert "# estimate: about 0:05:00 for the 2 runs" in output
+    output = run_compare(str(spec), "--runs-dir", str(fresh), "--dry-run")[1]
+    assert "# estimate: no estimate yet (the first run's progress line gives one)" in output
+    with pytest.raises(compare.ExperimentError, match="minutes"):
+        compare.load_experiment(str(fake_experiment(tmp_path, "bad", minutes="soon")))
