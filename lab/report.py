@@ -161,7 +161,8 @@ def collect(runs_dir: Path, experiment: Experiment, names: list[str], seeds: lis
 
 def unigram_bpb(info: dict) -> float | None:
     """The unigram entropy (nats/token) in bits per byte, where the data has bytes."""
-    nats, per_token = info.get("unigram_entropy"), info.get("bytes_per_token")
+    nats = info.get("unigram_entropy")
+    per_token = info.get("bytes_per_token") or (info.get("hparams") or {}).get("bytes_per_token")  # older runs: hparams
     return nats / math.log(2) / per_token if nats and per_token else None
 
 
@@ -312,9 +313,11 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str, floor:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    # 20 colours, the dark and light of each pair far apart, so that a zoo's dozen runs get a colour each
+    palette = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
     drawn = False
-    for row in rows:
+    for i, row in enumerate(rows):
         series = []
         for curves in row["curves"].values():
             points = curves.get(tag) or []
@@ -325,7 +328,8 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str, floor:
             continue
         grid = np.array(series[0][0])
         values = np.array([np.interp(grid, x, y) for x, y in series])
-        line, = ax.plot(grid, values.mean(0), marker="o", markersize=3,
+        line, = ax.plot(grid, values.mean(0), marker="o", markersize=3, color=palette[i % len(palette)],
+                        linestyle="-" if i < len(palette) else "--",
                         label=row["label"] + (" (bound)" if row["likelihood"] == "bound" and tag == M.VAL_BPB else ""))
         if len(series) > 1:
             ax.fill_between(grid, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
@@ -338,7 +342,7 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str, floor:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the chart: no line hidden
         fig.tight_layout()
         fig.savefig(path, dpi=120, metadata={"Software": None})  # no matplotlib version: the same bytes every build
     plt.close(fig)
@@ -383,12 +387,16 @@ def write_report(runs_dir: Path, experiment: Experiment, names: list[str], seeds
         if plot(rows, tag, ylabel, folder / name, f"{experiment.name}: {tag} against training tokens", floor):
             plots.append(name)
     built = datetime.date.today().isoformat()
-    text = markdown(experiment, rows, built) + "".join(f"\n![{p}]({p})\n" for p in plots)
+    reported = {row["run"] for row in rows}
+    missing = [experiment.runs[n].label for n in names if n not in reported]
+    text = (markdown(experiment, rows, built)
+            + (f"\nNot run yet (no run folder under runs/{experiment.name}/): {'; '.join(missing)}.\n" if missing else "")
+            + "".join(f"\n![{p}]({p})\n" for p in plots))
     (folder / "report.md").write_text(text)
     (folder / "report.json").write_text(json.dumps(
         {"experiment": experiment.name, "description": experiment.description, "steps": experiment.steps,
          "overrides": [portable(o) for o in experiment.overrides], "built": built,
-         "plots": plots, "rows": rows}, indent=1, sort_keys=True) + "\n")
+         "plots": plots, "rows": rows, "not_run": missing}, indent=1, sort_keys=True) + "\n")
     layout_folder = runs_dir / experiment.name / "report"
     layout_folder.mkdir(parents=True, exist_ok=True)
     write_layout(layout_folder, experiment)
