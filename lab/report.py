@@ -336,7 +336,9 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str, floor:
         drawn = True
     if drawn:
         key, label = floor
-        for (row, which), style in zip(floors(rows, key), ("--", ":", "-.") * len(rows)):
+        lines = floors(rows, key)
+        for (row, which), style in zip(lines, ("--", ":", "-.") * len(rows)):
+            which = which if len(lines) > 1 else ""  # one line: the caption under the table names its runs
             ax.axhline(row[key], color="black", linestyle=style, linewidth=1, label=f"{label}: {row[key]:.3f}{which}")
         ax.set_xlabel("training tokens seen (tokens)")
         ax.set_ylabel(ylabel)
@@ -344,7 +346,7 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str, floor:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the chart: no line hidden
         fig.tight_layout()
-        fig.savefig(path, dpi=120, metadata={"Software": None})  # no matplotlib version: the same bytes every build
+        fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": None})  # no matplotlib version: the same bytes every build
     plt.close(fig)
     return drawn
 
