@@ -27,7 +27,7 @@ def test_page_keeps_the_tables_command_and_load(tmp_path):
 
 
 @pytest.mark.parametrize("log, message", [(LOG.replace("exit 0", "exit 1"), "exited with 1"),
-                                          ("| a | b |\n", "no `serial: start`")])
+                                          ("| a | b |\n", "no `serial: start`")], ids=["failed", "unlogged"])
 def test_page_refuses_failed_or_unlogged_runs(tmp_path, log, message):
     path = tmp_path / "bench.log"
     path.write_text(log)
