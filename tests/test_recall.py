@@ -169,7 +169,8 @@ def test_zoo_recall_dry_runs_every_trunk_at_both_tasks():
     with contextlib.redirect_stdout(out):
         assert compare.main(["configs/experiments/zoo_recall.yaml", "--dry-run", "--runs-dir", "/nonexistent"]) == 0
     runs = re.findall(r"^# (\S+) seed\d+", out.getvalue(), flags=re.M)
-    assert len(runs) == 12
+    assert len(runs) == 13
+    assert "induction_transformer_lr3e-3" in runs  # the transformer also at the MQAR learning rate
     for trunk in ("transformer", "mamba", "mamba2", "rwkv7"):
         assert {f"mqar_{trunk}_d64", f"mqar_{trunk}_d128", f"induction_{trunk}"} <= set(runs)
     commands = [line for line in out.getvalue().splitlines() if "train.py fit" in line]
