@@ -15,7 +15,9 @@ it, a drafter that takes few steps would be charged the prompt's forward over fe
 end, prefill included, so it is (accepted/step) / (step cost) up to the prefill's share. The drafters that read
 the text (prompt lookup, alone or with the heads) draft up to --lookup_drafts tokens while their match continues;
 the others up to --num_drafts. At batch 1 greedy chain drafts run the lean loop
-(`objectives.decoding.speculative.greedy_chain`).
+(`objectives.decoding.speculative.greedy_chain`). --dtype float32 bfloat16 runs every case on the checkpoint's
+weights in each dtype, alternated in one process: speedups and "identical" against plain greedy in the same dtype,
+and "x float32 plain" against plain greedy in float32 (the end-to-end gain of changing both).
 Goals (issue 28) on the mtp_mlp_code model: the best drafter >= 2.0x and the heads alone >= 1.5x at batch 1, a
 verify step of 4 tokens <= 1.45 plain steps, >= 1.3x at batch 8; DeepSeek's speedup beside its ceiling.
 """
@@ -26,6 +28,7 @@ import random
 import statistics
 import sysconfig
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -69,34 +72,49 @@ def decoding_cases(model, num_drafts: int, trees: list[list[int]], lookup_drafts
     return cases
 
 
+def in_dtype(model, dtype: str, num_drafts: int, trees: list[list[int]], lookup_drafts: int) -> list:
+    """The decoding cases on a copy of the model in `dtype` (float32: the model itself), labelled with the dtype
+    unless it is float32. Why bfloat16: where the CPU has native bf16 products (AVX-512 bf16, AMX), a product of
+    a few rows costs about what one row costs (fp32: about twice from 1 to 4 rows), so a verify forward of 4
+    tokens is barely dearer than a plain step; elsewhere bf16 is emulated and slower. Every case is still
+    compared with plain greedy decoding of the same copy."""
+    copy = model if dtype == "float32" else deepcopy(model).to(getattr(torch, dtype))
+    suffix = "" if dtype == "float32" else f" [{dtype}]"
+    return [(label + suffix, {**options, "model": copy})
+            for label, options in decoding_cases(copy, num_drafts, trees, lookup_drafts)]
+
+
 def measure(model, batches: list[torch.Tensor], cases: list[tuple[str, dict]], max_new_tokens: int) -> dict:
     """Runs every case on every batch, alternating; per case: seconds per batch, seconds of its prefill (a
     generation of one token, which takes no step), verify forwards, outputs."""
     device = batches[0].device
     results = {label: {"seconds": [], "prefill": [], "steps": 0, "outputs": []} for label, _ in cases}
-    for label, options in cases:  # warm up
-        model.generate(batches[0][:, :16], 4, **options)
+    # a case may name its own copy of the model ("model": the same weights in another dtype)
+    cases = [(label, options.get("model", model), {k: v for k, v in options.items() if k != "model"})
+             for label, options in cases]
+    for label, case_model, options in cases:  # warm up
+        case_model.generate(batches[0][:, :16], 4, **options)
 
-    def timed(batch, new, options):
+    def timed(case_model, batch, new, options):
         synchronize(device)
         start = time.perf_counter()
-        out = model.generate(batch, new, **options)
+        out = case_model.generate(batch, new, **options)
         synchronize(device)
         return time.perf_counter() - start, out
 
     for batch in batches:
-        for label, options in cases:
-            results[label]["prefill"].append(timed(batch, 1, options)[0])
-            seconds, out = timed(batch, max_new_tokens, options)
+        for label, case_model, options in cases:
+            results[label]["prefill"].append(timed(case_model, batch, 1, options)[0])
+            seconds, out = timed(case_model, batch, max_new_tokens, options)
             results[label]["seconds"].append(seconds)
-            results[label]["steps"] += model.decode_stats["steps"] if options else max_new_tokens - 1
+            results[label]["steps"] += case_model.decode_stats["steps"] if options else max_new_tokens - 1
             results[label]["outputs"].append(out)
     return results
 
 
 def rows_of(results: dict, batch_size: int, max_new_tokens: int, model_name: str,
-            low_repeat: list[int] | None = None) -> list[dict]:
-    plain = results["plain greedy"]
+            low_repeat: list[int] | None = None, plain_label: str = "plain greedy") -> list[dict]:
+    plain = results[plain_label]
     tokens = max_new_tokens * batch_size * len(plain["seconds"])
     plain_rate = tokens / sum(plain["seconds"])
     # a plain step: the time past the prefill over the tokens past the prefill's first one
@@ -133,6 +151,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--trees", nargs="*", default=["3,2,1", "4,2"],
                    help="tree shapes as widths per depth (Medusa-style product trees)")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="weights and activations while decoding; several: each case in each, alternated in one "
+                        "process, speedups over plain greedy in the same dtype and (column 'x float32 plain') "
+                        "over plain greedy in float32")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (batch-1 decoding is latency bound: a second thread mostly adds synchronisation)")
     args = p.parse_args()
@@ -146,21 +168,31 @@ def main() -> None:
         model.eos_id = None  # measure full-length continuations
         name = f"{type(model).__name__}" + (f" ({model.head_type} heads)" if hasattr(model, "head_type") else "")
         prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_tokens)
-        cases = decoding_cases(model, args.num_drafts, trees, args.lookup_drafts)
+        groups = {dtype: in_dtype(model, dtype, args.num_drafts, trees, args.lookup_drafts) for dtype in args.dtype}
         for batch_size in args.batch:
             batches = [torch.tensor(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
             batches = [b for b in batches if b.shape[0] == batch_size]
-            results = measure(model, batches, cases, args.max_new_tokens)
-            for label, options in cases:
-                results[label]["drafts"] = options.get("num_drafts", 0)
+            results = measure(model, batches, [case for cases in groups.values() for case in cases],
+                              args.max_new_tokens)
+            for cases in groups.values():
+                for label, options in cases:
+                    results[label]["drafts"] = options.get("num_drafts", 0)
             low = None
             if batch_size == 1:
                 repeats = [repeated_4gram_share(o[0, args.prompt_tokens:].tolist())
-                           for o in results["plain greedy"]["outputs"]]
+                           for o in results[groups[args.dtype[0]][0][0]]["outputs"]]
                 low = [i for i, share in enumerate(repeats) if share < 0.4]
                 print(f"{name}: repeated 4-gram share of the plain outputs {statistics.mean(repeats):.2f}; "
                       f"{len(low)} of {len(repeats)} prompts under 40%")
-            rows += rows_of(results, batch_size, args.max_new_tokens, name, low)
+            for dtype, cases in groups.items():
+                group = rows_of({label: results[label] for label, _ in cases}, batch_size, args.max_new_tokens,
+                                name, low, plain_label=cases[0][0])
+                for row in group:
+                    row["dtype"] = dtype
+                    if "float32" in groups and len(groups) > 1:  # end to end against the float32 baseline
+                        fp32_plain = sum(results[groups["float32"][0][0]]["seconds"])
+                        row["x float32 plain"] = fp32_plain / sum(results[row["decoding"]]["seconds"])
+                rows += group
     report(rows, f"greedy decoding, {args.prompts} held-out code prompts of {args.prompt_tokens} tokens, "
                  f"{args.max_new_tokens} new tokens each, {args.threads} thread(s)", args.json)
 

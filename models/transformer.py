@@ -127,6 +127,7 @@ class AttentionInputs(NamedTuple):
     mask: torch.Tensor | None
     is_causal: bool
     advance: torch.Tensor | None
+    causal_after_cache: bool = False  # several queries after a cache of equal rows, causal (`Attention.attend`)
 
 
 def attention_inputs(mask: Mask, T: int, cache: KVCache | None = None, positions: torch.Tensor | None = None,
@@ -169,7 +170,7 @@ def attention_inputs(mask: Mask, T: int, cache: KVCache | None = None, positions
         if lo == 0:
             return AttentionInputs(positions, None, True, advance)
         rows = torch.arange(lo, S, device=device)[:, None]
-        return AttentionInputs(positions, (torch.arange(S, device=device) <= rows)[None, None], False, advance)
+        return AttentionInputs(positions, (torch.arange(S, device=device) <= rows)[None, None], False, advance, True)
     starts = (cache.lengths if cache is not None else torch.zeros(real.shape[0], dtype=torch.long, device=device))
     starts = starts[:, None, None, None]  # [B, 1, 1, 1]
     key = torch.arange(S, device=device)[None, None, None, :]
@@ -203,8 +204,26 @@ class Attention(nn.Module):
         q, k = self.rotary(q, inputs.positions), self.rotary(k, inputs.positions)
         if cache is not None:
             k, v = cache.append(k, v, inputs.advance)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return self.out(self.attend(q, k, v, inputs).transpose(1, 2).reshape(B, T, D))
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """SDPA of q [B, H, T, hd] over k, v [B, H, S, hd].
+
+        A verify step of speculative decoding feeds several tokens after the cache, and its output must equal
+        plain decoding's, which feeds them one at a time. In bf16 (or fp16) an SDPA of T queries rounds some rows
+        differently from T one-query calls (6% of rows in a d64 probe on an AVX-512 bf16 CPU), and the rounding
+        is coarse enough to change a greedy choice, while oneDNN's bf16 products give every row the same bits
+        whatever the row count. So without gradients a low-precision causal step after the cache runs query by
+        query over exactly the keys a one-query step would see: the same calls, the same bits, for a few small
+        calls more. fp32 products differ by row count anyway (about 1e-7), so fp32 keeps the one call.
+        """
+        T, S = q.shape[2], k.shape[2]
+        if (inputs.causal_after_cache and T > 1 and q.dtype in (torch.bfloat16, torch.float16)
+                and not torch.is_grad_enabled()):
+            return torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, : S - T + i + 1],
+                                                             v[:, :, : S - T + i + 1]) for i in range(T)], 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
 
 
 class Block(nn.Module):

@@ -437,3 +437,44 @@ def test_the_benchmark_splits_speedup_into_accepted_tokens_and_step_cost_without
     assert drafted["speedup"] == 2.0 and drafted["accepted/step"] == 2.5  # 10 tokens past the prefill's in 4 steps
     assert abs(drafted["step cost (plain steps)"] - 0.1 / 0.09) < 1e-9  # 0.4 s over 4 steps against 0.9 s over 10
     assert abs(drafted["ceiling"] - 4 / (0.1 / 0.09)) < 1e-9 and drafted["identical"]
+
+
+def test_the_benchmark_decodes_each_case_on_its_own_dtype_copy():
+    """benchmarks/speculative.py --dtype: a bfloat16 copy's cases are labelled apart, run on the copy (its outputs
+    equal the copy's own plain greedy and are checked against it), and the float32 model is left as it was."""
+    from benchmarks.speculative import in_dtype, measure
+    m = model("mtp-mlp")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    groups = {d: in_dtype(m, d, 2, [], 4) for d in ("float32", "bfloat16")}
+    fp32, bf16 = groups["float32"], groups["bfloat16"]
+    assert fp32[0][0] == "plain greedy" and bf16[0][0] == "plain greedy [bfloat16]"
+    assert [label + " [bfloat16]" for label, _ in fp32] == [label for label, _ in bf16]
+    assert bf16[0][1]["model"].embed.weight.dtype == torch.bfloat16 and fp32[0][1]["model"] is m
+    results = measure(m, [prompt(1, 6)], fp32 + bf16, 5)
+    plain_bf16 = bf16[0][1]["model"].generate(prompt(1, 6), 5)
+    assert torch.equal(results["plain greedy [bfloat16]"]["outputs"][0], plain_bf16)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_a_low_precision_step_after_the_cache_attends_query_by_query_as_one_query_steps_do():
+    """In bf16 a verify step's attention rows carry the same bits as the one-token steps of plain decoding: each
+    query runs over exactly the keys a one-query step sees (one masked SDPA of 4 queries rounds a row in a few
+    dozen differently on an AVX-512 bf16 CPU, which can change a greedy choice). Training (with gradients) and
+    fp32 keep the single masked call."""
+    from models.transformer import Attention, KVCache, attention_inputs
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    for cached in range(60, 140, 8):
+        q = torch.randn(1, 8, 4, 64, generator=g).bfloat16()
+        k, v = (torch.randn(1, 8, cached + 4, 64, generator=g).bfloat16() for _ in range(2))
+        cache = KVCache(1, 8, 64, 256, None, torch.bfloat16)
+        cache.append(k[:, :, :cached], v[:, :, :cached])
+        inputs = attention_inputs("causal", 4, cache)  # a step of 4 queries after the cached positions
+        assert inputs.causal_after_cache and inputs.mask is not None
+        one_at_a_time = torch.cat([sdpa(q[:, :, i : i + 1], k[:, :, : cached + 1 + i], v[:, :, : cached + 1 + i])
+                                   for i in range(4)], 2)
+        with torch.no_grad():
+            assert torch.equal(Attention.attend(q, k, v, inputs), one_at_a_time), cached
+        with torch.enable_grad():
+            assert torch.equal(Attention.attend(q, k, v, inputs), sdpa(q, k, v, attn_mask=inputs.mask))
+        assert not attention_inputs("causal", 1, cache).causal_after_cache  # one query: a single call anyway
