@@ -53,7 +53,7 @@ def test_no_mask_tensor_where_sdpa_needs_none():
     trunk = Transformer(d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
     cache = trunk.make_cache(2).layers[0]
     assert attention_inputs("causal", 5, None).mask is None and attention_inputs("causal", 5, None).is_causal
-    assert attention_inputs("full", 5, None) == (0, None, False, None)
+    assert attention_inputs("full", 5, None) == (0, None, False, None, False)
     with torch.no_grad():
         trunk(torch.randn(2, 4, 32), cache=trunk.make_cache(2))
         cache.crop(0)
