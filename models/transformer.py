@@ -212,11 +212,13 @@ class Attention(nn.Module):
 
         A verify step of speculative decoding feeds several tokens after the cache, and its output must equal
         plain decoding's, which feeds them one at a time. In bf16 (or fp16) an SDPA of T queries rounds some rows
-        differently from T one-query calls (6% of rows in a d64 probe on an AVX-512 bf16 CPU), and the rounding
-        is coarse enough to change a greedy choice, while oneDNN's bf16 products give every row the same bits
-        whatever the row count. So without gradients a low-precision causal step after the cache runs query by
-        query over exactly the keys a one-query step would see: the same calls, the same bits, for a few small
-        calls more. fp32 products differ by row count anyway (about 1e-7), so fp32 keeps the one call.
+        differently from T one-query calls (about one row in a hundred in a d64 probe on an AVX-512 bf16 CPU), and
+        the rounding is coarse enough to change a greedy choice, while oneDNN's bf16 products give every row the
+        same bits whatever the row count. So without gradients a low-precision causal step after the cache runs
+        query by query over exactly the keys a one-query step would see: the same calls, the same bits. The
+        price is T small calls instead of one (about 0.2 plain steps of a d256 x 4 verify step: BENCHMARKS.md,
+        "bf16 decoding"); one scores-softmax-values pass in bf16 was tried instead and is not row-exact either.
+        fp32 products differ by row count anyway (about 1e-7), so fp32 keeps the one call.
         """
         T, S = q.shape[2], k.shape[2]
         if (inputs.causal_after_cache and T > 1 and q.dtype in (torch.bfloat16, torch.float16)
