@@ -351,26 +351,36 @@ def plot(rows: list[dict], tag: str, ylabel: str, path: Path, title: str, floor:
     return drawn
 
 
-def layout(experiment: Experiment) -> dict:
+# the custom-scalars charts: title -> (tag patterns, the report figures that say the runs logged those tags)
+LAYOUT_CHARTS = {
+    "val/bpb (diffusion families: a bound)": ([r"^val/bpb$"], [M.VAL_BPB]),
+    "likelihood and bound: val/ntp_loss beside val/nll_bound": ([r"^val/ntp_loss$", r"^val/nll_bound$"],
+                                                                [M.VAL_NTP_LOSS, M.VAL_NLL_BOUND]),
+    "val/accuracy (reasoning data)": ([r"^val/accuracy$"], [M.VAL_ACCURACY]),
+    "future lens: probe accuracy of x(t+k) from h(t)": ([r"^future_lens/"],
+                                                         [f"future lens k={k}" for k in REPORT_LENS_KS]),
+    "training tokens/s": ([r"^perf/tokens_per_sec$"], ["tokens/s"]),
+    "training tokens seen": ([r"^perf/tokens_seen$"], ["tokens seen"]),
+}
+
+
+def layout(experiment: Experiment, rows: list[dict] | None = None) -> dict:
     """TensorBoard custom-scalars layout: the comparable figures of every run of the experiment on shared charts
-    (each chart's tags are regular expressions matched in every run)."""
-    return {f"{experiment.name}: comparison": {
-        "val/bpb (diffusion families: a bound)": ["Multiline", [r"^val/bpb$"]],
-        "likelihood and bound: val/ntp_loss beside val/nll_bound": ["Multiline", [r"^val/ntp_loss$", r"^val/nll_bound$"]],
-        "val/accuracy (reasoning data)": ["Multiline", [r"^val/accuracy$"]],
-        "future lens: probe accuracy of x(t+k) from h(t)": ["Multiline", [r"^future_lens/"]],
-        "training tokens/s": ["Multiline", [r"^perf/tokens_per_sec$"]],
-        "training tokens seen": ["Multiline", [r"^perf/tokens_seen$"]],
-    }}
+    (each chart's tags are regular expressions matched in every run). Given the report's rows, only the charts
+    some run has data for (an empty chart on every screen reads as a broken one)."""
+    def logged(figures: list[str]) -> bool:
+        return rows is None or any(row["figures"].get(f) is not None for row in rows for f in figures)
+    return {f"{experiment.name}: comparison": {title: ["Multiline", tags]
+                                               for title, (tags, figures) in LAYOUT_CHARTS.items() if logged(figures)}}
 
 
-def write_layout(folder: Path, experiment: Experiment) -> None:
+def write_layout(folder: Path, experiment: Experiment, rows: list[dict] | None = None) -> None:
     """The layout as its own small event file in the report folder (a run named `report` in TensorBoard)."""
     from torch.utils.tensorboard import SummaryWriter
     for old in folder.glob("events.out.tfevents.*"):
         old.unlink()
     writer = SummaryWriter(str(folder))
-    writer.add_custom_scalars(layout(experiment))
+    writer.add_custom_scalars(layout(experiment, rows))
     writer.close()
 
 
@@ -401,5 +411,5 @@ def write_report(runs_dir: Path, experiment: Experiment, names: list[str], seeds
          "plots": plots, "rows": rows, "not_run": missing}, indent=1, sort_keys=True) + "\n")
     layout_folder = runs_dir / experiment.name / "report"
     layout_folder.mkdir(parents=True, exist_ok=True)
-    write_layout(layout_folder, experiment)
+    write_layout(layout_folder, experiment, rows)
     return folder

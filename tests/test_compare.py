@@ -426,3 +426,17 @@ def test_estimate_before_training_from_finished_runs_else_the_stated_minutes(fak
     assert "# estimate: no estimate yet (the first run's progress line gives one)" in output
     with pytest.raises(compare.ExperimentError, match="minutes"):
         compare.load_experiment(str(fake_experiment(tmp_path, "bad", minutes="soon")))
+
+
+def test_the_layout_leaves_out_charts_no_run_has_data_for():
+    """The custom-scalars layout: every chart without rows, and with rows only those some run logged (reasoning
+    runs have no val/bpb, a run without the future-lens probe has no future_lens/ tags)."""
+    from types import SimpleNamespace
+    from lab.report import LAYOUT_CHARTS, layout
+    experiment = SimpleNamespace(name="x")
+    assert set(layout(experiment)["x: comparison"]) == set(LAYOUT_CHARTS)
+    rows = [{"figures": {"val/accuracy": None, "tokens/s": 10.0, "val/ntp_loss": 0.5}},
+            {"figures": {"val/accuracy": 0.5, "tokens seen": 100, "val/bpb": None, "future lens k=2": None}}]
+    assert set(layout(experiment, rows)["x: comparison"]) == {
+        "val/accuracy (reasoning data)", "training tokens/s", "training tokens seen",
+        "likelihood and bound: val/ntp_loss beside val/nll_bound"}
