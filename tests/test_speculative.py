@@ -450,8 +450,12 @@ def test_the_benchmark_decodes_each_case_on_its_own_dtype_copy():
     assert fp32[0][0] == "plain greedy" and bf16[0][0] == "plain greedy [bfloat16]"
     assert [label + " [bfloat16]" for label, _ in fp32] == [label for label, _ in bf16]
     assert bf16[0][1]["model"].embed.weight.dtype == torch.bfloat16 and fp32[0][1]["model"] is m
+    copy, calls = bf16[0][1]["model"], []
+    generate = copy.generate
+    copy.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)  # which model decodes the bf16 cases
     results = measure(m, [prompt(1, 6)], fp32 + bf16, 5)
-    plain_bf16 = bf16[0][1]["model"].generate(prompt(1, 6), 5)
+    assert len(calls) == 3 * len(bf16)  # each bf16 case: its warm-up, its prefill and its timed decode, on the copy
+    plain_bf16 = generate(prompt(1, 6), 5)
     assert torch.equal(results["plain greedy [bfloat16]"]["outputs"][0], plain_bf16)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
