@@ -15,9 +15,10 @@ it, a drafter that takes few steps would be charged the prompt's forward over fe
 end, prefill included, so it is (accepted/step) / (step cost) up to the prefill's share. The drafters that read
 the text (prompt lookup, alone or with the heads) draft up to --lookup_drafts tokens while their match continues;
 the others up to --num_drafts. At batch 1 greedy chain drafts run the lean loop
-(`objectives.decoding.speculative.greedy_chain`). --dtype float32 bfloat16 runs every case on the checkpoint's
-weights in each dtype, alternated in one process: speedups and "identical" against plain greedy in the same dtype,
-and "x float32 plain" against plain greedy in float32 (the end-to-end gain of changing both).
+(`objectives.decoding.speculative.greedy_chain`). Decoding runs in bfloat16 where the CPU computes it natively
+(as training does), else float32; --dtype float32 bfloat16 runs every case on the checkpoint's weights in each
+dtype, alternated in one process: speedups and "identical" against plain greedy in the same dtype, and "x float32
+plain" against plain greedy in float32 (the end-to-end gain of changing both).
 Goals (issue 28) on the mtp_mlp_code model: the best drafter >= 2.0x and the heads alone >= 1.5x at batch 1, a
 verify step of 4 tokens <= 1.45 plain steps, >= 1.3x at batch 8; DeepSeek's speedup beside its ceiling.
 """
@@ -139,6 +140,15 @@ def rows_of(results: dict, batch_size: int, max_new_tokens: int, model_name: str
     return rows
 
 
+def decoding_dtype() -> str:
+    """bfloat16 where the CPU (or GPU) computes it natively, as training's precision rule, else float32: on such a
+    CPU a bf16 linear layer costs about the same for 1 to 8 rows where an fp32 one doubles from 1 to 4, so a
+    verify step of 4 tokens costs 1.33 plain steps in bf16 against 1.62 in fp32 (BENCHMARKS.md, "bf16
+    decoding"), with the same output as plain greedy decoding in the same precision."""
+    from objectives.training.callbacks import auto_precision, compute_dtype
+    return "bfloat16" if compute_dtype(auto_precision()) == torch.bfloat16 else "float32"
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--ckpt_path", nargs="+", required=True)
@@ -151,8 +161,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--trees", nargs="*", default=["3,2,1", "4,2"],
                    help="tree shapes as widths per depth (Medusa-style product trees)")
-    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                   help="weights and activations while decoding; several: each case in each, alternated in one "
+    p.add_argument("--dtype", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                   help="weights and activations while decoding (auto: bfloat16 where the CPU computes it natively, "
+                        "as training's precision, else float32); several: each case in each, alternated in one "
                         "process, speedups over plain greedy in the same dtype and (column 'x float32 plain') "
                         "over plain greedy in float32")
     p.add_argument("--threads", type=int, default=1,
@@ -162,6 +173,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     trees = [[int(w) for w in t.split(",")] for t in args.trees]
+    args.dtype = list(dict.fromkeys(decoding_dtype() if d == "auto" else d for d in args.dtype))
     rows = []
     for ckpt in args.ckpt_path:
         model, tokenizer = load(ckpt)

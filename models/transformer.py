@@ -204,28 +204,39 @@ class Attention(nn.Module):
         q, k = self.rotary(q, inputs.positions), self.rotary(k, inputs.positions)
         if cache is not None:
             k, v = cache.append(k, v, inputs.advance)
-        return self.out(self.attend(q, k, v, inputs).transpose(1, 2).reshape(B, T, D))
+        return self.out(self.attend(q, k, v, inputs, decoding=cache is not None).transpose(1, 2).reshape(B, T, D))
 
     @staticmethod
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        """SDPA of q [B, H, T, hd] over k, v [B, H, S, hd].
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs,
+               decoding: bool = False) -> torch.Tensor:
+        """SDPA of q [B, H, T, hd] over k, v [B, H, S, hd]; `decoding`: the keys come from a decoding cache.
 
         A verify step of speculative decoding feeds several tokens after the cache, and its output must equal
-        plain decoding's, which feeds them one at a time. In bf16 (or fp16) an SDPA of T queries rounds some rows
-        differently from T one-query calls (about one row in a hundred in a d64 probe on an AVX-512 bf16 CPU), and
-        the rounding is coarse enough to change a greedy choice, while oneDNN's bf16 products give every row the
-        same bits whatever the row count. So without gradients a low-precision causal step after the cache runs
-        query by query over exactly the keys a one-query step would see: the same calls, the same bits. The
-        price is T small calls instead of one (about 0.2 plain steps of a d256 x 4 verify step: BENCHMARKS.md,
-        "bf16 decoding"); one scores-softmax-values pass in bf16 was tried instead and is not row-exact either.
-        fp32 products differ by row count anyway (about 1e-7), so fp32 keeps the one call.
+        plain decoding's, which feeds them one at a time. In bf16 (or fp16) the rows of an SDPA of T queries are
+        not the bits of T one-query calls (one masked call of 4 queries rounds about one row in a hundred
+        differently in a d64 probe on an AVX-512 bf16 CPU, and bf16 rounding is coarse enough to change a greedy
+        choice), while oneDNN's bf16 linear layers give every row the same bits whatever the row count. So
+        low-precision decoding (no gradients, keys from a cache) attends in fp32, and a causal step of several
+        queries after the cache runs query by query over exactly the keys a one-query step sees: the same calls,
+        the same bits, and the rest of the step stays in the weights' precision. fp32 because on a CPU its SDPA
+        of one query is about twice as fast as bf16's at these sizes (36 against 71 us, d64 heads, 100 keys):
+        bf16 calls query by query cost about 0.2 plain steps of a d256 x 4 verify step (BENCHMARKS.md, "bf16
+        decoding"). One call of T queries, even in fp32, is not row-exact after the cast back (its products
+        differ by row count by about 1e-7). fp32 weights keep the one call: their rows differ by about 1e-7,
+        which has not changed a greedy choice in any benchmark. Training and validation keep the one call in
+        the weights' precision.
         """
         T, S = q.shape[2], k.shape[2]
-        if (inputs.causal_after_cache and T > 1 and q.dtype in (torch.bfloat16, torch.float16)
-                and not torch.is_grad_enabled()):
-            return torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, : S - T + i + 1],
-                                                             v[:, :, : S - T + i + 1]) for i in range(T)], 2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
+        if not (decoding and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
+        dtype = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        if inputs.causal_after_cache and T > 1:
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, : S - T + i + 1],
+                                                            v[:, :, : S - T + i + 1]) for i in range(T)], 2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
+        return out.to(dtype)
 
 
 class Block(nn.Module):

@@ -199,11 +199,18 @@ def test_tensorboard_shows_both_families_on_shared_tags_and_the_layout(trained):
         charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
         assert any(tags == ["^val/bpb$"] for tags in charts.values()), charts
         assert any(set(tags) == {"^val/ntp_loss$", "^val/nll_bound$"} for tags in charts.values()), charts
-        # HParams: family, trunk, parameters and seed beside the hyperparameters; val/bpb among the metrics
+        # HParams: the table's columns are family, trunk, parameters and seed, the same whichever run TensorBoard
+        # reads them from; val/bpb and tokens/s among the metrics
         experiment = get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
-        hparams = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"family", "trunk", "parameters", "seed"} <= hparams, sorted(hparams)
-        assert "val/bpb" in {m["name"]["tag"] for m in experiment["metricInfos"]}
+        hparams = [h["name"] for h in experiment["hparamInfos"]]
+        assert sorted(hparams) == ["family", "parameters", "seed", "trunk"], hparams
+        assert {"val/bpb", "perf/tokens_per_sec"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}
+        sessions = get(f"{base}/data/plugin/hparams/session_groups",
+                       {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
+                                                                  "STATUS_RUNNING"],
+                        "colParams": [{"hparam": "family"}], "startIndex": 0, "sliceSize": 10})
+        families = {group["sessions"][0]["name"]: group["hparams"]["family"] for group in sessions["sessionGroups"]}
+        assert families == {"ntp/seed0": "NextTokenPrediction", "mdlm/seed0": "MaskedDiffusion"}, families
     finally:
         server.terminate()
         server.wait(timeout=30)

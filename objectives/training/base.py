@@ -325,16 +325,28 @@ def _pretrained_start_superseded(model: Objective, incompatible_keys) -> None:
     model.pretrained_report["finished"] = True
 
 
+# the HParams table's hyperparameter columns, the same in every run (see declare_hparams)
+HPARAMS_TABLE = ("family", "trunk", "parameters", "seed")
+
+
 def declare_hparams(logger, params: dict, bytes_known: bool) -> None:
-    """Write the run's hyperparameters for TensorBoard's HParams tab with its metric columns: hp_metric and, where
-    the data's tokens have UTF-8 bytes, val/bpb (the one figure every family shares). Only hp_metric gets a
-    placeholder point (NaN at step 0); Lightning's `log_hyperparams(params, metrics)` would log one for every
-    column, a NaN val/bpb point in every run, and on data without bytes the only val/bpb point there is."""
+    """Write the run's hyperparameters for TensorBoard's HParams tab. The run's session records every
+    hyperparameter; the table's columns (the "experiment" summary) are HPARAMS_TABLE and the metrics hp_metric,
+    val/bpb where the data's tokens have UTF-8 bytes (the one figure every family shares), else val/accuracy
+    (reasoning data), and tokens/s. TensorBoard takes the columns of the first run it finds with an experiment
+    summary, so every run writes the same ones: with each run's own hyperparameters as columns, a comparison's
+    table showed whichever run came first, sorted by name (`_class_path`, `_instantiator`, ...). Only hp_metric
+    gets a placeholder point (NaN at step 0); Lightning's `log_hyperparams(params, metrics)` would log one for
+    every column, a NaN val/bpb point in every run, and on data without bytes the only val/bpb point there is."""
     from lightning.fabric.utilities.logger import _flatten_dict
     from torch.utils.tensorboard.summary import hparams
     logger.log_hyperparams(params)  # hparams.yaml
     logger.log_metrics({M.HP_METRIC: float("nan")}, 0)
-    columns = {M.HP_METRIC: float("nan"), **({M.VAL_BPB: float("nan")} if bytes_known else {})}
+    metrics = {M.HP_METRIC: float("nan"), (M.VAL_BPB if bytes_known else M.VAL_ACCURACY): float("nan"),
+               M.TOKENS_PER_SEC: float("nan")}
+    flat = logger._sanitize_params(_flatten_dict(params))
+    _, session_start, session_end = hparams(flat, metrics)
+    table, _, _ = hparams({name: flat[name] for name in HPARAMS_TABLE}, metrics)
     writer = logger.experiment._get_file_writer()
-    for summary in hparams(logger._sanitize_params(_flatten_dict(params)), columns):
+    for summary in (table, session_start, session_end):
         writer.add_summary(summary, 0)
