@@ -216,21 +216,23 @@ class Attention(nn.Module):
         not the bits of T one-query calls (one masked call of 4 queries rounds about one row in a hundred
         differently in a d64 probe on an AVX-512 bf16 CPU, and bf16 rounding is coarse enough to change a greedy
         choice), while oneDNN's bf16 linear layers give every row the same bits whatever the row count. So
-        low-precision decoding (no gradients, keys from a cache) attends in fp32, and a causal step of several
-        queries after the cache runs query by query over exactly the keys a one-query step sees: the same calls,
-        the same bits, and the rest of the step stays in the weights' precision. fp32 because on a CPU its SDPA
-        of one query is about twice as fast as bf16's at these sizes (36 against 71 us, d64 heads, 100 keys):
-        bf16 calls query by query cost about 0.2 plain steps of a d256 x 4 verify step (BENCHMARKS.md, "bf16
-        decoding"). One call of T queries, even in fp32, is not row-exact after the cast back (its products
-        differ by row count by about 1e-7). fp32 weights keep the one call: their rows differ by about 1e-7,
-        which has not changed a greedy choice in any benchmark. Training and validation keep the one call in
-        the weights' precision.
+        low-precision decoding (no gradients, keys from a cache) runs a causal step of several queries after the
+        cache query by query over exactly the keys a one-query step sees: the same calls, the same bits, and the
+        rest of the step stays in the weights' precision. On a CPU these calls (and plain decoding's) run in fp32,
+        whose SDPA of one query is about twice as fast as bf16's at these sizes (36 against 71 us, d64 heads, 100
+        keys): in bf16 the calls query by query cost about 0.2 plain steps of a d256 x 4 verify step
+        (BENCHMARKS.md, "bf16 decoding"). One call of T queries, even in fp32, is not row-exact after the cast
+        back (its products differ by row count by about 1e-7). A GPU keeps the weights' precision (an fp32 copy
+        of the cache every step would double the memory traffic that decoding is bound by). fp32 weights keep
+        the one call: their rows differ by about 1e-7, which has not changed a greedy choice in any benchmark.
+        Training and validation keep the one call in the weights' precision.
         """
         T, S = q.shape[2], k.shape[2]
         if not (decoding and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.is_causal)
         dtype = q.dtype
-        q, k, v = q.float(), k.float(), v.float()
+        if q.device.type == "cpu":
+            q, k, v = q.float(), k.float(), v.float()
         if inputs.causal_after_cache and T > 1:
             out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, : S - T + i + 1],
                                                             v[:, :, : S - T + i + 1]) for i in range(T)], 2)
