@@ -21,7 +21,7 @@ from torch import nn
 from models.contracts import BranchingTrunk
 from models.layers import DecodingCache, RMSNorm
 from objectives.decoding.drafters import CacheGroup, Drafter, PromptLookup, lookup_drafts
-from objectives.decoding.greedy import left_to_right, token_probs
+from objectives.decoding.greedy import greedy_token, left_to_right, token_probs
 from objectives.training import metrics as M
 from objectives.training.causal import CausalObjective
 from objectives.training.losses import chunk_positions, chunked_cross_entropy
@@ -521,7 +521,7 @@ class HeadsChain:
             states = states[-1:] if last else states
         if not (self.with_heads or last):  # lookup drafts: keep what the heads would read, unembed the argmax only
             self.kept = states if model.head_type == "block" else hidden
-            return model.logits(hidden).argmax(-1, keepdim=True)
+            return greedy_token(model.logits(hidden), keepdim=True)
         if k == 0:  # nothing to draft with
             states = hidden[:, None][:, :0]
         elif model.head_type == "mlp":
@@ -532,7 +532,7 @@ class HeadsChain:
     def rows(self, logits: torch.Tensor, skip: int = 1) -> torch.Tensor:
         """Argmax rows [m, c] of logits [m, c, V], then (gated) the count of confident heads among those from
         `skip` on (1: the first is the next token's)."""
-        rows = logits.argmax(-1)
+        rows = greedy_token(logits)
         if self.floor is not None:
             rows = torch.cat([rows, confident_heads(logits[:, skip:], self.floor)[:, None]], 1)
         return rows

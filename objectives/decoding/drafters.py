@@ -9,6 +9,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from objectives.decoding.greedy import greedy_token
+
 
 class CacheGroup:
     """Several decoding caches advanced and cropped together (the trunk's and, say, each head's)."""
@@ -160,7 +162,7 @@ class LookupChain:
 
     def forward(self, ids: torch.Tensor, state, last: bool = False) -> torch.Tensor:
         logits, _ = self.model.decode_forward(ids, state)
-        return (logits[0, -1:] if last else logits[0]).argmax(-1, keepdim=True)
+        return greedy_token(logits[0, -1:] if last else logits[0], keepdim=True)
 
     def drafts(self, rows: list[list[int]], at: int, max_drafts: int) -> list[int]:
         return self.lookup(min(self.num_drafts, max_drafts))

@@ -8,10 +8,17 @@ from typing import Callable
 import torch
 
 
+def greedy_token(logits: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """The argmax of logits [..., V], taken in fp32: the same index (bf16 values are exact in fp32, and ties keep
+    the first), but on a CPU an argmax over bf16 costs about 2.6 times a cast and an fp32 argmax (4 x 4 x 4096
+    logits: 306 against 116 us), about 0.05 plain steps of a bf16 verify step."""
+    return logits.float().argmax(-1, keepdim=keepdim)
+
+
 def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None) -> torch.Tensor:
     """Greedy (temperature 0) or temperature / top-k sampling from logits [..., V] -> token ids [...]."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        return greedy_token(logits)
     return torch.multinomial(token_probs(logits, temperature, top_k).flatten(0, -2), 1).view(logits.shape[:-1])
 
 
