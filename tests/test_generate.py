@@ -44,3 +44,17 @@ def test_generate_flags_are_typed_and_documented(capsys):
     with pytest.raises(SystemExit):
         generate.main(["--ckpt_path", "x.ckpt", "--max_new_tokens", "many"])
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_greedy_token_takes_the_first_maximum_of_bf16_logits_as_argmax_does():
+    """greedy_token casts to fp32 before its argmax (faster on a CPU): bf16 values are exact in fp32, so the index,
+    ties included (the first maximum), is the bf16 argmax's."""
+    import torch
+
+    from objectives.decoding.greedy import greedy_token
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randint(0, 6, (4, 3, 64), generator=g) * 0.125 + 10.0).bfloat16()  # many ties at the top
+    assert torch.equal(greedy_token(logits), logits.argmax(-1))
+    assert torch.equal(greedy_token(logits, keepdim=True), logits.argmax(-1, keepdim=True))
+    near = torch.tensor([[10.0, 10.0625, 10.0625, 9.0]]).bfloat16()  # neighbours one bf16 step apart
+    assert greedy_token(near).tolist() == [1]
