@@ -442,7 +442,7 @@ class MultiTokenPrediction(CausalObjective):
             if width:  # ranked candidates for a tree
                 return logits.topk(min(width, logits.shape[-1]), -1).indices, None
             if temperature <= 0:
-                return logits.argmax(-1), None
+                return greedy_token(logits), None
             q = token_probs(logits, temperature, top_k)
             return torch.multinomial(q.flatten(0, 1), 1).view(q.shape[:2]), q
 

@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from objectives.decoding.greedy import token_probs
+from objectives.decoding.greedy import greedy_token, token_probs
 
 
 class DraftTree:
@@ -96,7 +96,7 @@ def verify_tree(model, state, tree: DraftTree, next_token, ranked, temperature, 
     mask = (offset < 0)[:, None, :] | ((offset < N)[:, None, :] & tree_part)
     logits, features = model.decode_forward(nodes, state, mask=mask[:, None], positions=cached[:, None] + depth)
     if temperature <= 0:
-        prediction = logits.argmax(-1)  # [B, N]: one argmax per node
+        prediction = greedy_token(logits)  # [B, N]: one argmax per node
         match = nodes == prediction.gather(1, parent.clamp(min=0).expand(B, -1))
         match[:, 0] = True
         on_path = (ancestor[None] & ~match[:, None, :]).sum(-1) == 0  # [B, N]: every node up to the root matched

@@ -28,7 +28,7 @@ import torch
 
 from objectives.decoding.draft_trees import as_tree, at_positions, compact_to_path, verify_tree
 from objectives.decoding.drafters import Drafter, Proposer
-from objectives.decoding.greedy import sample_token, token_probs
+from objectives.decoding.greedy import greedy_token, sample_token, token_probs
 
 
 @torch.no_grad()
@@ -111,7 +111,7 @@ def speculative_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, p
             drafts, q = propose(context, state, features, temperature, top_k, depth)
             logits, step_features = model.decode_forward(torch.cat([next_token[:, None], drafts], 1), state)
             if temperature <= 0:
-                prediction = logits.argmax(-1)  # one argmax per position
+                prediction = greedy_token(logits)  # one argmax per position
                 accepted = (drafts == prediction[:, :-1]).long().cumprod(1).sum(1)
                 new_token = prediction.gather(1, accepted[:, None])[:, 0]
             else:
@@ -221,7 +221,7 @@ def _accept(drafts, q, logits, temperature, top_k) -> tuple[torch.Tensor, torch.
         zero = torch.zeros(drafts.shape[0], dtype=torch.long, device=drafts.device)
         return zero, zero
     if temperature <= 0:
-        ok = drafts == logits.argmax(-1)
+        ok = drafts == greedy_token(logits)
     else:
         p = token_probs(logits, temperature, top_k).gather(-1, drafts[..., None])[..., 0]
         q_d = q.gather(-1, drafts[..., None])[..., 0] if q is not None else torch.ones_like(p)
@@ -235,7 +235,7 @@ def _next_certain_token(logits, at, q, drafts, reject_at, temperature, top_k) ->
     residual max(0, p - q) where the draft at this position was rejected."""
     row_logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))[:, 0]
     if temperature <= 0:
-        return row_logits.argmax(-1)
+        return greedy_token(row_logits)
     p = token_probs(row_logits, temperature, top_k)
     k = drafts.shape[1]
     if k:
