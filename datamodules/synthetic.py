@@ -51,6 +51,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 Task = Literal["induction_heads", "selective_copying"]
@@ -148,10 +149,37 @@ class SettingBlocks(Dataset):
         return default_collate([dataset[i] for i in range(start, stop)])
 
 
-def example_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+class ShortThenLong(Dataset):
+    """The train stream of a short-to-long curriculum: items before `short_items` from `short`, the rest from
+    `long` (both streams of fresh examples read in order)."""
+
+    def __init__(self, short: Dataset, long: Dataset, short_items: int):
+        self.short, self.long, self.short_items = short, long, short_items
+
+    def __len__(self) -> int:
+        return len(self.long)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return (self.short if i < self.short_items else self.long)[i]
+
+
+def padding_collate(pad_id: int):
+    """default_collate, rows of different lengths right-padded (tokens with `pad_id`, loss_mask with 0): a batch
+    that straddles a curriculum's change of length (a distributed sampler strides the stream across ranks). Training
+    reads only tokens and loss_mask, and a causal model's earlier positions do not see the padding."""
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["tokens"]) for item in items)
+        if any(len(item["tokens"]) < longest for item in items):
+            items = [{**item, "tokens": F.pad(item["tokens"], (0, longest - len(item["tokens"])), value=pad_id),
+                      "loss_mask": F.pad(item["loss_mask"], (0, longest - len(item["loss_mask"])))} for item in items]
+        return default_collate(items)
+    return collate
+
+
+def example_loader(dataset: Dataset, batch_size: int, num_workers: int, collate_fn=None) -> DataLoader:
     """Examples read in order (the train stream, or the fixed val set of one setting)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, drop_last=False)
+                      persistent_workers=num_workers > 0, drop_last=False, collate_fn=collate_fn)
 
 
 def settings_loader(datasets: list[Dataset], batch_sizes: list[int], num_workers: int) -> DataLoader:
@@ -177,6 +205,11 @@ class SyntheticDataModule(L.LightningDataModule):
         recurrences: induction heads, training examples only: the key comes back up to this many times after the
             pair, each time followed by the value, every one supervised (dense supervision; see the module's
             docstring). 0 (the default) is the paper's task.
+        short_seq_len, short_steps: a short-to-long curriculum: the first short_steps training batches (on one
+            device; under DDP the ranks share the stream, so short_steps / world size steps) have prompts of
+            short_seq_len tokens, the rest seq_len. Attention finds the induction step quickly at 64 tokens and not
+            in thousands of steps at 256 (BENCHMARKS.md, "Recall"); what it learned short then carries to the
+            training length. Val and test are unchanged.
         batch_size: examples per training batch (per device).
         train_examples: examples per training epoch (fresh random ones, read in order).
         val_examples, test_examples: sizes of the fixed val and test sets (of each, per test length).
@@ -186,6 +219,7 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def __init__(self, task: Task = "induction_heads", vocab: int = 16, seq_len: int = 256,
                  test_seq_len: int | list[int] | None = None, num_tokens: int = 16, recurrences: int = 0,
+                 short_seq_len: int | None = None, short_steps: int = 0,
                  batch_size: int = 32, train_examples: int = 1_000_000, val_examples: int = 512,
                  test_examples: int = 1024, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -197,13 +231,16 @@ class SyntheticDataModule(L.LightningDataModule):
             raise ValueError(f"recurrences (dense supervision) is an option of induction heads, not of {task}")
         if recurrences < 0:
             raise ValueError(f"recurrences must be 0 (the paper's task) or more, got {recurrences}")
+        if (short_seq_len is None) != (short_steps == 0) or short_steps < 0:
+            raise ValueError(f"a short-to-long curriculum needs both short_seq_len and short_steps > 0 (got "
+                             f"short_seq_len={short_seq_len}, short_steps={short_steps}); set both, or neither")
         self.save_hyperparameters()
         self.task, self.vocab, self.seq_len = task, vocab, seq_len
         lengths = test_seq_len or seq_len
         self.test_seq_lens = list(lengths) if isinstance(lengths, (list, tuple)) else [lengths]
         self.test_seq_len = max(self.test_seq_lens)
         # check the settings now rather than in a dataloader worker
-        for length in {seq_len, *self.test_seq_lens}:
+        for length in {seq_len, *self.test_seq_lens, *([short_seq_len] if short_seq_len else [])}:
             self._dataset("train", length, 1)[0]
 
     # --- what the model is linked to ------------------------------------------------------------------------
@@ -251,7 +288,12 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        return example_loader(self._dataset("train", self.seq_len, h.train_examples), h.batch_size, h.num_workers)
+        stream = self._dataset("train", self.seq_len, h.train_examples)
+        if not h.short_seq_len:
+            return example_loader(stream, h.batch_size, h.num_workers)
+        short = self._dataset("train", h.short_seq_len, h.train_examples)
+        return example_loader(ShortThenLong(short, stream, h.short_steps * h.batch_size), h.batch_size,
+                              h.num_workers, padding_collate(self.eos_id))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val", self.hparams.val_examples)
@@ -264,10 +306,11 @@ class InductionHeadsDataModule(SyntheticDataModule):
     """Induction heads (Mamba paper sec. 4.1.2): vocabulary 16, training length 256; see SyntheticDataModule."""
 
     def __init__(self, vocab: int = 16, seq_len: int = 256, test_seq_len: int | list[int] | None = None,
-                 recurrences: int = 0, batch_size: int = 32, train_examples: int = 1_000_000,
-                 val_examples: int = 512, test_examples: int = 1024, num_workers: int = 0, seed: int = 0):
-        super().__init__("induction_heads", vocab, seq_len, test_seq_len, 16, recurrences, batch_size,
-                         train_examples, val_examples, test_examples, num_workers, seed)
+                 recurrences: int = 0, short_seq_len: int | None = None, short_steps: int = 0,
+                 batch_size: int = 32, train_examples: int = 1_000_000, val_examples: int = 512,
+                 test_examples: int = 1024, num_workers: int = 0, seed: int = 0):
+        super().__init__("induction_heads", vocab, seq_len, test_seq_len, 16, recurrences, short_seq_len,
+                         short_steps, batch_size, train_examples, val_examples, test_examples, num_workers, seed)
 
 
 class SelectiveCopyingDataModule(SyntheticDataModule):
@@ -276,5 +319,5 @@ class SelectiveCopyingDataModule(SyntheticDataModule):
     def __init__(self, vocab: int = 16, seq_len: int = 256, test_seq_len: int | list[int] | None = None,
                  num_tokens: int = 16, batch_size: int = 32, train_examples: int = 1_000_000,
                  val_examples: int = 512, test_examples: int = 1024, num_workers: int = 0, seed: int = 0):
-        super().__init__("selective_copying", vocab, seq_len, test_seq_len, num_tokens, 0, batch_size,
+        super().__init__("selective_copying", vocab, seq_len, test_seq_len, num_tokens, 0, None, 0, batch_size,
                          train_examples, val_examples, test_examples, num_workers, seed)

@@ -16,6 +16,15 @@ os.chdir(ROOT)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# pytest-xdist runs the suite on one worker per core (pyproject's addopts): each worker, and the CLI processes it
+# starts, computes on its share of the cores, so two workers do not fight over both
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    import torch
+    torch.set_num_threads(THREADS)
+
 # a tiny trunk and data for fit steps: each CLI run then takes seconds
 TINY_MODEL = ["--model.init_args.trunk.init_args.d_model", "32", "--model.init_args.trunk.init_args.n_layers", "1",
               "--model.init_args.trunk.init_args.n_heads", "2", "--model.init_args.trunk.init_args.max_seq_len", "128"]

@@ -102,3 +102,25 @@ def test_sizes_lengths_and_errors():
         SelectiveCopyingDataModule(seq_len=10, num_tokens=16)
     with pytest.raises(IndexError):
         SyntheticTaskDataset("induction_heads", 32, 3)[3]
+
+
+def test_a_short_to_long_curriculum_trains_short_then_long_and_pads_a_straddling_batch():
+    dm = InductionHeadsDataModule(seq_len=32, short_seq_len=8, short_steps=2, batch_size=4, train_examples=24,
+                                  recurrences=2)
+    lengths = [batch["tokens"].shape[1] for batch in dm.train_dataloader()]
+    assert lengths == [8 + 2, 8 + 2, 32 + 2, 32 + 2, 32 + 2, 32 + 2]
+    # the short batches are the short task's own examples, the long ones the plain stream's
+    short, long = dm._dataset("train", 8, 24), dm._dataset("train", 32, 24)
+    batches = list(dm.train_dataloader())
+    assert torch.equal(batches[1]["tokens"][3], short[7]["tokens"]) and torch.equal(batches[2]["tokens"][0], long[8]["tokens"])
+    # a batch across the change (as a distributed sampler's stride makes): short rows padded with eos, unsupervised
+    loader = torch.utils.data.DataLoader(dm.train_dataloader().dataset, batch_size=3, collate_fn=dm.train_dataloader().collate_fn)
+    straddling = list(loader)[2]  # items 6, 7 short, item 8 long
+    assert straddling["tokens"].shape == (3, 34)
+    assert torch.equal(straddling["tokens"][0, :10], short[6]["tokens"])
+    assert (straddling["tokens"][0, 10:] == dm.eos_id).all() and (straddling["loss_mask"][0, 10:] == 0).all()
+    assert torch.equal(straddling["loss_mask"][0, :10], short[6]["loss_mask"])
+    # val is the paper's task at the training length
+    assert next(iter(dm.val_dataloader()))["tokens"].shape[1] == 32 + 2
+    with pytest.raises(ValueError, match="short_seq_len and short_steps"):
+        InductionHeadsDataModule(short_seq_len=64)
