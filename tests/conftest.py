@@ -42,7 +42,13 @@ signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
+    # one cache for the session's workers (a corpus is tokenized once, not once a worker); a cache is published by
+    # an atomic rename, so two workers building the same one is safe
+    if WORKERS > 1:
+        path = tmp_path_factory.getbasetemp().parent / "cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("cache")
     os.environ["BEYOND_NTP_CACHE"] = str(path)
     return path
 

@@ -6,31 +6,39 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, quickstart, run_cli
 
 
-def test_generate_from_a_trained_mtp_checkpoint(tmp_path, corpus_files):
+def test_generate_from_a_trained_mtp_checkpoint(tmp_path, corpus_files, capsys):
     cli = run_cli(tmp_path, *quickstart(corpus_files, "--model", "configs/objectives/mtp.yaml"), steps=2)
     ckpt = Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    import generate as generate_script
 
-    def generate(*flags: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "generate.py", "--ckpt_path", str(ckpt), "--prompt", "def f(x):",
-                               "--max_new_tokens", "12", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done
+    def generate(*flags: str) -> tuple[str, str]:  # in this process (a process of its own starts in seconds)
+        capsys.readouterr()
+        generate_script.main(["--ckpt_path", str(ckpt), "--prompt", "def f(x):", "--max_new_tokens", "12", *flags])
+        captured = capsys.readouterr()
+        return captured.out, captured.err
 
+    # plain decoding as a user runs it, from the shell
+    shell = subprocess.run([sys.executable, "generate.py", "--ckpt_path", str(ckpt), "--prompt", "def f(x):",
+                            "--max_new_tokens", "12"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shell.returncode == 0, shell.stderr[-2000:]
     plain, fast = generate(), generate("--speculative", "true")
-    assert plain.stdout.startswith("def f(x):") and "tokens/s" in plain.stderr
-    assert "mean accepted length" in fast.stderr
-    assert plain.stdout == fast.stdout  # the same text, and nothing else on stdout
-    assert "mean accepted length" in generate("--speculative", "true", "--drafter", "lookup").stderr
+    assert plain[0] == shell.stdout and shell.stdout.startswith("def f(x):") and "tokens/s" in shell.stderr
+    assert "mean accepted length" in fast[1]
+    assert plain[0] == fast[0]  # the same text, and nothing else on stdout
+    assert "mean accepted length" in generate("--speculative", "true", "--drafter", "lookup")[1]
     # --print_config writes a config that --config reads back to the same output
     config = tmp_path / "generate.yaml"
-    config.write_text(generate("--print_config").stdout)
-    again = subprocess.run([sys.executable, "generate.py", "--config", str(config)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout == plain.stdout
+    with pytest.raises(SystemExit):
+        generate("--print_config")
+    config.write_text(capsys.readouterr().out)
+    capsys.readouterr()
+    generate_script.main(["--config", str(config)])
+    assert capsys.readouterr().out == plain[0]
 
 
 def test_generate_flags_are_typed_and_documented(capsys):
