@@ -6,6 +6,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that a product of 2 to 8 rows in fp32 on a CPU without gradients (decoding: a verify step's
+    few tokens, a small batch's next tokens) runs as weight @ x^T.
+
+    Why: for those shapes F.linear's fp32 kernel is about twice as slow as the transposed product (the quickstart
+    trunk's 16 weight matrices read cold, 1 thread, AVX2-only AMD EPYC: 2.92 against 1.51 ms at 4 rows, 3.60 against
+    2.87 at 8; at 1 row F.linear's 0.77 is the faster, so one row keeps it; BENCHMARKS.md, "fp32 decoding").
+    Low precision keeps F.linear (oneDNN's bf16 products cost about the same from 1 to 4 rows). The bits differ from
+    F.linear's at the 1e-7 level, as fp32 products of different row counts already do."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (2 <= rows <= 8 and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        out = torch.mm(weight, x.reshape(rows, -1).t()).t()
+        if bias is not None:
+            out = out + bias
+        return out.contiguous().view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (a few fp32 rows without gradients as weight @ x^T on a CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich 2019): x / rms(x) * g, no mean subtraction, no bias."""
 
@@ -23,8 +49,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.out = nn.Linear(hidden, dim, bias=False)
+        self.gate_up = Linear(dim, 2 * hidden, bias=False)
+        self.out = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

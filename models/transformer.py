@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import (DecodingCache, RMSNorm, Rotary, SwiGLU, as_index, as_lengths, branch_index,
+from models.layers import (DecodingCache, Linear, RMSNorm, Rotary, SwiGLU, as_index, as_lengths, branch_index,
                            check_length, check_padding, padded_at_the_end)
 
 Mask = str | torch.Tensor  # "causal", "full", or a boolean tensor broadcastable to [B, H, T, S], True = attend
@@ -194,8 +194,8 @@ class Attention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
-        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.qkv = Linear(d_model, 3 * d_model, bias=qkv_bias)
+        self.out = Linear(d_model, d_model, bias=False)
         self.rotary = Rotary(self.head_dim, max_len, rope_base)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None) -> torch.Tensor:

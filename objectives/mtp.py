@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.contracts import BranchingTrunk
-from models.layers import DecodingCache, RMSNorm
+from models.layers import DecodingCache, RMSNorm, linear
 from objectives.decoding.drafters import CacheGroup, Drafter, PromptLookup, lookup_drafts
 from objectives.decoding.greedy import greedy_token, left_to_right, token_probs
 from objectives.training import metrics as M
@@ -400,7 +400,7 @@ class MultiTokenPrediction(CausalObjective):
             return torch.cat(self.head_states(x[:, None])[1 : k + 1], 1)
         weight, bias = stacked  # head j: x + SiLU(W_j x + b_j), every head in one product
         D = x.shape[-1]
-        return x[:, None] + F.silu(F.linear(x, weight[: k * D], bias[: k * D])).view(-1, k, D)
+        return x[:, None] + F.silu(linear(x, weight[: k * D], bias[: k * D])).view(-1, k, D)
 
     def stacked_heads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Parallel MLP heads of one block each all read the trunk's hidden state x, so their weights stacked
@@ -493,11 +493,14 @@ def confident_heads(logits: torch.Tensor, floor: float) -> torch.Tensor:
 class HeadsChain:
     """The heads' drafters at batch 1, greedy (`objectives.decoding.drafters.ChainDrafter`), for the lean loop.
 
-    The verify forward unembeds, at every fed position, the next-token state and heads 2..k+1's states in one
-    product, and the next step drafts from the accepted position's row. On a CPU core the unembedding comes from
-    memory for every product, and a product of 2 or 3 rows costs more than one of 4: a drafting pass of its own at
-    the accepted position costs more than the extra rows (d256, V 4096, 4 fed tokens, on a 2-core EPYC: 0.7 ms
-    for the 4 verify rows alone, 1.3 ms with the 12 head rows, 1.4-2.0 ms with a heads pass after). `floor` (log of the confidence threshold): each row also says how many leading heads are
+    In bf16 the verify forward unembeds, at every fed position, the next-token state and heads 2..k+1's states in
+    one product, and the next step drafts from the accepted position's row: a bf16 product of 2 or 3 rows costs
+    more than one of 4, so a drafting pass of its own at the accepted position costs more than the extra rows (d256,
+    V 4096, 4 fed tokens, AVX-512 bf16 EPYC: 0.7 ms for the 4 verify rows alone, 1.3 ms with the 12 head rows,
+    1.4-2.0 ms with a heads pass after). In fp32 on a CPU the heads draft in that pass of their own instead
+    (`heads_after`): a few fp32 rows go through `models.layers.linear`'s transposed product, and 4 rows then 3 cost
+    less than 16 in one product (cold unembedding, AVX2-only EPYC: 0.62 + 0.55 against 1.50 ms; BENCHMARKS.md,
+    "fp32 decoding"). `floor` (log of the confidence threshold): each row also says how many leading heads are
     confident. `lookup` (drafts): prompt lookup first, the heads where it finds nothing or beyond a short match;
     while lookup drafts a whole continuation (a loop, say) the forward leaves the heads out, and should lookup fall
     short after all, the heads draft in a pass of their own at the accepted position.
@@ -508,6 +511,7 @@ class HeadsChain:
         self.model, self.reach, self.stacked, self.floor = model, reach, stacked, floor
         self.lookup, self.lookup_drafts = (PromptLookup(tokens) if lookup else None), lookup
         self.with_heads, self.kept = True, None  # the next forward unembeds the heads; else its head states
+        self.heads_after = model.unembedding.dtype == torch.float32 and model.unembedding.device.type == "cpu"
 
     def forward(self, ids: torch.Tensor, state: CacheGroup, last: bool = False) -> torch.Tensor:
         """ids [1, m] -> [m, 1 + k (+ 1)]: the argmax of the next token and of each head (then the confident
@@ -519,7 +523,7 @@ class HeadsChain:
         hidden = hidden[0, -1:] if last else hidden[0]
         if model.head_type == "block" and k:
             states = states[-1:] if last else states
-        if not (self.with_heads or last):  # lookup drafts: keep what the heads would read, unembed the argmax only
+        if not last and (self.heads_after or not self.with_heads):  # keep what the heads read, unembed the argmax
             self.kept = states if model.head_type == "block" else hidden
             return greedy_token(model.logits(hidden), keepdim=True)
         if k == 0:  # nothing to draft with

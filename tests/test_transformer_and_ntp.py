@@ -129,3 +129,25 @@ def test_sampling_with_top_k_stays_in_the_top_k():
     top3 = model.logits(model.hidden(prompt))[:, -1].topk(3).indices
     assert (out[:, -1:] == top3).any(-1).all()
     assert len(out[:, -1].unique()) > 1
+
+
+def test_a_few_fp32_rows_without_gradients_take_the_transposed_product():
+    """models.layers.linear: 2-8 fp32 rows on a CPU under no_grad run as weight @ x^T (faster there); its values
+    are F.linear's to fp32 round-off; with gradients, one row, 9 rows or bf16, F.linear's own bits."""
+    from models.layers import Linear, linear
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    for rows in (1, 2, 4, 8, 9):
+        x = torch.randn(1, rows, 64)
+        reference = F.linear(x, layer.weight, layer.bias)
+        with torch.no_grad():
+            fast = layer(x)
+            transposed = (torch.mm(layer.weight, x[0].t()).t() + layer.bias)[None]
+        assert fast.shape == reference.shape == (1, rows, 96) and fast.is_contiguous()
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fast, transposed if 2 <= rows <= 8 else reference), rows
+        assert torch.equal(layer(x), reference)  # gradients on: F.linear
+    w = layer.weight.bfloat16()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(linear(x, w), F.linear(x, w))

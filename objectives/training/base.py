@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from models.layers import linear
 from objectives.training import metrics as M
 from objectives.decoding.scoring import AnswerScorer
 from objectives.training.checkpoints import (check_companions, companion_records, companions, finish_pretrained_start,
@@ -150,7 +151,7 @@ class Objective(L.LightningModule):
         return self.trunk(self.embed(tokens), mask=mask, cache=cache, **trunk_options)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.unembedding)
+        return linear(hidden, self.unembedding)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
