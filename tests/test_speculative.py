@@ -13,6 +13,7 @@ from objectives.distill import SelfDistillation
 from objectives.decoding.draft_trees import DraftTree
 from objectives.decoding import speculative
 from objectives.decoding.drafters import Drafter, PromptLookup, lookup_drafts
+from objectives.decoding.greedy import greedy_token
 from objectives.decoding.speculative import speculative_generate
 
 V = 50
@@ -317,6 +318,27 @@ def test_heads_draft_at_the_accepted_position_when_a_lookup_run_ends(name):
     fresh = m.start_decoding(1, "cpu")
     _, features = m.decode_forward(torch.tensor([tokens[:-1]]), fresh)
     assert drafts == m.draft_logits(features[:, -1], 3).argmax(-1)[0].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_heads_draft_after_the_verify_forward_and_bf16_heads_inside_it(dtype):
+    """The heads alone at batch 1: in fp32 on a CPU the verify forward unembeds the fed positions' next tokens only
+    and the heads draft at the accepted position in a pass of their own (fewer rows, each product cheaper there);
+    in bf16 one product carries every head's rows. The drafts are the heads' at the accepted position either way."""
+    m = model("mtp-mlp").to(dtype)
+    tokens = prompt(1, 12)[0].tolist()
+    chain = m.drafters(3)["heads"].chain(tokens)
+    state = m.start_decoding(1, "cpu")
+    chain.forward(torch.tensor([tokens]), state, last=True)
+    fed = [5, 6, 7, 8]
+    rows = chain.forward(torch.tensor([fed]), state).tolist()
+    assert [len(r) for r in rows] == ([1] * 4 if dtype == torch.float32 else [4] * 4)
+    drafts = chain.drafts(rows, 2, 3)
+    assert len(drafts) == 3
+    if dtype == torch.float32:  # bf16 rows of a prefill need not carry a cached step's bits
+        fresh = m.start_decoding(1, "cpu")
+        _, features = m.decode_forward(torch.tensor([tokens + fed[:3]]), fresh)
+        assert drafts == greedy_token(m.draft_logits(features[:, -1], 3))[0].tolist()
 
 
 def test_confident_heads_stop_at_the_first_unsure_head():
