@@ -38,7 +38,7 @@ import torch
 from benchmarks.common import parser, report, timed_generation
 from benchmarks.countdown import sample_scores, words
 from datamodules.countdown import check
-from objectives.ladir import majority
+from objectives.latent_flow import majority
 
 RELEASE_DIVERSITY = 0.1  # mk322/LaDiR model.py: generate_batch_diversity(diversity_scale=0.10)
 

@@ -48,7 +48,7 @@ def test_vae_reconstructs_the_steps_of_a_toy_set():
 
 
 def test_flow_matching_loss_is_zero_at_the_exact_velocity_and_hand_computed_elsewhere():
-    from objectives.ladir import TimeEmbedding, flow_matching_loss, interpolate
+    from objectives.latent_flow import TimeEmbedding, flow_matching_loss, interpolate
 
     x0 = torch.tensor([[[0.0, 2.0]]])
     x1 = torch.tensor([[[1.0, -2.0]]])
@@ -60,7 +60,7 @@ def test_flow_matching_loss_is_zero_at_the_exact_velocity_and_hand_computed_else
 
 
 def test_the_diversity_weight_follows_its_schedule_and_is_zero_at_the_last_step():
-    from objectives.ladir import diversity_weight
+    from objectives.latent_flow import diversity_weight
 
     for n in (1, 2, 4, 8, 16, 32):
         weights = [diversity_weight(i, n, 0.3) for i in range(n)]
@@ -74,7 +74,7 @@ def test_the_diversity_term_moves_the_prediction_by_its_annealed_weight_not_the_
     """Every prediction is the same constant p_i whatever the state, and every trajectory starts at the same x0: the
     step from x_i is dt * (p + w_i * grad(p)), so the state's pairwise gradient (0 here, all states equal) cannot
     be what moves them, and the last step is dt * p exactly."""
-    from objectives.ladir import denoise, diversity_gradient, diversity_weight
+    from objectives.latent_flow import denoise, diversity_gradient, diversity_weight
 
     p = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.5, 0.5]])
     x0 = torch.zeros(4, 2)
@@ -95,7 +95,7 @@ def test_the_diversity_term_moves_the_prediction_by_its_annealed_weight_not_the_
 
 
 def test_the_diversity_gradient_by_hand_and_within_a_question_s_trajectories_only():
-    from objectives.ladir import diversity_gradient
+    from objectives.latent_flow import diversity_gradient
 
     # two particles at distance 1 with sigma = 2: w = exp(-1/4) (1 - 1/4), grad_0 = 2 w (p_0 - p_1)
     p = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
@@ -285,7 +285,7 @@ def test_cfg_dropout_gives_about_one_question_in_ten_the_null_exactly_in_the_row
 
 
 def test_majority_vote_picks_the_first_trajectory_with_the_most_common_answer():
-    from objectives.ladir import majority
+    from objectives.latent_flow import majority
 
     assert majority([[1], [2], [2], [3]]) == 1
     assert majority([[5], [6]]) == 0
