@@ -12,7 +12,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Why: for those shapes F.linear's fp32 kernel is about twice as slow as the transposed product (the quickstart
     trunk's 16 weight matrices read cold, 1 thread, AVX2-only AMD EPYC: 2.92 against 1.51 ms at 4 rows, 3.60 against
-    2.87 at 8; at 1 row F.linear's 0.77 is the faster, so one row keeps it; BENCHMARKS.md, "fp32 decoding").
+    2.87 at 8; at 1 row F.linear's 0.77 is the faster, so one row keeps it, and from 12 rows F.linear wins again;
+    `python -m benchmarks.linear_rows`, BENCHMARKS.md, "fp32 decoding").
     Low precision keeps F.linear (oneDNN's bf16 products cost about the same from 1 to 4 rows). The bits differ from
     F.linear's at the 1e-7 level, as fp32 products of different row counts already do."""
     rows = x.numel() // max(x.shape[-1], 1)

@@ -220,7 +220,8 @@ class Attention(nn.Module):
         cache query by query over exactly the keys a one-query step sees: the same calls, the same bits, and the
         rest of the step stays in the weights' precision. On a CPU these calls (and plain decoding's) run in fp32,
         whose SDPA of one query is about twice as fast as bf16's at these sizes (21 against 46 us with the casts,
-        4 heads of 64, 100 keys, 1 thread, AMD EPYC with AVX-512 bf16): in bf16 the calls query by query cost about 0.2 plain steps of a d256 x 4 verify step
+        4 heads of 64, 100 keys, 1 thread, AMD EPYC with AVX-512 bf16): in bf16 the calls query by query cost
+        about 0.2 plain steps of a d256 x 4 verify step
         (BENCHMARKS.md, "bf16 decoding"). One call of T queries, even in fp32, is not row-exact after the cast
         back (its products differ by row count by about 1e-7). A GPU keeps the weights' precision (an fp32 copy
         of the cache every step would double the memory traffic that decoding is bound by). fp32 weights keep

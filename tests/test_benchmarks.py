@@ -31,3 +31,12 @@ def test_path_star_benchmark_trains_tests_and_writes_its_table(tmp_path):
     # are in BENCHMARKS.md); a figure above 0 is a scorer that accepts wrong paths
     assert row["run"] == "reverse" and row["steps"] == 2 and row["test accuracy"] == 0.0
     assert "path-star G(2, 5, 50)" in done.stdout
+
+
+def test_linear_rows_benchmark_times_each_form_at_each_row_count(tmp_path):
+    from benchmarks import linear_rows
+    rows = linear_rows.main(["--rows", "1", "4", "--calls", "1", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert [(r["weights"], r["rows"]) for r in rows] == [("trunk, 16 matrices", 1), ("trunk, 16 matrices", 4),
+                                                          ("unembedding 4096 x 256", 1), ("unembedding 4096 x 256", 4)]
+    assert all(r[f"{form} (ms)"] > 0 for r in rows for form in linear_rows.FORMS)
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == rows
