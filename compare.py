@@ -22,6 +22,7 @@ An experiment file names a shared base and the runs:
       mtp2: {model: configs/objectives/mtp.yaml, args: {model.init_args.n_future: 2}, label: "MTP n=2"}
       mamba: {model: configs/objectives/ntp.yaml, trunk: configs/models/mamba-quickstart.yaml}
       bow: {model: configs/objectives/ntp.yaml, summaries: [configs/summaries/bow.yaml]}
+      long: {model: configs/objectives/ntp.yaml, steps: 600}   # a run's own budget instead of base.steps
 
 Each run trains in its own process through train.py (the same Lightning CLI path as a user's run), with the
 experiment's callback `RunRecord` added: it logs tokens seen, peak memory and training wall-clock beside the
@@ -94,9 +95,7 @@ def one_experiment(p: argparse.ArgumentParser, args, path: str, experiment) -> s
             p.error(f"--runs names {', '.join(unknown)}, not runs of {path}: it has {', '.join(experiment.runs)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else experiment.seeds
     if args.steps:
-        if experiment.minutes:  # the stated budget was for the file's steps
-            experiment.minutes *= args.steps / experiment.steps
-        experiment.steps = args.steps
+        experiment.scale_steps(args.steps)
         experiment.overrides.append(f"--steps {args.steps}")
     for item in args.set or []:
         key, sep, value = item.partition("=")

@@ -24,7 +24,8 @@ RUN_KEYS = {"model": "an objective config (configs/objectives/*.yaml)", "trunk":
             "data": "a data config (configs/data/)", "configs": "more train.py config files",
             "summaries": "future-summary configs to attach (configs/summaries/*.yaml)",
             "args": "train.py flags of this run", "label": "the run's name in the report",
-            "headline": "the family's own figure: a scalar tag, or hparams.<name>"}
+            "headline": "the family's own figure: a scalar tag, or hparams.<name>",
+            "steps": "this run's optimizer steps instead of base.steps (a recipe that needs a longer budget)"}
 LENS_KEYS = {"train_windows", "val_windows", "epochs", "max_k"}
 
 
@@ -39,6 +40,7 @@ class Run:
     args: dict = field(default_factory=dict)
     label: str = ""
     headline: str | None = None  # a scalar tag or hparams.<name>; default: the family's `headline_metric`
+    steps: int | None = None  # this run's budget; None: the base's
 
 
 @dataclass
@@ -59,6 +61,20 @@ class Experiment:
     runs: dict[str, Run] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     set_args: dict = field(default_factory=dict)
+
+    def run_steps(self, name: str) -> int:
+        """The optimizer steps run `name` trains for: its own `steps`, else the base's."""
+        return self.runs[name].steps or self.steps
+
+    def scale_steps(self, steps: int) -> None:
+        """A new budget of `steps` for the base (compare.py --steps); a run with its own budget keeps its ratio
+        to the base's, so that a reduced check of the experiment stays in proportion."""
+        for run in self.runs.values():
+            if run.steps:
+                run.steps = max(1, round(run.steps * steps / self.steps))
+        if self.minutes:  # the stated budget was for the file's steps
+            self.minutes *= steps / self.steps
+        self.steps = steps
 
 
 class ExperimentError(ValueError):
@@ -120,13 +136,18 @@ def load_experiment(path: str) -> Experiment:
                                   f"configs/objectives/ntp.yaml). Known keys: {', '.join(RUN_KEYS)}")
         if not isinstance(run.get("args") or {}, dict):
             raise ExperimentError(f"{where}: run {name!r}: `args` must map train.py flags (dotted keys) to values")
+        steps = run.get("steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ExperimentError(f"{where}: run {name!r}: `steps` must be a positive whole number of optimizer "
+                                  f"steps, got {steps!r} (leave it out to train base.steps)")
         experiment.runs[name] = Run(
             model=config_file(f"{where}: run {name!r}: model", run["model"]),
             trunk=config_file(f"{where}: run {name!r}: trunk", run["trunk"]) if "trunk" in run else None,
             data=config_file(f"{where}: run {name!r}: data", run["data"]) if "data" in run else None,
             configs=[config_file(f"{where}: run {name!r}: configs", c) for c in as_list(run.get("configs"))],
             summaries=[config_file(f"{where}: run {name!r}: summaries", c) for c in as_list(run.get("summaries"))],
-            args=run.get("args") or {}, label=run.get("label", name), headline=run.get("headline"))
+            args=run.get("args") or {}, label=run.get("label", name), headline=run.get("headline"),
+            steps=steps)
     return experiment
 
 

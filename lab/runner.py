@@ -69,7 +69,7 @@ def train_command(runs_dir: Path, experiment: Experiment, name: str, seed: int, 
     for key, value in {**run.args, **experiment.set_args}.items():  # the command line's flags win
         cmd += [f"--{key}", flag_value(value)]
     cmd += ["--trainer.callbacks", json.dumps(callbacks(experiment, configs)),
-            "--trainer.max_steps", str(experiment.steps), "--seed_everything", str(seed),
+            "--trainer.max_steps", str(experiment.run_steps(name)), "--seed_everything", str(seed),
             "--trainer.logger.init_args.save_dir", str(out.parent.parent), "--trainer.logger.init_args.name", name,
             "--trainer.logger.init_args.version", out.name, "--trainer.default_root_dir", str(out),
             "--trainer.enable_progress_bar", "false"]
@@ -207,10 +207,11 @@ def estimate(runs_dir: Path, experiment: Experiment, jobs: list[tuple[str, int]]
     """How long the (run, seed)s still to train should take on this machine, said before training starts: the
     seconds per step of the runs of this experiment that finished here (plus a start-up per run), else the
     experiment file's stated `minutes` (its share for these steps), else no figure."""
-    todo = [last for status, last in (state(runs_dir, experiment, n, s) for n, s in jobs) if status != "finished"]
+    states = {(n, s): state(runs_dir, experiment, n, s) for n, s in jobs}
+    todo = [(n, last) for (n, _), (status, last) in states.items() if status != "finished"]
     if not todo:
         return "nothing to train"
-    steps_left = sum(experiment.steps - steps_done(last) for last in todo)
+    steps_left = sum(experiment.run_steps(n) - steps_done(last) for n, last in todo)
     what = f"for the {len(todo)} run{'s' * (len(todo) > 1)} still to train"
     finished = [info for path in sorted((runs_dir / experiment.name).glob("*/seed*/run.json"))
                 if (info := read_json(path)) and info.get("finished") and info.get("steps")
@@ -221,7 +222,7 @@ def estimate(runs_dir: Path, experiment: Experiment, jobs: list[tuple[str, int]]
                 f"measured on {len(finished)} finished run{'s' * (len(finished) > 1)} here, plus {START_UP_S} s "
                 f"start-up a run)")
     if experiment.minutes:
-        budget_steps = experiment.steps * len(experiment.runs) * len(experiment.seeds)
+        budget_steps = sum(map(experiment.run_steps, experiment.runs)) * len(experiment.seeds)
         return (f"about {clock(experiment.minutes * 60 * steps_left / budget_steps)} {what} (the experiment "
                 f"file's stated budget, minutes: {experiment.minutes:g} for all its runs)")
     return "no estimate yet (the first run's progress line gives one)"
@@ -258,12 +259,12 @@ def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: l
                 run_seconds = time.perf_counter() - started
                 trained = done_steps + step - start_step  # steps trained by this invocation so far
                 rate = (busy + run_seconds) / trained if trained > 0 else None
-                remaining = experiment.steps - step + experiment.steps * (len(todo) - i - 1)
+                remaining = experiment.run_steps(name) - step + sum(experiment.run_steps(n) for n, _ in todo[i + 1:])
                 eta = clock(rate * remaining) if rate else "--"
                 print(f"[{experiment.name} {i + 1}/{len(todo)}] {name} seed{seed}: step {step}/"
-                      f"{experiment.steps}, {clock(run_seconds)} in this run, experiment ETA {eta}", flush=True)
+                      f"{experiment.run_steps(name)}, {clock(run_seconds)} in this run, experiment ETA {eta}", flush=True)
         busy += time.perf_counter() - started
-        done_steps += experiment.steps - start_step
+        done_steps += experiment.run_steps(name) - start_step
         if process.returncode != 0 or state(runs_dir, experiment, name, seed)[0] != "finished":
             tail = (out / "train.log").read_text(errors="replace").splitlines()[-5:]
             print(f"[{experiment.name}] {name} seed{seed} FAILED (exit {process.returncode}); "

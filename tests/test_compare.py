@@ -248,6 +248,26 @@ def test_set_on_the_command_line_wins_over_a_runs_own_flags(tmp_path, capsys):
     assert command[len(command) - 1 - command[::-1].index(flag) + 1] == "0.001"  # the last one given wins
 
 
+def test_a_runs_own_steps_replace_the_base_budget_and_scale_with_steps(tmp_path, capsys):
+    path = tmp_path / "steps.yaml"
+    spec = {"base": {"steps": 40}, "runs": {"short": {"model": "configs/objectives/ntp.yaml"},
+                                            "long": {"model": "configs/objectives/ntp.yaml", "steps": 100}}}
+    path.write_text(yaml.safe_dump(spec))
+
+    def max_steps(*argv: str) -> dict:
+        compare.main([str(path), "--dry-run", "--runs-dir", str(tmp_path), *argv])
+        lines = [line.split() for line in capsys.readouterr().out.splitlines() if "train.py" in line]
+        return {words[words.index("--trainer.logger.init_args.name") + 1]:
+                int(words[words.index("--trainer.max_steps") + 1]) for words in lines}
+
+    assert max_steps() == {"short": 40, "long": 100}
+    assert max_steps("--steps", "10") == {"short": 10, "long": 25}  # a reduced check keeps the ratio
+    spec["runs"]["long"]["steps"] = 0
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(compare.ExperimentError, match="run 'long': `steps` must be a positive"):
+        compare.load_experiment(str(path))
+
+
 def test_future_lens_recovers_a_planted_future_token():
     """A toy trunk whose hidden state at t is the embedding of x[t+2]: the k=2 probe reads it off, the others
     see noise."""
