@@ -7,7 +7,8 @@ and Mamba-2 trunks against the transformer.
     `selective_scan_reference` at L in {256, 1024, 4096}, d_inner 512, N 16, batch 2 (goal: >= 10x at L=1024
     on CPU); and one Mamba block's forward+backward at d_model 256, d_state 16, batch 2, L 1024 against
     `mambapy`'s block (its parallel scan; optional dependency: pip install mambapy), in the same process
-    (goal: >= 2x its tokens/s).
+    (goal: >= 2x its tokens/s); and one Mamba block's forward+backward with the scan's batch in row slices
+    (the CPU default) against the whole batch at once, at zoo_recall's and the quickstart's shapes.
 (b) train: NTP training tokens/s (one forward+backward+AdamW step, median of --repeats after a warm-up; bf16
     autocast where `auto_precision()` says bf16-mixed) and peak memory of the transformer (d 256 x 4, 3.21M),
     Mamba (d 256 x 7, 3.07M), Mamba-2 (d 256 x 7, 3.26M) and RWKV-7 (d 256 x 4, 3.22M), each as its
@@ -122,13 +123,47 @@ def bench_block(d_model: int = 256, d_state: int = 16, batch: int = 2, length: i
     return rows
 
 
+ROW_SLICE_SHAPES = ((128, 64, 64, "MQAR d128"), (64, 32, 256, "induction heads d64"), (256, 16, 1024, "quickstart"))
+
+
+def bench_row_slices(repeats: int = 5) -> list[dict]:
+    """One Mamba block forward+backward (fp32) with the scan's batch in row slices (the default on a CPU) and
+    as one slice, alternating, at the shapes of zoo_recall's MQAR and induction-heads runs and the quickstart."""
+    import models.selective_scan as scan_module
+    sliced = scan_module._rows_per_slice
+    rows = []
+    for d_model, batch, length, what in ROW_SLICE_SHAPES:
+        torch.manual_seed(0)
+        block, x = MambaBlock(d_model, d_state=16), torch.randn(batch, length, d_model)
+
+        def run(rows_per_slice):
+            def step():
+                scan_module._rows_per_slice = rows_per_slice
+                try:
+                    block.zero_grad(set_to_none=True)
+                    block(x.clone().requires_grad_()).square().mean().backward()
+                finally:
+                    scan_module._rows_per_slice = sliced
+            return step
+
+        t = best_of_alternating({"slices": run(sliced), "whole": run(lambda b, *_, **__: b)},
+                                repeats if length < 1024 else max(2, repeats // 2))
+        rows.append({"shape": what, "batch x L": f"{batch} x {length}", "d_inner": 2 * d_model,
+                     "rows per slice": sliced(batch, length, 16, 2 * d_model), "whole batch ms": 1e3 * t["whole"],
+                     "row slices ms": 1e3 * t["slices"], "speedup": t["whole"] / t["slices"]})
+    return rows
+
+
 def part_a(args) -> list[tuple[str, list[dict]]]:
     scan = bench_scan(repeats=args.repeats)
     block = bench_block(repeats=args.repeats)
+    slices = bench_row_slices(repeats=args.repeats)
     return [(f"(a) selective scan forward: chunked vs step-by-step loop (d_inner 512, N 16, batch 2, fp32, "
              f"{torch.get_num_threads()} threads)", scan),
             (f"(a) Mamba block forward+backward (d_model 256, d_state 16, batch 2, L 1024, fp32, "
-             f"{torch.get_num_threads()} threads)", block)]
+             f"{torch.get_num_threads()} threads)", block),
+            (f"(a) Mamba block forward+backward, the scan's batch in row slices vs whole (d_state 16, fp32, "
+             f"{torch.get_num_threads()} threads)", slices)]
 
 
 # ---------------------------------------------------------------- (b) training speed and memory vs the transformer

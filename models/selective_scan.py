@@ -26,7 +26,8 @@ of the same per-step factors). Each exp(delta_t A) is formed once; no (K x K x N
 by a cumulative decay (whose exp(-cumsum) overflows fp32 after ~88 nats of decay).
 
 The chunks are processed in segments of M >= 4 chunks, the (K, batch, M, N, dim) working set sized to stay in
-cache on CPU (fresh large buffers page-fault and spill); a segment hands its last state to the next. That is
+cache on CPU (fresh large buffers page-fault and spill); a segment hands its last state to the next. Where even
+M = 4 chunks of the whole batch would not fit (many short rows: MQAR's 64 x 64), the rows go through in slices. That is
 about L (1/M + 1/K) Python-level steps instead of L, each op covering M positions x batch x N x dim elements.
 """
 from __future__ import annotations
@@ -326,16 +327,45 @@ def _gate(y, u, D, z, cd):
     return y
 
 
+def _rows_per_slice(b: int, L: int, n: int, d: int, cuda: bool = False) -> int:
+    """Batch rows the scan works on at a time: on a CPU, as many as keep a segment of MIN_CHUNKS chunks within
+    SEGMENT_ELEMENTS (rows are independent scans). A batch of 64 short MQAR rows at d_inner 256 made every
+    (K, b, M, N, d) buffer 33 MB at once, 4x the target: the scan then ran at memory speed and spent a tenth of
+    its time zero-filling fresh pages (a 2-layer Mamba's step 4x slower than in slices)."""
+    if cuda:
+        return b
+    K = min(CHUNK, 1 << max(L - 1, 0).bit_length())
+    return max(1, min(b, SEGMENT_ELEMENTS // (n * d * K * MIN_CHUNKS)))
+
+
 def _scan_forward(delta, du, A, B, C, h0, keep):
+    """`_scan_slice_forward` over slices of the batch's rows (`_rows_per_slice`), joined."""
+    b, L, d = du.shape
+    rows = _rows_per_slice(b, L, A.shape[1], d, du.is_cuda)
+    if rows >= b:
+        return _scan_slice_forward(delta, du, A, B, C, h0, keep)
+    parts = [_scan_slice_forward(delta[r:r + rows], du[r:r + rows], A, _rows(B, r, rows), _rows(C, r, rows),
+                                 None if h0 is None else h0[r:r + rows], keep, rows) for r in range(0, b, rows)]
+    y, last, kept, starts = zip(*parts)
+    return torch.cat(y), torch.cat(last), torch.cat(kept, 1), torch.cat(starts, 1)
+
+
+def _rows(t: torch.Tensor, r: int, rows: int) -> torch.Tensor:
+    """Rows r .. r+rows of a time-varying B or C (b, L, N); a constant (d, N) one as it is."""
+    return t[r:r + rows] if t.dim() == 3 else t
+
+
+def _scan_slice_forward(delta, du, A, B, C, h0, keep, slice_rows=None):
     """The chunked scan h_t = exp(delta_t A) h_{t-1} + du_t B_t, y_t = C_t . h_t (time-major; see the module
-    docstring). Returns y (b, L, d), the last state (b, N, d), the states of the last `keep` positions
+    docstring), its segments sized for `slice_rows` rows (default: these), so that every slice of a batch has as
+    many segment starts. Returns y (b, L, d), the last state (b, N, d), the states of the last `keep` positions
     (keep, b, N, d) and the state each segment starts from (nseg, b, N, d), which is all the backward keeps."""
     b, L, d = du.shape
     N = A.shape[1]
     h = du.new_zeros(b, N, d) if h0 is None else h0.contiguous()
     if L == 0:
         return du.new_zeros(b, 0, d), h.clone(), du.new_empty(0, b, N, d), h.new_empty(0, b, N, d)
-    K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
+    K, M, nseg, Lp = _segments(slice_rows or b, L, N, d, du.is_cuda)
     A2 = (A * LOG2E).t().contiguous()  # (N, d): exp(delta A) = exp2(delta A log2 e), and exp2 is faster
     ds = _to_segments(delta, Lp, nseg, K, M)
     dus = _to_segments(du, Lp, nseg, K, M)
@@ -367,14 +397,30 @@ def _outputs(H, Cseg, out, tmp):
 
 def _scan_backward(delta, du, A, B, C, seg_starts, has_h0, gy, glast, want_y=False):
     """Gradients of `_scan_forward` from the saved segment starts: (g_delta, g_du, g_A, g_B, g_C, g_h0, y), with
-    the scan's output y (b, L, d) recomputed on the way when `want_y` (else None)."""
+    the scan's output y (b, L, d) recomputed on the way when `want_y` (else None); in the forward's row slices."""
+    b, L, d = du.shape
+    rows = _rows_per_slice(b, L, A.shape[1], d, du.is_cuda)
+    if rows >= b:
+        return _scan_slice_backward(delta, du, A, B, C, seg_starts, has_h0, gy, glast, want_y)
+    parts = [_scan_slice_backward(delta[r:r + rows], du[r:r + rows], A, _rows(B, r, rows), _rows(C, r, rows),
+                                  seg_starts[:, r:r + rows], has_h0, gy[r:r + rows],
+                                  None if glast is None else glast[r:r + rows], want_y, rows)
+             for r in range(0, b, rows)]
+    g_delta, g_du, g_A, g_B, g_C, g_h0, y = zip(*parts)
+    join = lambda grads, t: torch.cat(grads) if t.dim() == 3 else sum(grads)  # noqa: E731  rows or a constant
+    return (torch.cat(g_delta), torch.cat(g_du), sum(g_A), join(g_B, B), join(g_C, C),
+            torch.cat(g_h0) if has_h0 else None, torch.cat(y) if want_y else None)
+
+
+def _scan_slice_backward(delta, du, A, B, C, seg_starts, has_h0, gy, glast, want_y=False, slice_rows=None):
+    """Gradients of `_scan_slice_forward` from its saved segment starts (see `_scan_backward`)."""
     b, L, d = du.shape
     N = A.shape[1]
     if L == 0:
         g_h0 = (glast if glast is not None else du.new_zeros(b, N, d)) if has_h0 else None
         return (torch.zeros_like(delta), torch.zeros_like(du), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(C), g_h0, du.new_zeros(b, 0, d) if want_y else None)
-    K, M, nseg, Lp = _segments(b, L, N, d, du.is_cuda)
+    K, M, nseg, Lp = _segments(slice_rows or b, L, N, d, du.is_cuda)
     variable_B, variable_C = B.dim() == 3, C.dim() == 3
     A2 = (A * LOG2E).t().contiguous()
     At = A.t().contiguous()

@@ -136,6 +136,34 @@ def test_scan_resumes_from_an_initial_state_and_keeps_the_last_states():
         assert rel_err(kept[i], state) < 1e-5
 
 
+def test_the_batch_in_row_slices_equals_the_whole_batch(monkeypatch):
+    """On a CPU a large batch is scanned a few rows at a time (`_rows_per_slice`): outputs, last and kept states
+    and every gradient equal the one-slice scan, with 5 rows in slices of 2, 2 and 1, an initial state, time-varying
+    B and constant C (whose gradients are joined by rows and by sum)."""
+    g = torch.Generator().manual_seed(7)
+    b, L, d, n = 5, 100, 6, 4
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    inputs = dict(u=r(b, L, d), delta=r(b, L, d), A=-torch.rand(d, n, generator=g) * 4 - 0.1, B=r(b, L, n),
+                  C=r(d, n), D=r(d), z=r(b, L, d), delta_bias=r(d) * 0.5, initial_state=r(b, d, n))
+    weights = r(b, L, d), r(b, d, n)
+
+    def scan():
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y, last, kept = selective_scan_time_major(**leaves, delta_softplus=True, keep_states=3)
+        ((y * weights[0]).sum() + (last * weights[1]).sum()).backward()
+        return y.detach(), last.detach(), kept, {k: v.grad for k, v in leaves.items()}
+
+    assert mm._rows_per_slice(b, L, n, d) == b
+    whole = scan()
+    monkeypatch.setattr(mm, "SEGMENT_ELEMENTS", 2 * n * d * mm.CHUNK * mm.MIN_CHUNKS)
+    assert mm._rows_per_slice(b, L, n, d) == 2
+    sliced = scan()
+    for a, c in zip(whole[:3], sliced[:3]):
+        assert rel_err(c, a) < 1e-6
+    for k in inputs:
+        assert rel_err(sliced[3][k], whole[3][k]) < 1e-6, k
+
+
 def test_scan_is_stable_for_large_and_tiny_steps():
     """Decays far below fp32's range (delta*A ~ -1000) and steps of 1e-6 both match the reference, finite."""
     args = scan_args(700, seed=5)
