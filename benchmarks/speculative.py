@@ -9,7 +9,8 @@ For each case: the most drafts a step may carry, tokens/s, speedup over plain gr
 tokens per verify forward (per row), the cost of one verify step in plain decoding steps, whether every output
 equals plain greedy output row by row, the ceiling (1 + drafts) / (step cost), the speedup if every draft were
 accepted (DeepSeek's modules at depth 1 draft one token, so theirs is 2 over their step cost), and at batch 1 the speedup on the prompts whose plain outputs repeat under
-40% of their 4-grams (a weak model's loops are easy to draft and flatter lookup). The step cost leaves out the
+40% of their 4-grams (a weak model's loops are easy to draft and flatter lookup); --low_repeat N adds batch-1
+rows on N prompts screened for such outputs. The step cost leaves out the
 prefill (timed apart, per case, as a generation of one token), which a decode pays once whatever its steps: with
 it, a drafter that takes few steps would be charged the prompt's forward over fewer steps. The speedup is end to
 end, prefill included, so it is (accepted/step) / (step cost) up to the prefill's share. The drafters that read
@@ -56,6 +57,26 @@ def held_out_prompts(tokenizer, count: int, length: int, seed: int = 0) -> list[
 def repeated_4gram_share(ids: list[int]) -> float:
     grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+LOW_REPEAT_SHARE = 0.4  # the low-repetition prompts: plain output repeating under this share of its 4-grams
+
+
+def low_repeat_prompts(model, candidates: list[list[int]], count: int, max_new_tokens: int
+                       ) -> tuple[list[list[int]], int]:
+    """Up to `count` of the candidate prompts whose plain greedy continuation repeats under LOW_REPEAT_SHARE of
+    its 4-grams, screened in order: (prompts, how many were screened). Why: a weak model's continuations often
+    loop, and a loop is what prompt lookup copies best; on these prompts lookup has little to copy and the heads
+    must predict."""
+    chosen, screened = [], 0
+    for ids in candidates:
+        screened += 1
+        out = model.generate(torch.tensor([ids]), max_new_tokens)
+        if repeated_4gram_share(out[0, len(ids):].tolist()) < LOW_REPEAT_SHARE:
+            chosen.append(ids)
+            if len(chosen) == count:
+                break
+    return chosen, screened
 
 
 def decoding_cases(model, num_drafts: int, trees: list[list[int]], lookup_drafts: int = 8
@@ -159,6 +180,9 @@ def main() -> None:
     p.add_argument("--lookup_drafts", type=int, default=8,
                    help="most drafts per step of prompt lookup (alone or with the heads), while its match continues")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--low_repeat", type=int, default=0,
+                   help="also time batch 1 on this many held-out prompts whose plain output repeats under 40%% of "
+                        "its 4-grams (screened from up to 16x as many candidates), rows marked in 'prompts'")
     p.add_argument("--trees", nargs="*", default=["3,2,1", "4,2"],
                    help="tree shapes as widths per depth (Medusa-style product trees)")
     p.add_argument("--dtype", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
@@ -205,6 +229,22 @@ def main() -> None:
                         fp32_plain = sum(results[groups["float32"][0][0]]["seconds"])
                         row["x float32 plain"] = fp32_plain / sum(results[row["decoding"]]["seconds"])
                 rows += group
+        if args.low_repeat:
+            candidates = held_out_prompts(tokenizer, 16 * args.low_repeat, args.prompt_tokens, seed=1)
+            prompts, screened = low_repeat_prompts(model, candidates, args.low_repeat, args.max_new_tokens)
+            print(f"{name}: {len(prompts)} low-repetition prompts (plain output under {LOW_REPEAT_SHARE:.0%} "
+                  f"repeated 4-grams) in {screened} screened")
+            if prompts:
+                cases = [case for group in groups.values() for case in group]
+                results = measure(model, [torch.tensor([ids]) for ids in prompts], cases, args.max_new_tokens)
+                for label, options in cases:
+                    results[label]["drafts"] = options.get("num_drafts", 0)
+                for cases in groups.values():
+                    group = rows_of({label: results[label] for label, _ in cases}, 1, args.max_new_tokens, name,
+                                    plain_label=cases[0][0])
+                    for row in group:
+                        row["prompts"] = f"{len(prompts)} low-repetition"
+                    rows += group
     report(rows, f"greedy decoding, {args.prompts} held-out code prompts of {args.prompt_tokens} tokens, "
                  f"{args.max_new_tokens} new tokens each, {args.threads} thread(s)", args.json)
 

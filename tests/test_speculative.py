@@ -461,6 +461,23 @@ def test_the_benchmark_splits_speedup_into_accepted_tokens_and_step_cost_without
     assert abs(drafted["ceiling"] - 4 / (0.1 / 0.09)) < 1e-9 and drafted["identical"]
 
 
+def test_the_benchmark_screens_prompts_whose_plain_output_does_not_loop():
+    """--low_repeat: the prompts kept are those whose plain greedy continuation repeats under 40% of its 4-grams,
+    in order, and screening stops once enough are found."""
+    from benchmarks.speculative import low_repeat_prompts, repeated_4gram_share
+
+    class Scripted:  # continues a prompt starting with 0 by a loop of period 2, anything else by fresh tokens
+        def generate(self, ids, new):
+            loop = ids[0, 0].item() == 0
+            tail = torch.tensor([[i % 2 if loop else 100 + i for i in range(new)]])
+            return torch.cat([ids, tail], 1)
+
+    assert repeated_4gram_share([1, 2] * 10) > 0.8 and repeated_4gram_share(list(range(20))) == 0
+    candidates = [[0, 5], [1, 5], [0, 6], [2, 5, 7], [3, 5], [4, 5]]
+    assert low_repeat_prompts(Scripted(), candidates, 2, 12) == ([[1, 5], [2, 5, 7]], 4)
+    assert low_repeat_prompts(Scripted(), candidates[:3], 5, 12) == ([[1, 5]], 3)
+
+
 def test_the_benchmark_decodes_each_case_on_its_own_dtype_copy():
     """benchmarks/speculative.py --dtype: a bfloat16 copy's cases are labelled apart, run on the copy (its outputs
     equal the copy's own plain greedy and are checked against it), and the float32 model is left as it was."""
