@@ -334,10 +334,11 @@ class MambaResidualBlock(nn.Module):
     mamba_ssm's Block)."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, norm_eps: float = 1e-5):
+                 dt_rank: int | None = None, norm_eps: float = 1e-5, dt_min: float = 0.001, dt_max: float = 0.1):
         super().__init__()
         self.norm = RMSNorm(d_model, norm_eps)
-        self.mixer = MambaBlock(d_model, d_state, d_conv, expand, dt_rank)
+        self.mixer = MambaBlock(d_model, d_state, d_conv, expand, dt_rank, dt_min=dt_min, dt_max=dt_max,
+                                dt_init_floor=min(1e-4, dt_min))
 
     def forward(self, x: torch.Tensor, *, mask: Mask = "causal", cache: MambaCache | None = None,
                 positions: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -373,15 +374,21 @@ class Mamba(nn.Module):
         dt_rank: rank of the delta projection; default ceil(d_model / 16).
         max_seq_len: the longest sequence the trunk accepts (no positional tables: only a sanity bound).
         norm_eps: RMSNorm epsilon.
+        dt_min, dt_max: the step sizes delta at init, log-uniform between them (mamba_ssm's defaults 0.001, 0.1).
+            A channel whose delta stays near d forgets at rate d|A| per token: the smallest delta bounds how far
+            back a freshly trained model can recall (BENCHMARKS.md, "Mamba's memory horizon").
     """
 
     supported_masks = ("causal",)
 
     def __init__(self, d_model: int = 256, n_layers: int = 4, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 dt_rank: int | None = None, max_seq_len: int = 1_000_000, norm_eps: float = 1e-5):
+                 dt_rank: int | None = None, max_seq_len: int = 1_000_000, norm_eps: float = 1e-5,
+                 dt_min: float = 0.001, dt_max: float = 0.1):
         super().__init__()
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba needs 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         self.d_model, self.n_layers, self.max_seq_len = d_model, n_layers, max_seq_len
-        self._block_args = (d_model, d_state, d_conv, expand, dt_rank, norm_eps)
+        self._block_args = (d_model, d_state, d_conv, expand, dt_rank, norm_eps, dt_min, dt_max)
         self.blocks = nn.ModuleList(self.make_block() for _ in range(n_layers))
         self.norm = RMSNorm(d_model, norm_eps)
 

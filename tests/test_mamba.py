@@ -421,3 +421,17 @@ def test_an_objective_that_needs_full_attention_refuses_the_mamba_trunk():
 
     with pytest.raises(ValueError, match="full.*Mamba"):
         NeedsFullAttention(Mamba(d_model=16, n_layers=1), vocab_size=10)
+
+
+def test_the_trunk_initialises_its_step_sizes_in_the_range_it_is_given():
+    """dt_min / dt_max reach every block: softplus(dt_proj.bias) lies in [dt_min, dt_max] and spans it (the
+    smallest step sizes set how far back a fresh model's channels remember); a bad range is a clear error."""
+    torch.manual_seed(0)
+    for lo, hi in ((1e-3, 1e-1), (1e-5, 1e-3)):
+        trunk = Mamba(d_model=32, n_layers=2, dt_min=lo, dt_max=hi)
+        for block in trunk.blocks:
+            dt = F.softplus(block.mixer.dt_proj.bias.detach().double())
+            assert dt.min() >= lo * (1 - 1e-5) and dt.max() <= hi * (1 + 1e-5)
+            assert dt.min() < lo * 2 and dt.max() > hi / 2
+    with pytest.raises(ValueError, match="dt_min"):
+        Mamba(d_model=32, n_layers=1, dt_min=0.1, dt_max=0.01)
