@@ -340,7 +340,8 @@ def induction_recipe(kind: str, lengths=(256, 1024, 4096, 16384), eval_examples:
 
 def score_checkpoint(path: str, lengths=(256, 1024, 4096, 16384), eval_examples: int = 128, vocab: int = 16,
                      train_len: int = 256) -> dict:
-    """The answer accuracy of a saved induction-heads model (e.g. the recipe's last.ckpt) at each prompt length."""
+    """The answer accuracy of a saved induction-heads model (e.g. the recipe's last.ckpt) at each prompt length,
+    and for a Mamba its blocks' memory horizons on a test prompt of the longest length (`memory_horizons`)."""
     from datamodules.synthetic import SyntheticTaskDataset
     from objectives.training.checkpoints import load_checkpoint, load_objective
     checkpoint = load_checkpoint(path)
@@ -350,6 +351,35 @@ def score_checkpoint(path: str, lengths=(256, 1024, 4096, 16384), eval_examples:
     for n in lengths:
         data = SyntheticTaskDataset("induction_heads", n, num_examples=eval_examples, vocab=vocab, split="test")
         row[f"acc @{n} ({n // train_len}x)"] = answer_accuracy(model, data, batch_size=max(1, 8192 // n))
+    longest = SyntheticTaskDataset("induction_heads", max(lengths), num_examples=1, vocab=vocab, split="test")[0]
+    return {**row, **memory_horizons(model, longest["tokens"][None])}
+
+
+@torch.no_grad()
+def memory_horizons(model, tokens: torch.Tensor) -> dict:
+    """For a Mamba trunk, per block: how many tokens back its longest-remembering channels reach on `tokens` (1,
+    T). A channel with step sizes delta_t keeps exp(-|A_n| sum delta_t) of what it stored; its slowest state n
+    forgets to 1/e after 1 / (mean delta * min_n |A_n|) tokens. Reported: the 90th percentile and the largest of
+    that horizon over the block's channels (an induction head must bridge the gap from the pair to the query)."""
+    import torch.nn.functional as F
+    from models import Mamba
+    if not isinstance(model.trunk, Mamba):
+        return {}
+    steps = {}
+    hooks = [block.mixer.x_proj.register_forward_hook(
+        lambda module, inputs, out, i=i, mixer=block.mixer: steps.__setitem__(i, F.softplus(
+            F.linear(out[..., :mixer.dt_rank].float(), mixer.dt_proj.weight.float(), mixer.dt_proj.bias.float()))))
+        for i, block in enumerate(model.trunk.blocks)]
+    try:
+        model.trunk(model.embed(tokens), mask="causal")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    row = {}
+    for i, block in enumerate(model.trunk.blocks):
+        slowest = torch.exp(block.mixer.A_log.float()).min(1).values  # min_n |A_n| per channel
+        horizon = 1 / (steps[i][0].mean(0) * slowest)
+        row[f"layer {i} horizon p90 / max"] = f"{torch.quantile(horizon, 0.9):.0f} / {horizon.max():.0f}"
     return row
 
 

@@ -40,3 +40,19 @@ def test_linear_rows_benchmark_times_each_form_at_each_row_count(tmp_path):
                                                           ("unembedding 4096 x 256", 1), ("unembedding 4096 x 256", 4)]
     assert all(r[f"{form} (ms)"] > 0 for r in rows for form in linear_rows.FORMS)
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == rows
+
+
+def test_memory_horizons_read_the_step_sizes_of_each_mamba_block():
+    """benchmarks.ssm.memory_horizons: with every step size 0.01 and the slowest state's |A| = 1 (S4D-real init),
+    each channel forgets to 1/e after 100 tokens; halving one block's step sizes doubles its horizon."""
+    import math
+    import torch
+    import models
+    from benchmarks.ssm import memory_horizons
+    from objectives import NextTokenPrediction
+    model = NextTokenPrediction(models.Mamba(d_model=16, n_layers=2, d_state=4), vocab_size=8)
+    for block, step in zip(model.trunk.blocks, (0.01, 0.005)):
+        torch.nn.init.zeros_(block.mixer.dt_proj.weight)
+        torch.nn.init.constant_(block.mixer.dt_proj.bias, math.log(math.expm1(step)))  # softplus^-1
+    horizons = memory_horizons(model, torch.randint(0, 8, (1, 40)))
+    assert horizons == {"layer 0 horizon p90 / max": "100 / 100", "layer 1 horizon p90 / max": "200 / 200"}
