@@ -239,11 +239,11 @@ def main() -> None:
                 results = measure(model, [torch.tensor([ids]) for ids in prompts], cases, args.max_new_tokens)
                 for label, options in cases:
                     results[label]["drafts"] = options.get("num_drafts", 0)
-                for cases in groups.values():
+                for dtype, cases in groups.items():
                     group = rows_of({label: results[label] for label, _ in cases}, 1, args.max_new_tokens, name,
                                     plain_label=cases[0][0])
                     for row in group:
-                        row["prompts"] = f"{len(prompts)} low-repetition"
+                        row["dtype"], row["prompts"] = dtype, f"{len(prompts)} low-repetition"
                     rows += group
     report(rows, f"greedy decoding, {args.prompts} held-out code prompts of {args.prompt_tokens} tokens, "
                  f"{args.max_new_tokens} new tokens each, {args.threads} thread(s)", args.json)
