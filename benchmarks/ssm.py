@@ -341,7 +341,8 @@ def induction_recipe(kind: str, lengths=(256, 1024, 4096, 16384), eval_examples:
 def score_checkpoint(path: str, lengths=(256, 1024, 4096, 16384), eval_examples: int = 128, vocab: int = 16,
                      train_len: int = 256) -> dict:
     """The answer accuracy of a saved induction-heads model (e.g. the recipe's last.ckpt) at each prompt length,
-    and for a Mamba its blocks' memory horizons on a test prompt of the longest length (`memory_horizons`)."""
+    and for a Mamba its blocks' memory horizons and step selectivity at the value on a test prompt of the longest
+    length (`memory_horizons`)."""
     from datamodules.synthetic import SyntheticTaskDataset
     from objectives.training.checkpoints import load_checkpoint, load_objective
     checkpoint = load_checkpoint(path)
@@ -352,15 +353,19 @@ def score_checkpoint(path: str, lengths=(256, 1024, 4096, 16384), eval_examples:
         data = SyntheticTaskDataset("induction_heads", n, num_examples=eval_examples, vocab=vocab, split="test")
         row[f"acc @{n} ({n // train_len}x)"] = answer_accuracy(model, data, batch_size=max(1, 8192 // n))
     longest = SyntheticTaskDataset("induction_heads", max(lengths), num_examples=1, vocab=vocab, split="test")[0]
-    return {**row, **memory_horizons(model, longest["tokens"][None])}
+    value = int((longest["tokens"] == vocab - 1).nonzero()[0]) + 1  # the token after the key's first occurrence
+    return {**row, **memory_horizons(model, longest["tokens"][None], marked=value)}
 
 
 @torch.no_grad()
-def memory_horizons(model, tokens: torch.Tensor) -> dict:
+def memory_horizons(model, tokens: torch.Tensor, marked: int | None = None) -> dict:
     """For a Mamba trunk, per block: how many tokens back its longest-remembering channels reach on `tokens` (1,
     T). A channel with step sizes delta_t keeps exp(-|A_n| sum delta_t) of what it stored; its slowest state n
     forgets to 1/e after 1 / (mean delta * min_n |A_n|) tokens. Reported: the 90th percentile and the largest of
-    that horizon over the block's channels (an induction head must bridge the gap from the pair to the query)."""
+    that horizon over the block's channels (an induction head must bridge the gap from the pair to the query).
+    With `marked` (a position, e.g. the value an induction head must store): the median over channels of delta
+    there over delta's median elsewhere, how selective the block's steps are (a selective SSM that ignores the
+    filler between pair and query, as in Gu & Dao's induction heads, would show a ratio far above 1)."""
     import torch.nn.functional as F
     from models import Mamba
     if not isinstance(model.trunk, Mamba):
@@ -380,6 +385,11 @@ def memory_horizons(model, tokens: torch.Tensor) -> dict:
         slowest = torch.exp(block.mixer.A_log.float()).min(1).values  # min_n |A_n| per channel
         horizon = 1 / (steps[i][0].mean(0) * slowest)
         row[f"layer {i} horizon p90 / max"] = f"{torch.quantile(horizon, 0.9):.0f} / {horizon.max():.0f}"
+        if marked is not None:
+            rest = torch.ones(tokens.shape[1], dtype=torch.bool)
+            rest[marked] = False
+            row[f"layer {i} step at marked / elsewhere"] = float(
+                steps[i][0, marked].median() / steps[i][0, rest].median(0).values.median())
     return row
 
 

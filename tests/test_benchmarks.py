@@ -46,6 +46,7 @@ def test_memory_horizons_read_the_step_sizes_of_each_mamba_block():
     """benchmarks.ssm.memory_horizons: with every step size 0.01 and the slowest state's |A| = 1 (S4D-real init),
     each channel forgets to 1/e after 100 tokens; halving one block's step sizes doubles its horizon."""
     import math
+    import pytest
     import torch
     import models
     from benchmarks.ssm import memory_horizons
@@ -56,3 +57,20 @@ def test_memory_horizons_read_the_step_sizes_of_each_mamba_block():
         torch.nn.init.constant_(block.mixer.dt_proj.bias, math.log(math.expm1(step)))  # softplus^-1
     horizons = memory_horizons(model, torch.randint(0, 8, (1, 40)))
     assert horizons == {"layer 0 horizon p90 / max": "100 / 100", "layer 1 horizon p90 / max": "200 / 200"}
+    # a step size that depends on the token: larger at token 7, the marked position's
+    block = model.trunk.blocks[0].mixer
+    torch.nn.init.zeros_(block.x_proj.weight)
+    tokens = torch.randint(0, 7, (1, 40))
+    tokens[0, 20] = 7
+    horizons = memory_horizons(model, tokens, marked=20)
+    assert horizons["layer 0 step at marked / elsewhere"] == pytest.approx(1.0)  # nothing reads the input: not selective
+    with torch.no_grad():  # token 7 alone reaches the step size: embedding, in_proj, the conv's current tap, x_proj
+        model.embed.weight.zero_()
+        model.embed.weight[7] = 1.0
+        block.in_proj.weight.fill_(1.0)
+        block.conv1d.weight.zero_()
+        block.conv1d.weight[:, 0, -1] = 1.0
+        block.conv1d.bias.zero_()
+        block.x_proj.weight[:block.dt_rank] = 1.0
+        block.dt_proj.weight.fill_(1.0)
+    assert memory_horizons(model, tokens, marked=20)["layer 0 step at marked / elsewhere"] > 3
