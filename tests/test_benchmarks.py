@@ -63,7 +63,8 @@ def test_memory_horizons_read_the_step_sizes_of_each_mamba_block():
     tokens = torch.randint(0, 7, (1, 40))
     tokens[0, 20] = 7
     horizons = memory_horizons(model, tokens, marked=20)
-    assert horizons["layer 0 step at marked / elsewhere"] == pytest.approx(1.0)  # nothing reads the input: not selective
+    # nothing reads the input: not selective
+    assert horizons["layer 0 step at marked / elsewhere"] == pytest.approx(1.0)
     with torch.no_grad():  # token 7 alone reaches the step size: embedding, in_proj, the conv's current tap, x_proj
         model.embed.weight.zero_()
         model.embed.weight[7] = 1.0
