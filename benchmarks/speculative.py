@@ -161,6 +161,35 @@ def rows_of(results: dict, batch_size: int, max_new_tokens: int, model_name: str
     return rows
 
 
+def timed_rows(model, groups: dict, batches: list[torch.Tensor], max_new_tokens: int, model_name: str,
+               repeats_column: bool = False) -> list[dict]:
+    """Every case of every dtype group ({dtype: cases}, `in_dtype`) timed on the batches, alternating, as table
+    rows; with `repeats_column` (batch 1) also the speedup on the prompts whose plain output repeats under
+    LOW_REPEAT_SHARE of its 4-grams."""
+    results = measure(model, batches, [case for cases in groups.values() for case in cases], max_new_tokens)
+    for cases in groups.values():
+        for label, options in cases:
+            results[label]["drafts"] = options.get("num_drafts", 0)
+    batch_size, low = batches[0].shape[0], None
+    if repeats_column:
+        plain = results[next(iter(groups.values()))[0][0]]["outputs"]
+        repeats = [repeated_4gram_share(o[0, b.shape[1]:].tolist()) for o, b in zip(plain, batches)]
+        low = [i for i, share in enumerate(repeats) if share < LOW_REPEAT_SHARE]
+        print(f"{model_name}: repeated 4-gram share of the plain outputs {statistics.mean(repeats):.2f}; "
+              f"{len(low)} of {len(repeats)} prompts under {LOW_REPEAT_SHARE:.0%}")
+    rows = []
+    for dtype, cases in groups.items():
+        group = rows_of({label: results[label] for label, _ in cases}, batch_size, max_new_tokens, model_name, low,
+                        plain_label=cases[0][0])
+        for row in group:
+            row["dtype"] = dtype
+            if "float32" in groups and len(groups) > 1:  # end to end against the float32 baseline
+                fp32_plain = sum(results[groups["float32"][0][0]]["seconds"])
+                row["x float32 plain"] = fp32_plain / sum(results[row["decoding"]]["seconds"])
+        rows += group
+    return rows
+
+
 def decoding_dtype() -> str:
     """bfloat16 where the CPU (or GPU) computes it natively, as training's precision rule, else float32: on such a
     CPU a bf16 linear layer costs about the same for 1 to 8 rows where an fp32 one doubles from 1 to 4, so a
@@ -208,43 +237,17 @@ def main() -> None:
         for batch_size in args.batch:
             batches = [torch.tensor(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
             batches = [b for b in batches if b.shape[0] == batch_size]
-            results = measure(model, batches, [case for cases in groups.values() for case in cases],
-                              args.max_new_tokens)
-            for cases in groups.values():
-                for label, options in cases:
-                    results[label]["drafts"] = options.get("num_drafts", 0)
-            low = None
-            if batch_size == 1:
-                repeats = [repeated_4gram_share(o[0, args.prompt_tokens:].tolist())
-                           for o in results[groups[args.dtype[0]][0][0]]["outputs"]]
-                low = [i for i, share in enumerate(repeats) if share < 0.4]
-                print(f"{name}: repeated 4-gram share of the plain outputs {statistics.mean(repeats):.2f}; "
-                      f"{len(low)} of {len(repeats)} prompts under 40%")
-            for dtype, cases in groups.items():
-                group = rows_of({label: results[label] for label, _ in cases}, batch_size, args.max_new_tokens,
-                                name, low, plain_label=cases[0][0])
-                for row in group:
-                    row["dtype"] = dtype
-                    if "float32" in groups and len(groups) > 1:  # end to end against the float32 baseline
-                        fp32_plain = sum(results[groups["float32"][0][0]]["seconds"])
-                        row["x float32 plain"] = fp32_plain / sum(results[row["decoding"]]["seconds"])
-                rows += group
+            rows += timed_rows(model, groups, batches, args.max_new_tokens, name, repeats_column=batch_size == 1)
         if args.low_repeat:
             candidates = held_out_prompts(tokenizer, 16 * args.low_repeat, args.prompt_tokens, seed=1)
-            prompts, screened = low_repeat_prompts(model, candidates, args.low_repeat, args.max_new_tokens)
-            print(f"{name}: {len(prompts)} low-repetition prompts (plain output under {LOW_REPEAT_SHARE:.0%} "
+            chosen, screened = low_repeat_prompts(model, candidates, args.low_repeat, args.max_new_tokens)
+            print(f"{name}: {len(chosen)} low-repetition prompts (plain output under {LOW_REPEAT_SHARE:.0%} "
                   f"repeated 4-grams) in {screened} screened")
-            if prompts:
-                cases = [case for group in groups.values() for case in group]
-                results = measure(model, [torch.tensor([ids]) for ids in prompts], cases, args.max_new_tokens)
-                for label, options in cases:
-                    results[label]["drafts"] = options.get("num_drafts", 0)
-                for dtype, cases in groups.items():
-                    group = rows_of({label: results[label] for label, _ in cases}, 1, args.max_new_tokens, name,
-                                    plain_label=cases[0][0])
-                    for row in group:
-                        row["dtype"], row["prompts"] = dtype, f"{len(prompts)} low-repetition"
-                    rows += group
+            if chosen:
+                group = timed_rows(model, groups, [torch.tensor([ids]) for ids in chosen], args.max_new_tokens, name)
+                for row in group:
+                    row["prompts"] = f"{len(chosen)} low-repetition"
+                rows += group
     report(rows, f"greedy decoding, {args.prompts} held-out code prompts of {args.prompt_tokens} tokens, "
                  f"{args.max_new_tokens} new tokens each, {args.threads} thread(s)", args.json)
 

@@ -368,13 +368,19 @@ def memory_horizons(model, tokens: torch.Tensor, marked: int | None = None) -> d
     filler between pair and query, as in Gu & Dao's induction heads, would show a ratio far above 1)."""
     import torch.nn.functional as F
     from models import Mamba
+    from models.selective_scan import _step_sizes
     if not isinstance(model.trunk, Mamba):
         return {}
     steps = {}
-    hooks = [block.mixer.x_proj.register_forward_hook(
-        lambda module, inputs, out, i=i, mixer=block.mixer: steps.__setitem__(i, F.softplus(
-            F.linear(out[..., :mixer.dt_rank].float(), mixer.dt_proj.weight.float(), mixer.dt_proj.bias.float()))))
-        for i, block in enumerate(model.trunk.blocks)]
+
+    def keep_steps(i, mixer):  # delta as the block's scan forms it from x_proj's output
+        def hook(module, inputs, out):
+            raw = F.linear(out[..., :mixer.dt_rank], mixer.dt_proj.weight)
+            steps[i] = _step_sizes(raw, mixer.dt_proj.bias, True, torch.float32)[0]
+        return hook
+
+    hooks = [block.mixer.x_proj.register_forward_hook(keep_steps(i, block.mixer))
+             for i, block in enumerate(model.trunk.blocks)]
     try:
         model.trunk(model.embed(tokens), mask="causal")
     finally:

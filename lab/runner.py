@@ -262,7 +262,8 @@ def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: l
                 remaining = experiment.run_steps(name) - step + sum(experiment.run_steps(n) for n, _ in todo[i + 1:])
                 eta = clock(rate * remaining) if rate else "--"
                 print(f"[{experiment.name} {i + 1}/{len(todo)}] {name} seed{seed}: step {step}/"
-                      f"{experiment.run_steps(name)}, {clock(run_seconds)} in this run, experiment ETA {eta}", flush=True)
+                      f"{experiment.run_steps(name)}, {clock(run_seconds)} in this run, experiment ETA {eta}",
+                      flush=True)
         busy += time.perf_counter() - started
         done_steps += experiment.run_steps(name) - start_step
         if process.returncode != 0 or state(runs_dir, experiment, name, seed)[0] != "finished":

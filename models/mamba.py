@@ -337,6 +337,7 @@ class MambaResidualBlock(nn.Module):
                  dt_rank: int | None = None, norm_eps: float = 1e-5, dt_min: float = 0.001, dt_max: float = 0.1):
         super().__init__()
         self.norm = RMSNorm(d_model, norm_eps)
+        # the init's floor (mamba_ssm's 1e-4) must not clamp a smaller dt_min away
         self.mixer = MambaBlock(d_model, d_state, d_conv, expand, dt_rank, dt_min=dt_min, dt_max=dt_max,
                                 dt_init_floor=min(1e-4, dt_min))
 
@@ -376,7 +377,8 @@ class Mamba(nn.Module):
         norm_eps: RMSNorm epsilon.
         dt_min, dt_max: the step sizes delta at init, log-uniform between them (mamba_ssm's defaults 0.001, 0.1).
             A channel whose delta stays near d forgets at rate d|A| per token: the smallest delta bounds how far
-            back a freshly trained model can recall (BENCHMARKS.md, "Mamba's memory horizon").
+            back a freshly trained model can recall (BENCHMARKS.md, "Mamba at 16x: memory horizon and step
+            selectivity").
     """
 
     supported_masks = ("causal",)

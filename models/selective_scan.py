@@ -26,9 +26,10 @@ of the same per-step factors). Each exp(delta_t A) is formed once; no (K x K x N
 by a cumulative decay (whose exp(-cumsum) overflows fp32 after ~88 nats of decay).
 
 The chunks are processed in segments of M >= 4 chunks, the (K, batch, M, N, dim) working set sized to stay in
-cache on CPU (fresh large buffers page-fault and spill); a segment hands its last state to the next. Where even
-M = 4 chunks of the whole batch would not fit (many short rows: MQAR's 64 x 64), the rows go through in slices. That is
+cache on CPU (fresh large buffers page-fault and spill); a segment hands its last state to the next. That is
 about L (1/M + 1/K) Python-level steps instead of L, each op covering M positions x batch x N x dim elements.
+Where even M = 4 chunks of the whole batch would not fit (many short rows: MQAR's 64 x 64), the rows go through
+the scan in slices.
 """
 from __future__ import annotations
 
@@ -218,11 +219,16 @@ def _channel_major(x: torch.Tensor) -> torch.Tensor:
     return _Transpose12.apply(x)
 
 
+def _chunk_length(L: int) -> int:
+    """K: CHUNK positions, or the power of two at or above L when the scan is shorter."""
+    return min(CHUNK, 1 << max(L - 1, 0).bit_length())
+
+
 def _segments(b: int, L: int, n: int, d: int, cuda: bool = False) -> tuple[int, int, int, int]:
     """(chunk length K, chunks per segment M, number of segments, padded length) for a scan of this shape.
 
     Python-level steps: K - 1 + M per segment, i.e. about L (1/M + 1/K) in all."""
-    K = min(CHUNK, 1 << max(L - 1, 0).bit_length())
+    K = _chunk_length(L)
     chunks = -(-L // K)
     M = (SEGMENT_ELEMENTS_CUDA if cuda else SEGMENT_ELEMENTS) // (b * n * d * K)
     M = max(1, min(chunks, max(M, MIN_CHUNKS)))
@@ -330,12 +336,11 @@ def _gate(y, u, D, z, cd):
 def _rows_per_slice(b: int, L: int, n: int, d: int, cuda: bool = False) -> int:
     """Batch rows the scan works on at a time: on a CPU, as many as keep a segment of MIN_CHUNKS chunks within
     SEGMENT_ELEMENTS (rows are independent scans). A batch of 64 short MQAR rows at d_inner 256 made every
-    (K, b, M, N, d) buffer 33 MB at once, 4x the target: the scan then ran at memory speed and spent a tenth of
-    its time zero-filling fresh pages (a 2-layer Mamba's step 4x slower than in slices)."""
+    (K, b, M, N, d) buffer 33 MB at once, 16x the target: the scan then ran at memory speed and spent a tenth of
+    its time zero-filling fresh pages (a Mamba block's forward+backward 2x slower than in slices)."""
     if cuda:
         return b
-    K = min(CHUNK, 1 << max(L - 1, 0).bit_length())
-    return max(1, min(b, SEGMENT_ELEMENTS // (n * d * K * MIN_CHUNKS)))
+    return max(1, min(b, SEGMENT_ELEMENTS // (n * d * _chunk_length(L) * MIN_CHUNKS)))
 
 
 def _scan_forward(delta, du, A, B, C, h0, keep):
