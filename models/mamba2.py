@@ -81,59 +81,79 @@ def within_chunk_decays(cum: torch.Tensor) -> torch.Tensor:
     """L[..., t, s] = exp(cum[t] - cum[s]) for s <= t, 0 above the diagonal: cum (..., Q) -> (..., Q, Q).
 
     The exponent is a difference of cumulative sums inside one chunk (at most Q terms), never positive on the
-    kept triangle, so the exponential cannot overflow; the masked triangle is filled before the exponential."""
+    kept triangle. Where no gradient flows through it (the SSD's own passes), the exponential runs in place on
+    the whole square and the triangle above is zeroed after (what overflows there is discarded): on a CPU the
+    exponential of the -inf fill takes a slow path and the whole took about 3x longer. Under autograd the
+    triangle is filled with -inf first, so that no inf meets a zero gradient."""
     Q = cum.shape[-1]
     upper = torch.ones(Q, Q, dtype=torch.bool, device=cum.device).triu(1)
-    return torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(upper, -math.inf))
+    diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)
+    if diff.requires_grad:
+        return torch.exp(diff.masked_fill(upper, -math.inf))
+    return diff.exp_().masked_fill_(upper, 0.0)
 
 
 class ChunkedSSD(torch.autograd.Function):
     """The chunked SSD core on chunk-shaped fp32 tensors, with a backward written out by hand.
 
     Inputs: X (b, c, Q, H, P), the heads' inputs times dt, time-major as the projections make them; cum
-    (b, c, H, Q), the cumulative log-decays from each chunk's start; B, C (b, c, G, Q, N); h0 (b, H, P, N).
-    Outputs: y (b, c, Q, H, P) and the final state (b, H, P, N).
+    (b, c, H, Q), the cumulative log-decays from each chunk's start; B, C (b, c, G, Q, N); h0 (b, H, P, N);
+    `reuse`, None or a dict shared by the two runs of a recomputed piece (see `Mamba2Block._piece`): the first
+    run leaves its outputs there and the second returns them instead of computing them again (the inputs are
+    the same; only what the backward keeps is needed from the second run). Outputs: y (b, c, Q, H, P) and the
+    final state (b, H, P, N).
 
     Why by hand: through autograd the four steps keep every Q x Q decay, masked score and chunk state for the
     backward and move them through a dozen elementwise kernels. Here the forward keeps only its inputs; the
     backward rebuilds the decays, scores and chunk-start states (one batched matmul and c small steps) and
     applies the chain rule in a few batched matmuls, the heads of a group folded into one matrix where they
-    share B and C. Every gradient is checked against autograd through `ssd_reference` (tests/test_mamba2.py).
+    share B and C. Inside, a chunk's state is held transposed, (N, Hg*P) per group, the layout in which every
+    product over the states reads contiguous operands (on a CPU about 20% faster than (Hg*P, N)). Every gradient
+    is checked against autograd through `ssd_reference` (tests/test_mamba2.py).
     """
 
     @staticmethod
-    def forward(ctx, X, cum, B, C, h0, matmul_dtype=torch.float32):
+    def forward(ctx, X, cum, B, C, h0, matmul_dtype=torch.float32, reuse=None):
         ctx.mm = mm = partial(matmul_in, matmul_dtype)
         ctx.save_for_backward(X, cum, B, C, h0)
-        return ChunkedSSD._forward(mm, X, cum, B, C, h0)
+        if reuse is not None and "y" in reuse:
+            return reuse.pop("y"), reuse.pop("last")
+        y, last = ChunkedSSD._forward(mm, X, cum, B, C, h0)
+        if reuse is not None:
+            reuse["y"], reuse["last"] = y.detach(), last.detach()
+        return y, last
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dlast):
         X, cum, B, C, h0 = ctx.saved_tensors
         dlast = torch.zeros_like(h0) if dlast is None else dlast.float()
-        return *ChunkedSSD._backward(ctx.mm, dy.contiguous(), dlast, X, cum, B, C, h0), None
+        return *ChunkedSSD._backward(ctx.mm, dy.contiguous(), dlast, X, cum, B, C, h0), None, None
 
     @staticmethod
     def _rebuild(mm, X, cum, B, C, h0):
         """What both passes need of a piece: the decays L (b, c, G, Hg, Q, Q), the scores C B^T (b, c, G, 1, Q,
-        Q), the end weights exp(cum_end - cum) (b, c, Q, H, 1), the chunks' decays (b, c, H), their start states
-        (b, c, G, Hg*P, N) in the products' dtype, and the final state (fp32)."""
+        Q), the end weights exp(cum_end - cum) (b, c, Q, H, 1), the chunks' decays (b, c, G, 1, Hg, 1), their
+        start states (b, c, G, N, Hg*P) and the final state (b, G, N, Hg*P), fp32."""
         b, c, Q, H, P = X.shape
         G, N = B.shape[2], B.shape[4]
         decays = within_chunk_decays(cum).view(b, c, G, H // G, Q, Q)
         scores = mm(C, B.transpose(-1, -2)).unsqueeze(3)
         to_end = torch.exp(cum[..., -1:] - cum).transpose(2, 3).unsqueeze(-1)
-        chunk_decay = torch.exp(cum[..., -1])
-        # each chunk's own end state from zero, S_c = sum_s exp(cum_end - cum_s) X_s B_s^T: heads of a group
-        # share B, so one (Hg*P x Q) @ (Q x N) product per chunk and group
-        own = mm(grouped(X * to_end, G).transpose(-1, -2), B)  # (b, c, G, Hg*P, N)
-        starts = torch.empty_like(own)  # written in place: a stack of c states would be one more copy
-        h = h0.reshape(b, G, -1, N)
-        for i in range(c):
-            starts[:, i] = h
-            h = own[:, i] + (h.view(b, H, P, N) * chunk_decay[:, i, :, None, None]).view_as(h)  # fp32
-        return decays, scores, to_end, chunk_decay, starts, h.view(b, H, P, N)
+        chunk_decay = torch.exp(cum[..., -1]).view(b, c, G, 1, H // G, 1)
+        # each chunk's own end state from zero, S_c = sum_s exp(cum_end - cum_s) B_s X_s^T: heads of a group
+        # share B, so one (N x Q) @ (Q x Hg*P) product per chunk and group
+        own = mm(B.transpose(-1, -2), grouped(X * to_end, G)).float()  # (b, c, G, N, Hg*P)
+        # the recurrence between chunks, H_{i+1} = a_i H_i + S_i, in fp32 (a running sum over the sequence),
+        # each state written straight into its slot (a stack, or a copy per step, was a tenth of the SSD's time)
+        starts = torch.empty_like(own)
+        starts[:, 0] = to_state_layout(h0, G)
+        heads = (b, G, N, H // G, P)
+        for i in range(c - 1):
+            torch.addcmul(own[:, i].view(heads), starts[:, i].view(heads), chunk_decay[:, i],
+                          out=starts[:, i + 1].view(heads))
+        last = torch.addcmul(own[:, -1].view(heads), starts[:, -1].view(heads), chunk_decay[:, -1])
+        return decays, scores, to_end, chunk_decay, starts, last.view_as(own[:, -1])
 
     @staticmethod
     def _forward(mm, X, cum, B, C, h0):
@@ -141,10 +161,10 @@ class ChunkedSSD(torch.autograd.Function):
         decays, scores, _, _, starts, last = ChunkedSSD._rebuild(mm, X, cum, B, C, h0)
         # diagonal blocks, per head: (C B^T o L) X
         y = mm((scores * decays).view(b, c, H, Q, Q), X.transpose(2, 3)).transpose(2, 3)
-        # off-diagonal: exp(cum_t) C_t H_c^T, one (Q x N) @ (N x Hg*P) product per chunk and group
+        # off-diagonal: exp(cum_t) C_t H_c, one (Q x N) @ (N x Hg*P) product per chunk and group
         from_start = torch.exp(cum).transpose(2, 3).unsqueeze(-1)  # (b, c, Q, H, 1)
-        y_off = ungrouped(mm(C, starts.transpose(-1, -2)), H)
-        return torch.addcmul(y.float(), y_off, from_start), last
+        y_off = ungrouped(mm(C, starts), H)
+        return torch.addcmul(y.float(), y_off, from_start), from_state_layout(last, H)
 
     @staticmethod
     def _backward(mm, dy, dlast, X, cum, B, C, h0):
@@ -160,29 +180,43 @@ class ChunkedSSD(torch.autograd.Function):
         dcum = dlog.sum(-1) - dlog.sum(-2)
         dC = mm(dscores, B).float()
         dB = mm(dscores.transpose(-1, -2), C).float()
-        # off-diagonal: y_off_t = exp(cum_t) C_t H_c^T
+        # off-diagonal: y_off_t = exp(cum_t) C_t H_c
         dy_scaled = dy * torch.exp(cum).transpose(2, 3).unsqueeze(-1)
-        dC += mm(grouped(dy_scaled, G), starts)
-        y_off = ungrouped(mm(C, starts.transpose(-1, -2)), H)
+        dC += mm(grouped(dy_scaled, G), starts.transpose(-1, -2))
+        y_off = ungrouped(mm(C, starts), H)
         dcum += (dy_scaled * y_off).sum(-1).transpose(2, 3)
-        dstarts = mm(grouped(dy_scaled, G).transpose(-1, -2), C)  # (b, c, G, Hg*P, N)
-        # the recurrence between chunks, backwards: H_{c+1} = a_c H_c + S_c
-        g = dlast.reshape(b, G, -1, N)
-        downs = torch.empty_like(dstarts)  # the gradients of the chunks' own end states
-        dchunk = torch.empty_like(chunk_decay)
-        for i in range(c - 1, -1, -1):
-            downs[:, i] = g
-            dchunk[:, i] = (g * starts[:, i]).view(b, H, -1).sum(-1)
-            g = dstarts[:, i] + (g.view(b, H, P, N) * chunk_decay[:, i, :, None, None]).view_as(g)
-        dcum[..., -1] += dchunk * chunk_decay
-        # the chunks' own end states: S_c = sum_s exp(cum_end - cum_s) X_s B_s^T
-        dXw = ungrouped(mm(B, downs.transpose(-1, -2)), H)  # (b, c, Q, H, P)
+        dstarts = mm(C.transpose(-1, -2), grouped(dy_scaled, G)).float()  # (b, c, G, N, Hg*P)
+        # the recurrence between chunks, backwards: the gradient of H_{i+1} (= that of chunk i's own state S_i)
+        # is dH_{i+1} = dstarts_{i+1} + a_{i+1} dH_{i+2}, from dH_c = dlast; each written into its slot
+        downs = torch.empty_like(dstarts)
+        downs[:, -1] = to_state_layout(dlast, G)
+        heads = (b, G, N, H // G, P)
+        for i in range(c - 1, 0, -1):
+            torch.addcmul(dstarts[:, i].view(heads), downs[:, i].view(heads), chunk_decay[:, i],
+                          out=downs[:, i - 1].view(heads))
+        dh0 = torch.addcmul(dstarts[:, 0].view(heads), downs[:, 0].view(heads), chunk_decay[:, 0])
+        dchunk = (downs * starts).view(b, c, *heads[1:]).sum((3, 5))  # d/d a_i = <dH_{i+1}, H_i> per head
+        dcum[..., -1] += (dchunk * chunk_decay.view_as(dchunk)).view(b, c, H)
+        # the chunks' own end states: S_c = sum_s exp(cum_end - cum_s) B_s X_s^T
+        dXw = ungrouped(mm(B, downs), H)  # (b, c, Q, H, P)
         dX = torch.addcmul(dX.float(), dXw, to_end)
-        dB += mm(grouped(X * to_end, G), downs)
+        dB += mm(grouped(X * to_end, G), downs.transpose(-1, -2))
         dweight = ((dXw * X).sum(-1, keepdim=True) * to_end).squeeze(-1).transpose(2, 3)  # (b, c, H, Q)
         dcum -= dweight
         dcum[..., -1] += dweight.sum(-1)
-        return dX, dcum, dB, dC, g.view(b, H, P, N)
+        return dX, dcum, dB, dC, from_state_layout(dh0.view_as(downs[:, 0]), H)
+
+
+def to_state_layout(h: torch.Tensor, G: int) -> torch.Tensor:
+    """(b, H, P, N) -> (b, G, N, Hg*P), fp32: the per-group transposed layout `ChunkedSSD` holds states in."""
+    b, H, P, N = h.shape
+    return h.float().view(b, G, H // G, P, N).permute(0, 1, 4, 2, 3).reshape(b, G, N, (H // G) * P)
+
+
+def from_state_layout(h: torch.Tensor, H: int) -> torch.Tensor:
+    """(b, G, N, Hg*P) -> (b, H, P, N), the inverse of `to_state_layout`."""
+    b, G, N, HgP = h.shape
+    return h.view(b, G, N, H // G, HgP * G // H).permute(0, 1, 3, 4, 2).reshape(b, H, HgP * G // H, N)
 
 
 def matmul_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -204,13 +238,13 @@ def ungrouped(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.transpose(2, 3).reshape(b, c, Q, H, HgP * G // H)
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, reuse: dict | None = None):
     """The chunked SSD algorithm: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, for every head.
 
     x (b, L, H, P); dt (b, L, H), positive (after softplus); A (H,), negative; B, C (b, L, G, N) with G dividing
     H (head h reads group h // (H / G)); initial_state (b, H, P, N) or None (zeros). Returns y (b, L, H, P) in
     x's dtype and the final state (b, H, P, N), fp32; in between everything is fp32 but the products' operands
-    under autocast (`ChunkedSSD`).
+    under autocast (`ChunkedSSD`; `reuse`: see there).
     """
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -232,25 +266,25 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
         cum = dA.view(b, nc, Q, H).transpose(2, 3).cumsum(-1)  # (b, c, H, Q): log-decay from the chunk start
         Bc, Cc = (t.view(b, nc, Q, G, N).transpose(2, 3).contiguous() for t in (B, C))
         h0 = X.new_zeros(b, H, P, N) if initial_state is None else initial_state.float()
-        y, last = ChunkedSSD.apply(X.view(b, nc, Q, H, P), cum, Bc, Cc, h0, matmul_dtype)
+        y, last = ChunkedSSD.apply(X.view(b, nc, Q, H, P), cum, Bc, Cc, h0, matmul_dtype, reuse)
     return y.reshape(b, nc * Q, H, P)[:, :L].to(x.dtype), last
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int = 64, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
-             initial_states=None, return_final_states: bool = False):
+             initial_states=None, return_final_states: bool = False, reuse: dict | None = None):
     """The SSD layer with the signature of `mamba_ssm`'s `mamba_chunk_scan_combined` (which runs instead on a GPU
     where it is installed).
 
     x (b, L, H, P); dt (b, L, H), through softplus(dt + dt_bias) when `dt_softplus` (else dt + dt_bias); A (H,);
     B, C (b, L, G, N); D (H,) or (H, P) skip; z (b, L, H, P): the output is multiplied by silu(z);
     initial_states (b, H, P, N). Returns y (b, L, H, P) in x's dtype, and the final state (b, H, P, N, fp32)
-    when `return_final_states`.
+    when `return_final_states`. `reuse` (not in mamba_ssm's signature): see `ChunkedSSD`.
     """
     if _mamba_ssm_chunk_scan is not None and x.is_cuda:
         return _mamba_ssm_chunk_scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                      initial_states=initial_states, return_final_states=return_final_states)
     dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
-    y, last = ssd_chunked(x, F.softplus(dt) if dt_softplus else dt, A, B, C, chunk_size, initial_states)
+    y, last = ssd_chunked(x, F.softplus(dt) if dt_softplus else dt, A, B, C, chunk_size, initial_states, reuse)
     if D is not None:
         y = y + x * (D.to(x.dtype).unsqueeze(-1) if D.dim() == 1 else D.to(x.dtype))
     if z is not None:
@@ -456,17 +490,23 @@ class Mamba2Block(nn.Module):
                norm: nn.Module | None):
         """One piece of `_whole_sequences`, after `before` (the raw conv inputs before it) and `state` (the SSD
         state before it): its output, its last d_conv - 1 raw conv inputs and its final state. The residual
-        block's pre-norm `norm` runs inside, so that with `recompute` its output is not kept either."""
+        block's pre-norm `norm` runs inside, so that with `recompute` its output is not kept either.
+
+        With `recompute` the piece keeps its input and the SSD's output (2 KiB per position at d_inner 512, fp32):
+        the backward reruns the projections, the conv and the norms, but takes the SSD's output from the first
+        run (`ChunkedSSD`'s `reuse`) rather than running the SSD's forward a second time (on a CPU the SSD's
+        forward is about a third of a block's); its own backward rebuilds what it needs from its inputs."""
         if self.recompute and torch.is_grad_enabled():  # keep the inputs only; the backward reruns the piece
-            return checkpoint(self._piece_outputs, u, before, state, norm, use_reentrant=False)
+            return checkpoint(self._piece_outputs, u, before, state, norm, {}, use_reentrant=False)
         return self._piece_outputs(u, before, state, norm)
 
-    def _piece_outputs(self, u, before, state, norm):
+    def _piece_outputs(self, u, before, state, norm, reuse=None):
         u = u if norm is None else norm(u)
         z, xBC_raw, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         x, B, C = self._conv_and_split(xBC_raw, before)
         y, last = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, D=self.D,
-                           dt_bias=self.dt_bias, dt_softplus=True, initial_states=state, return_final_states=True)
+                           dt_bias=self.dt_bias, dt_softplus=True, initial_states=state, return_final_states=True,
+                           reuse=reuse)
         raw = xBC_raw if before is None else torch.cat([before.to(xBC_raw.dtype), xBC_raw], 1)
         return self.out_proj(self.norm(y.flatten(-2), z)), raw[:, -(self.d_conv - 1):], last
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import Mamba2
-from models.mamba2 import Mamba2Block, ssd_reference, ssd_scan
+from models.mamba2 import ChunkedSSD, Mamba2Block, ssd_reference, ssd_scan
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,15 +175,25 @@ def test_the_block_computes_in_bfloat16_under_autocast():
         assert trunk.blocks[0].mixer(torch.randn(2, 40, 32)).dtype == torch.bfloat16
 
 
-def test_recompute_gives_the_same_gradients():
+@pytest.mark.parametrize("piece_tokens", [10_000, 16])  # one piece per block, or runs passing the state on
+def test_recompute_gives_the_same_gradients_and_runs_the_ssd_forward_once(piece_tokens, monkeypatch):
+    """Recompute reruns each piece in the backward but takes the SSD's output from the first run: the gradients
+    equal those without recompute, and the SSD's forward runs as many times in both."""
+    forwards = []
+    real_forward = ChunkedSSD._forward
+    monkeypatch.setattr(ChunkedSSD, "_forward", staticmethod(lambda *a: forwards.append(1) or real_forward(*a)))
     x = torch.randn(2, 30, 32)
-    grads = []
+    grads, counts = [], []
     for recompute in (False, True):
-        trunk = tiny_trunk(recompute=recompute).train()
-        trunk(x).square().mean().backward()
-        grads.append([p.grad for p in trunk.parameters()])
+        forwards.clear()
+        trunk = tiny_trunk(recompute=recompute, piece_tokens=piece_tokens).train()
+        xi = x.clone().requires_grad_()
+        trunk(xi).square().mean().backward()
+        grads.append([xi.grad] + [p.grad for p in trunk.parameters()])
+        counts.append(len(forwards))
     for a, b in zip(*grads):
         assert rel_err(a, b) < 1e-6
+    assert counts[0] == counts[1] > 0
 
 
 @pytest.mark.parametrize("piece_tokens", [8, 16, 64])  # runs of one row (4 or 2 per row), or two rows at a time
