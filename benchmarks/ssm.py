@@ -20,6 +20,9 @@ and Mamba-2 trunks against the transformer.
 (d) induction: configs/experiments/induction_heads_{transformer,mamba,mamba2}.yaml (2 layers, vocab 16, trained
     at 256) trained through the CLI, then the answer-token accuracy by one forward pass (the prediction at the
     last prompt position) on --eval_examples test examples at 1x, 4x, 16x and 64x the training length.
+(e) trunk: one forward+backward of the trunk alone at batch 1 (--trunk_lengths, default 4096; bf16 autocast where
+    `auto_precision()` says so) for the transformer, Mamba-2 as shipped and Mamba-2 without recompute, alternated
+    in one process: the measurement of the trunks acceptance check, with the variant beside it.
 
 Timings are the best of `--repeats` runs after a warm-up, the compared implementations alternating, so that
 other load on the machine disturbs both alike. On a machine whose cores other processes also use, pass
@@ -40,8 +43,8 @@ from models.mamba import MambaBlock
 from models.selective_scan import selective_scan, selective_scan_reference
 
 
-def best_of_alternating(fns: dict, repeats: int) -> dict:
-    """{name: best seconds}, running the functions in turn `repeats` times after one warm-up each."""
+def alternating_times(fns: dict, repeats: int) -> dict:
+    """{name: [seconds of each run]}, running the functions in turn `repeats` times after one warm-up each."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -50,7 +53,12 @@ def best_of_alternating(fns: dict, repeats: int) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+    return times
+
+
+def best_of_alternating(fns: dict, repeats: int) -> dict:
+    """{name: best seconds}, running the functions in turn `repeats` times after one warm-up each."""
+    return {name: min(t) for name, t in alternating_times(fns, repeats).items()}
 
 
 def scan_inputs(batch: int, dim: int, n: int, length: int, seed: int = 0) -> dict:
@@ -414,7 +422,49 @@ def part_d(args) -> list[tuple[str, list[dict]]]:
              "(chance 1/15)", rows)]
 
 
-PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+# ---------------------------------------------------------------- (e) trunk forward+backward, alternated in one process
+def trunk_step_rates(lengths=(4096,), repeats: int = 3) -> list[dict]:
+    """Seconds of one forward+backward of the trunk alone (batch 1, the mean square of its output as the loss) for
+    the transformer, Mamba-2 as configs/models/mamba2-quickstart.yaml and the same without recompute, alternated
+    in one process (the measurement of ../shared/checks/trunks.sh, with the variant added): best and median."""
+    import statistics
+    from objectives.training.callbacks import auto_precision, compute_dtype
+    dtype = compute_dtype(auto_precision())
+    rows = []
+    for seq_len in lengths:
+        torch.manual_seed(0)
+        shipped = quickstart_trunk("mamba2", seq_len)
+        no_recompute = quickstart_trunk("mamba2", seq_len)
+        for block in no_recompute.blocks:
+            block.mixer.recompute = False
+        trunks = {"Transformer d256 x4": quickstart_trunk("transformer", seq_len),
+                  "Mamba-2 d256 x7 (recompute, as shipped)": shipped, "Mamba-2 d256 x7, no recompute": no_recompute}
+
+        def step(trunk):
+            def run():
+                x = torch.randn(1, seq_len, 256, requires_grad=True)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    y = trunk(x, mask="causal")
+                y.float().pow(2).mean().backward()
+            return run
+        times = alternating_times({name: step(trunk) for name, trunk in trunks.items()}, repeats)
+        base = times["Transformer d256 x4"]
+        for name, t in times.items():
+            rows.append({"T": seq_len, "trunk": name, "best s": min(t), "median s": statistics.median(t),
+                         "x transformer tok/s (best)": min(base) / min(t),
+                         "x transformer tok/s (median)": statistics.median(base) / statistics.median(t),
+                         "precision": str(dtype).replace("torch.", "")})
+        print(json.dumps(rows[-len(trunks):]), flush=True)
+    return rows
+
+
+def part_e(args) -> list[tuple[str, list[dict]]]:
+    rows = trunk_step_rates(args.trunk_lengths, args.repeats)
+    return [(f"(e) trunk forward+backward, batch 1, alternated in one process, {args.repeats} rounds "
+             f"({torch.get_num_threads()} threads)", rows)]
+
+
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
 
 
 def main() -> None:
@@ -427,6 +477,7 @@ def main() -> None:
     p.add_argument("--trunks", nargs="+", default=list(TRUNKS), choices=list(TRUNKS),
                    help="(b, c) which trunks, the transformer first (the ratios are to it)")
     p.add_argument("--train_tokens", type=int, default=16384, help="(b) tokens per batch: batch = this / T")
+    p.add_argument("--trunk_lengths", type=int, nargs="+", default=[4096], help="(e) sequence lengths")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 16384])
     p.add_argument("--new_tokens", type=int, default=8)
     p.add_argument("--decode_threads", type=int, default=1, help="(c) torch threads while decoding")

@@ -38,8 +38,9 @@ a log-decay multiplies the state), the inter-chunk states H_c and the decoding s
 whole sequence), the gradients, and the gated RMSNorm's statistics.
 
 Speed on a CPU (`ChunkedSSD`, `Mamba2Block._whole_sequences`): the SSD's backward is written by hand and keeps
-only the layer's inputs, and the block runs long inputs in pieces of about a thousand positions so that its
-elementwise steps work in the caches; BENCHMARKS.md has the training speed and memory against the transformer.
+only the layer's inputs, the block runs long inputs in pieces of about a thousand positions so that its
+elementwise steps work in the caches, and under `recompute` a piece's second run takes the SSD's output from the
+first; BENCHMARKS.md has the training speed and memory against the transformer.
 
 Where `mamba_ssm`'s Triton kernels are installed and the tensors live on a GPU, its fused
 `mamba_chunk_scan_combined` computes the SSD layer instead (same equations); nothing needs it.
@@ -381,8 +382,9 @@ class Mamba2Block(nn.Module):
         dt_min, dt_max, dt_init_floor: dt at init, log-uniform in [dt_min, dt_max] (through dt_bias).
         conv_bias, bias: biases of the convolution and of the projections.
         norm_eps: epsilon of the gated RMSNorm.
-        recompute: in training, keep only each piece's input and rerun the block on it in the backward (less
-            memory for one more forward). Off by default: the SSD layer keeps only its inputs anyway.
+        recompute: in training, keep only each piece's input and the SSD's output, and rerun the rest of the
+            piece in the backward (less memory for a second run of the projections, conv and norms; see `_piece`).
+            Off by default: the SSD layer keeps only its inputs anyway.
         piece_tokens: on a CPU, the whole-sequence path runs in pieces of about this many positions (see
             `_whole_sequences`); the result does not depend on it.
     """

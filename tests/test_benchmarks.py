@@ -75,3 +75,17 @@ def test_memory_horizons_read_the_step_sizes_of_each_mamba_block():
         block.x_proj.weight[:block.dt_rank] = 1.0
         block.dt_proj.weight.fill_(1.0)
     assert memory_horizons(model, tokens, marked=20)["layer 0 step at marked / elsewhere"] > 3
+
+
+def test_trunk_step_rates_compare_mamba2_with_and_without_recompute_to_the_transformer(monkeypatch):
+    """benchmarks.ssm part e at a tiny length: one row per trunk, the transformer's ratio 1, and the variant really
+    without recompute (the shipped config has it on)."""
+    from benchmarks import ssm
+    built, real = [], ssm.quickstart_trunk
+    monkeypatch.setattr(ssm, "quickstart_trunk", lambda kind, n: built.append(real(kind, n)) or built[-1])
+    rows = ssm.trunk_step_rates((32,), repeats=1)
+    assert [r["trunk"] for r in rows] == ["Transformer d256 x4", "Mamba-2 d256 x7 (recompute, as shipped)",
+                                          "Mamba-2 d256 x7, no recompute"]
+    assert rows[0]["x transformer tok/s (best)"] == 1.0
+    shipped, no_recompute = built[0], built[1]
+    assert all(b.mixer.recompute for b in shipped.blocks) and not any(b.mixer.recompute for b in no_recompute.blocks)
