@@ -118,10 +118,11 @@ class ChunkedSSD(torch.autograd.Function):
     def forward(ctx, X, cum, B, C, h0, matmul_dtype=torch.float32, reuse=None):
         ctx.mm = mm = partial(matmul_in, matmul_dtype)
         ctx.save_for_backward(X, cum, B, C, h0)
-        if reuse is not None and "y" in reuse:
+        if reuse is not None and "y" in reuse:  # the checkpoint's second run: the first run's outputs
+            reuse["spent"] = True
             return reuse.pop("y"), reuse.pop("last")
         y, last = ChunkedSSD._forward(mm, X, cum, B, C, h0)
-        if reuse is not None:
+        if reuse is not None and "spent" not in reuse:  # a later run (a retained graph's backward) keeps nothing
             reuse["y"], reuse["last"] = y.detach(), last.detach()
         return y, last
 
@@ -501,8 +502,9 @@ class Mamba2Block(nn.Module):
         With `recompute` the piece keeps its input and the SSD's output (2 KiB per position at d_inner 512, fp32):
         the backward reruns the projections, the conv and the norms, but takes the SSD's output from the first
         run (`ChunkedSSD`'s `reuse`) rather than running the SSD's forward a second time (on a CPU the SSD's
-        forward is about a third of a block's); its own backward rebuilds what it needs from its inputs."""
-        if self.recompute and torch.is_grad_enabled():  # keep the inputs only; the backward reruns the piece
+        forward is about a third of a block's); its own backward rebuilds what it needs from its inputs. (Where
+        mamba_ssm's GPU kernel computes the SSD, there is no reuse and the SSD runs twice.)"""
+        if self.recompute and torch.is_grad_enabled():  # keep the inputs and the SSD's output; rerun the rest
             return checkpoint(self._piece_outputs, u, before, state, norm, {}, use_reentrant=False)
         return self._piece_outputs(u, before, state, norm)
 

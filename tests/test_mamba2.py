@@ -175,8 +175,8 @@ def test_the_block_computes_in_bfloat16_under_autocast():
         assert trunk.blocks[0].mixer(torch.randn(2, 40, 32)).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("piece_tokens", [10_000, 16])  # one piece per block, or runs passing the state on
-def test_recompute_gives_the_same_gradients_and_runs_the_ssd_forward_once(piece_tokens, monkeypatch):
+@pytest.mark.parametrize("piece_tokens,ngroups", [(10_000, 1), (16, 2)])  # one piece, or runs passing the state on
+def test_recompute_gives_the_same_gradients_and_runs_the_ssd_forward_once(piece_tokens, ngroups, monkeypatch):
     """Recompute reruns each piece in the backward but takes the SSD's output from the first run: the gradients
     equal those without recompute, and the SSD's forward runs as many times in both."""
     forwards = []
@@ -186,7 +186,7 @@ def test_recompute_gives_the_same_gradients_and_runs_the_ssd_forward_once(piece_
     grads, counts = [], []
     for recompute in (False, True):
         forwards.clear()
-        trunk = tiny_trunk(recompute=recompute, piece_tokens=piece_tokens).train()
+        trunk = tiny_trunk(recompute=recompute, piece_tokens=piece_tokens, ngroups=ngroups).train()
         xi = x.clone().requires_grad_()
         trunk(xi).square().mean().backward()
         grads.append([xi.grad] + [p.grad for p in trunk.parameters()])
