@@ -7,7 +7,8 @@ A retrofit not given is trained from its teacher by configs/experiments/distill_
 trunk and sequence length taken from the teacher's checkpoint. Held-out code prompts (standard-library files of
 the test split): for `verify` at k = 2, 4, 8 (tokens per forward at most; one retrofit trained with k = 8 decodes
 with its first k-1 masks), `confidence` at three tau, prompt lookup on the teacher and, given an MTP checkpoint,
-its heads: tokens per forward, wall-clock speedup over the teacher's plain greedy decoding (every case alternated
+its heads: tokens per forward, the step cost (tokens per forward over speedup, in plain steps, the prefill's share
+included), wall-clock speedup over the teacher's plain greedy decoding (every case alternated
 prompt by prompt in one process; MTP's over its own plain greedy), agreement with the teacher's greedy
 continuation (share of new tokens equal, position by position) and the repeated-4-gram share of the outputs (a
 looping model inflates acceptance). Multiplication test questions: exact-match accuracy of the same decodings,
@@ -90,7 +91,7 @@ def code_rows(args, teacher, retro, mtp, tokenizer) -> list[dict]:
 
     cases = [("teacher greedy", teacher, plain_steps(teacher)),
              ("teacher + prompt lookup", teacher, case(teacher, speculative=True, drafter="lookup", num_drafts=7))]
-    cases += [(f"retrofit verify k={k}", retro, case(retro, decoding="verify", k=k)) for k in (2, 4, 8)
+    cases += [(f"retrofit verify k={k}", retro, case(retro, decoding="verify", k=k)) for k in args.verify_k
               if k <= retro.k]
     cases += [(f"retrofit confidence k={retro.k} tau={tau}", retro, case(retro, decoding="confidence", tau=tau))
               for tau in args.tau]
@@ -110,9 +111,12 @@ def code_rows(args, teacher, retro, mtp, tokenizer) -> list[dict]:
             gold = [o[:, args.prompt_tokens:] for o in base["outputs"]]
             agree = sum(float((a == b).float().mean()) for a, b in zip(new, gold)) / len(new)
             repeats = statistics.mean(repeated_4gram_share(row.tolist()) for o in new for row in o)
+            tokens_per_forward = n * len(batches) / max(r["steps"] + len(batches), 1)
+            speedup = reference["seconds"] / r["seconds"]
             rows.append({"task": "code", "decoding": label, "batch": batch_size,
-                         "tokens/forward": n * len(batches) / max(r["steps"] + len(batches), 1),
-                         "speedup": reference["seconds"] / r["seconds"],
+                         "tokens/forward": tokens_per_forward, "speedup": speedup,
+                         # the two factors of a speedup: tokens a forward, and what a forward costs
+                         "step cost (plain steps)": tokens_per_forward / speedup,
                          "agreement with teacher": agree if not label.startswith("MTP") else None,
                          "repeated 4-grams": repeats})
     return rows
@@ -184,6 +188,8 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--tau", type=float, nargs=3, default=[0.5, 0.7, 0.9])
+    p.add_argument("--verify_k", type=int, nargs="+", default=[2, 3, 4, 8],
+                   help="tokens per forward at most of the verify cases")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save_dir", default="runs")
     args = p.parse_args()

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from objectives.decoding.drafters import Drafter
-from objectives.decoding.greedy import sample_token
+from objectives.decoding.greedy import greedy_token, sample_token
 from objectives.decoding.speculative import speculative_generate
 from objectives.training import metrics as M
 from objectives.training.base import Objective
@@ -74,10 +74,11 @@ from objectives.training.losses import chunked_cross_entropy
 
 
 class Gate:
-    """Where the adapters act: a bool [B, T] (True at mask positions) for the forward in progress, else None."""
+    """Where the adapters act: for the forward in progress, the first mask position (the mask tokens follow the
+    real ones, so the adapters act on every position from it on), else None."""
 
     def __init__(self):
-        self.open: torch.Tensor | None = None
+        self.open: int | None = None
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -94,10 +95,11 @@ class GatedLoRA(nn.Module):
     """y = W x + gate * (alpha / r) B A x on a frozen linear layer, as a forward hook, so that the layer and its
     state-dict names stay the network's own. B starts at zero; where the gate is shut, y is W x exactly.
 
-    The low-rank delta is computed for the gated rows alone and added to the layer's own output there: the dense
-    product W x runs once over all positions (it is the frozen network's), and the adapter's cost grows with the
-    mask positions only, so that a verify step costs the next-token forward plus a small rank-r term (a merged
-    dense product on every position, then a selection, would compute every linear twice)."""
+    The low-rank delta is computed for the gated positions alone (a slice: they are the sequence's tail) and added
+    to the layer's own output there: the dense product W x runs once over all positions (it is the frozen
+    network's), and the adapter's cost grows with the mask positions only, so that a verify step costs the
+    next-token forward plus a small rank-r term (a merged dense product on every position, then a selection, would
+    compute every linear twice; a boolean selection of the rows would cost three index searches per layer)."""
 
     def __init__(self, linear: nn.Module, rank: int, alpha: float, gate: Gate):
         super().__init__()
@@ -108,11 +110,12 @@ class GatedLoRA(nn.Module):
         linear.register_forward_hook(self.apply_to)
 
     def apply_to(self, linear: nn.Module, inputs: tuple, output: torch.Tensor):
-        rows = self.gate.open
-        if rows is None:
+        start = self.gate.open
+        if start is None:
             return None
-        delta = F.linear(F.linear(inputs[0][rows], self.a.to(output.dtype)), self.b.to(output.dtype)) * self.scale
-        return output.index_put((rows,), output[rows] + delta)
+        delta = F.linear(F.linear(inputs[0][:, start:], self.a.to(output.dtype)), self.b.to(output.dtype))
+        output[:, start:] += delta * self.scale  # the linear's backward does not read its output
+        return output
 
 
 class SamplerHead(nn.Module):
@@ -162,10 +165,9 @@ class FrozenStart(nn.Module):
 
 class Layout(NamedTuple):
     """One forward over real tokens followed by groups of mask tokens: the attention mask [B, 1, T, S], the rotary
-    positions [B, T], the gate [B, T] (mask positions) and each mask's slot [T] (1..slots; 0 for real tokens)."""
+    positions [B, T] and each mask's slot [T] (1..slots; 0 for real tokens)."""
     mask: torch.Tensor
     positions: torch.Tensor
-    gate: torch.Tensor
     slot: torch.Tensor
 
 
@@ -196,7 +198,7 @@ def mask_layout(n_real: torch.Tensor, width: int, anchors: torch.Tensor, slots: 
     offset = torch.arange(S, device=device)[None] - cached[:, None]  # [B, S]: a key's index within the step
     step = within.gather(2, offset.clamp(0, T - 1)[:, None, :].expand(B, T, S))
     full = (offset < 0)[:, None, :] | ((offset < T)[:, None, :] & step)
-    return Layout(full[:, None], positions, is_mask[None].expand(B, T), slot)
+    return Layout(full[:, None], positions, slot)
 
 
 class SelfDistillation(CausalObjective):
@@ -302,8 +304,9 @@ class SelfDistillation(CausalObjective):
         return self.teacher.model if self.teacher is not None else self
 
     @contextmanager
-    def gated(self, where: torch.Tensor | None):
-        self.gate.open = where
+    def gated(self, first_mask: int | None):
+        """The adapters on from position `first_mask` on during the block (None: off)."""
+        self.gate.open = first_mask
         try:
             yield
         finally:
@@ -315,7 +318,7 @@ class SelfDistillation(CausalObjective):
         B, W = tokens.shape
         masks = self.mask_embed.weight[(layout.slot[W:] - 1).clamp(min=0)]
         x = torch.cat([self.embed(tokens), masks[None].expand(B, -1, -1).to(self.embed.weight.dtype)], 1)
-        with self.gated(layout.gate):
+        with self.gated(W):
             return self.trunk(x, mask=layout.mask, cache=cache, positions=layout.positions)
 
     def mask_logits(self, hidden: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -443,17 +446,21 @@ class SelfDistillation(CausalObjective):
         logits = self.logits(hidden[:, :W])
         G = anchors.shape[1]
         previous = logits.gather(1, anchors[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)  # [B, G]
-        group_hidden = hidden[:, W:].reshape(B, G, slots, -1)
-        if not slots:
-            return logits, anchors.new_zeros(B, G, 0), logits.new_zeros(B, G, 0)
+        return (logits, *self.group_drafts(hidden[:, W:].reshape(B, G, slots, -1), previous))
+
+    def group_drafts(self, group_hidden: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy drafts of mask groups [..., slots, D] and their probabilities [..., slots]; `previous` [...]
+        is the token each group's first draft follows (the sampler head reads it)."""
+        if not group_hidden.shape[-2]:
+            return previous.new_zeros(previous.shape + (0,)), group_hidden.new_zeros(previous.shape + (0,))
         if self.sampler is None:  # the slots are independent: all at once
-            return (logits, *self.greedy_with_probability(self.logits(group_hidden)))
+            return self.greedy_with_probability(self.logits(group_hidden))
         drafts, probs = [], []
-        for s in range(slots):  # the sampler reads the draft before
-            previous, conf = self.greedy_with_probability(self.mask_logits(group_hidden[:, :, s], previous))
+        for s in range(group_hidden.shape[-2]):  # the sampler reads the draft before
+            previous, conf = self.greedy_with_probability(self.mask_logits(group_hidden[..., s, :], previous))
             drafts.append(previous)
             probs.append(conf)
-        return logits, torch.stack(drafts, 2), torch.stack(probs, 2)
+        return torch.stack(drafts, -1), torch.stack(probs, -1)
 
     @staticmethod
     def greedy_with_probability(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,7 +499,8 @@ class SelfDistillation(CausalObjective):
     def drafters(self, num_drafts: int) -> dict:
         def masks(tokens, state, features, temperature, top_k, max_drafts):
             return features[:, : max(min(num_drafts, max_drafts), 0)], None
-        return {**super().drafters(num_drafts), "masks": Drafter(masks, reads_tokens=False)}
+        return {**super().drafters(num_drafts),
+                "masks": Drafter(masks, reads_tokens=False, chain=lambda tokens: MaskChain(self, num_drafts))}
 
     default_drafter = "masks"
 
@@ -584,3 +592,48 @@ class SelfDistillation(CausalObjective):
             after_eos = ((ids == self.eos_id) & generated).long().cumsum(1) > 0
             ids = ids.masked_fill(after_eos & generated, self.eos_id)
         return ids.masked_fill(arange >= lengths[:, None] + max_new_tokens, pad)
+
+
+class MaskChain:
+    """The masks' drafter at batch 1, greedy (`objectives.decoding.drafters.ChainDrafter`), for the lean loop: the
+    drafts of the general loop's `decode_forward` (a group of masks after every fed token), for less work a step.
+
+    The verify forward counts the accepted drafts on the device and unembeds only the mask group after the last
+    accepted token, the one the next step drafts from (the general loop unembeds every group: at k = 4, 12 mask
+    rows for the 3 it uses); a step's layout is made once per token count and shifted to the cache's end; and
+    each fed position's row holds the model's argmax, then the accepted group's drafts (the loop reads them at the
+    accepted position, which it counts on the host as the forward did on the device)."""
+
+    def __init__(self, model: SelfDistillation, num_drafts: int):
+        self.model, self.num_drafts, self.layouts = model, num_drafts, {}
+
+    def layout(self, width: int, groups: int, slots: int, cached: int, device) -> Layout:
+        """`width` tokens with a group of `slots` masks after each of the last `groups`, after `cached` keys."""
+        key = (width, groups, slots)
+        if key not in self.layouts:
+            self.layouts[key] = mask_layout(torch.tensor([width], device=device), width,
+                                            torch.arange(width - groups, width, device=device)[None], slots)
+        step = self.layouts[key]
+        return Layout(F.pad(step.mask, (cached, 0), value=True), step.positions + cached, step.slot)
+
+    def forward(self, ids: torch.Tensor, state, last: bool = False) -> torch.Tensor:
+        """ids [1, m] -> [m, 1 + slots] (with `last`, a prefill: [1, 1 + slots] at the last position)."""
+        model = self.model
+        W = ids.shape[1]
+        groups = 1 if last else W
+        slots = model.slots_that_fit(state, W, groups)
+        start = state.length
+        layout = self.layout(W, groups, slots, start, ids.device)
+        hidden = model.masked_hidden(ids, layout, state)[0]
+        state.crop(start + W)
+        predicted = greedy_token(model.logits(hidden[W - 1 :] if last else hidden[:W]))  # [1] or [W]
+        if last:
+            accepted = predicted.new_zeros(1)
+        else:  # the drafts the model agrees with, as the loop counts them
+            accepted = (ids[0, 1:] == predicted[:-1]).long().cumprod(0).sum().view(1)
+        group = hidden[W:].view(groups, slots, hidden.shape[-1]).index_select(0, accepted)  # [1, slots, D]
+        drafts, _ = model.group_drafts(group, predicted.index_select(0, accepted))
+        return torch.cat([predicted[:, None], drafts.expand(predicted.shape[0], -1)], 1)
+
+    def drafts(self, rows: list[list[int]], at: int, max_drafts: int) -> list[int]:
+        return rows[at][1 : 1 + min(self.num_drafts, max_drafts)]

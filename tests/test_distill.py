@@ -12,7 +12,8 @@ from models import Transformer
 from conftest import quickstart, run_cli
 from ntp_checkpoint import ntp_checkpoint
 from objectives.training.checkpoints import load_checkpoint
-from objectives.distill import Gate, GatedLoRA, SelfDistillation, mask_layout
+from objectives.decoding.speculative import speculative_generate
+from objectives.distill import Gate, GatedLoRA, MaskChain, SelfDistillation, mask_layout
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +60,26 @@ def test_gate_closed_logits_equal_the_teacher_exactly(retrofit):
 
 
 def test_gated_adapter_adds_its_low_rank_delta_at_mask_rows_only():
-    """At mask rows the layer gives the merged weight's product (W + alpha/r B A) x; elsewhere W x, bit for bit."""
+    """At mask positions (from the gate's first on) the layer gives the merged weight's product (W + alpha/r B A) x;
+    before them W x, bit for bit; with gradients too."""
     torch.manual_seed(0)
     gate, linear = Gate(), torch.nn.Linear(16, 12)
     adapter = GatedLoRA(linear, rank=4, alpha=8.0, gate=gate)
     torch.nn.init.normal_(adapter.b)
-    x = torch.randn(2, 7, 16)
-    rows = torch.zeros(2, 7, dtype=torch.bool)
-    rows[0, 5:], rows[1, 2] = True, True
+    x = torch.randn(2, 7, 16, requires_grad=True)
     plain = linear(x)
-    gate.open = rows
+    gate.open = 5
     adapted = linear(x)
     gate.open = None
     merged = torch.nn.functional.linear(x, linear.weight + adapter.scale * adapter.b @ adapter.a, linear.bias)
-    assert torch.equal(adapted[~rows], plain[~rows])
-    torch.testing.assert_close(adapted[rows], merged[rows])
-    assert (adapted[rows] - plain[rows]).abs().max() > 0.1
+    assert torch.equal(adapted[:, :5], plain[:, :5])
+    torch.testing.assert_close(adapted[:, 5:], merged[:, 5:])
+    assert (adapted[:, 5:] - plain[:, 5:]).abs().max() > 0.1
+    weights = torch.randn(2, 7, 12)
+    grads = torch.autograd.grad((adapted * weights).sum(), [x, adapter.b])
+    expected = torch.autograd.grad((torch.cat([plain[:, :5], merged[:, 5:]], 1) * weights).sum(), [x, adapter.b])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_adapters_get_gradients_only_from_mask_positions(retrofit):
@@ -171,18 +176,57 @@ def test_a_trunk_without_tensor_masks_is_refused():
         SelfDistillation(Mamba(d_model=32, n_layers=1), vocab_size=50)
 
 
-@pytest.mark.parametrize("mask_token,steps", [(5, 10), (6, 39)])
-def test_verify_accepts_every_mask_draft_that_agrees_with_the_model(mask_token, steps):
-    """A network scaled until it copies its last token decodes a constant prompt as that token repeated; with the
-    mask embeddings set to that token's embedding the k-1 = 3 mask drafts are that token too, so every step keeps
-    them all: 39 tokens after the prefill's in ceil(39 / 4) = 10 verify steps. Mask embeddings of another token
-    draft it, every draft is rejected, and each of the 39 tokens takes its own step."""
+@pytest.mark.parametrize("mask_tokens,steps", [((5, 5, 5), 10), ((6, 6, 6), 39), ((5, 5, 6), 13)])
+def test_verify_accepts_every_mask_draft_that_agrees_with_the_model(mask_tokens, steps):
+    """A network scaled until it copies its last token decodes a constant prompt as that token repeated; with each
+    mask embedding set to a token's embedding, that mask drafts the token. Masks of the prompt's token are all kept:
+    39 tokens after the prefill's in ceil(39 / 4) = 10 verify steps; masks of another token are all rejected, one
+    token a step; two right and one wrong keep two drafts a step, 3 tokens a step. The lean batch-1 loop
+    (`MaskChain`) and the general loop give the same tokens in the same steps."""
     torch.manual_seed(0)
     model = SelfDistillation(Transformer(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), vocab_size=50, k=4).eval()
     with torch.no_grad():
         model.embed.weight.mul_(30)
-        model.mask_embed.weight.copy_(model.embed.weight[mask_token].expand_as(model.mask_embed.weight))
+        model.mask_embed.weight.copy_(model.embed.weight[list(mask_tokens)])
     prompt = torch.full((1, 7), 5)
     out = model.generate(prompt, 40, decoding="verify")
     assert (out[0, 7:] == 5).all()  # plain greedy decoding of this network
     assert model.decode_stats["steps"] == steps
+    general, stats = speculative_generate(model, prompt, 40, model.drafters(model.k)["masks"], lean=False)
+    assert torch.equal(general, out) and stats["steps"] == steps
+
+
+@pytest.mark.parametrize("sampler", [False, True])
+def test_the_lean_step_drafts_from_the_group_after_the_last_accepted_token(sampler):
+    """`MaskChain`'s verify forward counts the accepted drafts itself and unembeds that group alone: fed the next
+    token then j of the model's own greedy tokens (then wrong ones), its row j holds the model's argmax there and
+    the drafts the general loop's forward makes from the group after it, for every j; the groups differ, so a
+    wrong choice shows. Then both loops decode alike."""
+    torch.manual_seed(0)
+    model = SelfDistillation(Transformer(d_model=32, n_layers=2, n_heads=2, max_seq_len=128), vocab_size=50, k=4,
+                             sampler_head=sampler).eval()
+    with torch.no_grad():
+        for adapter in model.adapters.values():
+            torch.nn.init.normal_(adapter.b, std=0.3)
+        if sampler:
+            torch.nn.init.normal_(model.sampler.down.weight, std=0.3)
+    prompt = torch.randint(0, 50, (1, 9))
+    greedy = model.generate(prompt, 4, decoding="greedy")[0, 9:].tolist()
+
+    def prefilled():
+        state = model.start_decoding(1, "cpu")
+        model.decode_forward(prompt, state)
+        return state
+
+    groups = set()
+    for j in range(4):
+        fed = torch.tensor([greedy[: j + 1] + [(greedy[j + 1] + 1) % 50 if j < 3 else 0] * (3 - j)])
+        logits, features = model.decode_forward(fed, prefilled())
+        rows = MaskChain(model, 3).forward(fed, prefilled())
+        assert rows[j].tolist() == [int(logits[0, j].argmax())] + features[0, j].tolist(), j
+        groups.update(tuple(f) for f in features[0].tolist())
+    assert len(groups) > 1
+    drafter = model.drafters(model.k)["masks"]
+    lean, lean_stats = speculative_generate(model, prompt, 30, drafter)
+    general, stats = speculative_generate(model, prompt, 30, drafter, lean=False)
+    assert torch.equal(lean, general) and lean_stats == stats
