@@ -93,6 +93,9 @@ def code_rows(args, teacher, retro, mtp, tokenizer) -> list[dict]:
              ("teacher + prompt lookup", teacher, case(teacher, speculative=True, drafter="lookup", num_drafts=7))]
     cases += [(f"retrofit verify k={k}", retro, case(retro, decoding="verify", k=k)) for k in args.verify_k
               if k <= retro.k]
+    if args.batch == [1]:  # groups after the ends of a step only: a form of batch-1 decoding
+        cases += [(f"retrofit verify k={k}, groups at the ends", retro,
+                   case(retro, decoding="verify", k=k, groups="ends")) for k in args.ends_k if k <= retro.k]
     cases += [(f"retrofit confidence k={retro.k} tau={tau}", retro, case(retro, decoding="confidence", tau=tau))
               for tau in args.tau]
     if mtp is not None:
@@ -190,6 +193,8 @@ def main() -> None:
     p.add_argument("--tau", type=float, nargs=3, default=[0.5, 0.7, 0.9])
     p.add_argument("--verify_k", type=int, nargs="+", default=[2, 3, 4, 8],
                    help="tokens per forward at most of the verify cases")
+    p.add_argument("--ends_k", type=int, nargs="*", default=[4, 8],
+                   help="the same with mask groups after a step's ends only (with --batch 1)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save_dir", default="runs")
     args = p.parse_args()

@@ -496,18 +496,22 @@ class SelfDistillation(CausalObjective):
         logits, drafts, _ = self.step_forward(tokens, n_real, anchors, state, slots)
         return logits, drafts
 
-    def drafters(self, num_drafts: int) -> dict:
+    def drafters(self, num_drafts: int, groups: str = "every") -> dict:
+        """The base objective's drafters and "masks": a group of masks after every fed token (Samragh et al.'s
+        quadratic decoding), or with `groups` "ends" (batch 1, greedy) after the next token and the last draft
+        only (`MaskChain`)."""
         def masks(tokens, state, features, temperature, top_k, max_drafts):
             return features[:, : max(min(num_drafts, max_drafts), 0)], None
         return {**super().drafters(num_drafts),
-                "masks": Drafter(masks, reads_tokens=False, chain=lambda tokens: MaskChain(self, num_drafts))}
+                "masks": Drafter(masks, reads_tokens=False, chain=lambda tokens: MaskChain(self, num_drafts, groups))}
 
     default_drafter = "masks"
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, decoding: str | None = None, tau: float | None = None,
-                 k: int | None = None, prompt_lengths: torch.Tensor | None = None, **options) -> torch.Tensor:
+                 k: int | None = None, prompt_lengths: torch.Tensor | None = None, groups: str = "every",
+                 **options) -> torch.Tensor:
         """prompt [B, P] (rows right-padded to `prompt_lengths`) -> [B, P + max_new_tokens].
 
         decoding "verify": the masks after every token of a step draft, the next-token path verifies them in the
@@ -517,8 +521,11 @@ class SelfDistillation(CausalObjective):
         "greedy": the next-token path alone (and the base objective's options, e.g. speculative with prompt
         lookup). `k` (at most the trained k) caps the
         tokens per forward: the first k-1 masks of each group (masks are causal, so these are what a model trained
-        with that k would read). `self.decode_stats` holds the
-        forwards after the prompt's ("steps") and the new tokens per row ("tokens").
+        with that k would read). `groups` ("verify" at batch 1, greedy): "every" (a group of masks after every
+        fed token, so the next drafts exist whatever is accepted) or "ends" (groups after the next token and the
+        last draft only: k + 2(k-1) positions a step instead of k^2; where a step stops in between, the next one
+        feeds its one certain token and drafts after it). `self.decode_stats` holds the forwards after the prompt's
+        ("steps") and the new tokens per row ("tokens").
         """
         decoding = decoding or self.hparams.decoding
         if decoding not in self.decodings:
@@ -532,6 +539,13 @@ class SelfDistillation(CausalObjective):
         if k is not None and not 1 <= k <= self.k:
             raise ValueError(f"k={k}: this model drafts at most {self.k} tokens per forward (k from 1 to {self.k})")
         self.decode_k = k or self.k
+        if groups not in MaskChain.groupings:
+            raise ValueError(f"groups {groups!r}: use one of {MaskChain.groupings}")
+        one_row = prompt_ids.shape[0] == 1 and (
+            prompt_lengths is None or int(torch.as_tensor(prompt_lengths).reshape(-1)[0]) == prompt_ids.shape[1])
+        if groups != "every" and not (decoding == "verify" and temperature <= 0 and one_row):
+            raise ValueError(f"groups {groups!r} is a form of greedy 'verify' decoding of one row (batch 1, "
+                             f"temperature 0): use groups 'every'")
         if decoding == "confidence" and temperature > 0:
             raise ValueError("confidence decoding (ConfAdapt) is greedy: use temperature 0, or decoding 'verify' to "
                              "sample")
@@ -540,7 +554,8 @@ class SelfDistillation(CausalObjective):
         with torch.autocast(prompt_ids.device.type, enabled=False):
             if decoding == "verify":
                 ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens,
-                                                              self.drafters(self.k)["masks"], temperature, top_k,
+                                                              self.drafters(self.k, groups)["masks"], temperature,
+                                                              top_k,
                                                               prompt_lengths=prompt_lengths)
                 return ids
             return self.confidence_generate(prompt_ids, max_new_tokens, self.hparams.tau if tau is None else tau,
@@ -595,24 +610,32 @@ class SelfDistillation(CausalObjective):
 
 
 class MaskChain:
-    """The masks' drafter at batch 1, greedy (`objectives.decoding.drafters.ChainDrafter`), for the lean loop: the
-    drafts of the general loop's `decode_forward` (a group of masks after every fed token), for less work a step.
+    """The masks' drafter at batch 1, greedy (`objectives.decoding.drafters.ChainDrafter`), for the lean loop.
 
-    The verify forward counts the accepted drafts on the device and unembeds only the mask group after the last
-    accepted token, the one the next step drafts from (the general loop unembeds every group: at k = 4, 12 mask
-    rows for the 3 it uses); a step's layout is made once per token count and shifted to the cache's end; and
-    each fed position's row holds the model's argmax, then the accepted group's drafts (the loop reads them at the
-    accepted position, which it counts on the host as the forward did on the device)."""
+    With `groups` "every", the drafts of the general loop's `decode_forward` (a group of masks after every fed
+    token), for less work a step: the verify forward counts the accepted drafts on the device and unembeds only the
+    mask group after the last accepted token, the one the next step drafts from (the general loop unembeds every
+    group: at k = 4, 12 mask rows for the 3 it uses); a step's layout is made once per token count and shifted to
+    the cache's end; and each fed position's row holds the model's argmax, then the accepted group's drafts (the
+    loop reads them at the accepted position, which it counts on the host as the forward did on the device).
 
-    def __init__(self, model: SelfDistillation, num_drafts: int):
-        self.model, self.num_drafts, self.layouts = model, num_drafts, {}
+    With "ends", groups follow the next token and the last draft only, the two places a step most often stops
+    (every draft rejected, or every one kept): k + 2(k-1) positions instead of k^2, which on a CPU cost nearly in
+    proportion. A step that stops in between has no drafts for the next (its row says -1), which then feeds its
+    certain token alone with a group after it.
+    """
 
-    def layout(self, width: int, groups: int, slots: int, cached: int, device) -> Layout:
-        """`width` tokens with a group of `slots` masks after each of the last `groups`, after `cached` keys."""
-        key = (width, groups, slots)
+    groupings = ("every", "ends")
+
+    def __init__(self, model: SelfDistillation, num_drafts: int, groups: str = "every"):
+        self.model, self.num_drafts, self.groups, self.layouts = model, num_drafts, groups, {}
+
+    def layout(self, width: int, anchors: tuple[int, ...], slots: int, cached: int, device) -> Layout:
+        """`width` tokens with a group of `slots` masks after each of `anchors`, after `cached` keys."""
+        key = (width, anchors, slots)
         if key not in self.layouts:
             self.layouts[key] = mask_layout(torch.tensor([width], device=device), width,
-                                            torch.arange(width - groups, width, device=device)[None], slots)
+                                            torch.tensor([anchors], device=device), slots)
         step = self.layouts[key]
         return Layout(F.pad(step.mask, (cached, 0), value=True), step.positions + cached, step.slot)
 
@@ -620,20 +643,26 @@ class MaskChain:
         """ids [1, m] -> [m, 1 + slots] (with `last`, a prefill: [1, 1 + slots] at the last position)."""
         model = self.model
         W = ids.shape[1]
-        groups = 1 if last else W
-        slots = model.slots_that_fit(state, W, groups)
+        if last or W == 1:
+            anchors = (W - 1,)
+        else:
+            anchors = tuple(range(W)) if self.groups == "every" or W == 2 else (0, W - 1)
+        slots = model.slots_that_fit(state, W, len(anchors))
         start = state.length
-        layout = self.layout(W, groups, slots, start, ids.device)
-        hidden = model.masked_hidden(ids, layout, state)[0]
+        hidden = model.masked_hidden(ids, self.layout(W, anchors, slots, start, ids.device), state)[0]
         state.crop(start + W)
         predicted = greedy_token(model.logits(hidden[W - 1 :] if last else hidden[:W]))  # [1] or [W]
-        if last:
-            accepted = predicted.new_zeros(1)
+        if len(anchors) == 1:
+            accepted = group = predicted.new_zeros(1)
         else:  # the drafts the model agrees with, as the loop counts them
             accepted = (ids[0, 1:] == predicted[:-1]).long().cumprod(0).sum().view(1)
-        group = hidden[W:].view(groups, slots, hidden.shape[-1]).index_select(0, accepted)  # [1, slots, D]
-        drafts, _ = model.group_drafts(group, predicted.index_select(0, accepted))
+            group = accepted if len(anchors) == W else (accepted == W - 1).long()
+        hidden = hidden[W:].view(len(anchors), slots, hidden.shape[-1]).index_select(0, group)  # [1, slots, D]
+        drafts, _ = model.group_drafts(hidden, predicted.index_select(0, accepted))
+        if len(anchors) not in (1, W):  # no group after where the step stopped: no drafts
+            drafts = drafts.masked_fill(((accepted > 0) & (accepted < W - 1))[:, None], -1)
         return torch.cat([predicted[:, None], drafts.expand(predicted.shape[0], -1)], 1)
 
     def drafts(self, rows: list[list[int]], at: int, max_drafts: int) -> list[int]:
-        return rows[at][1 : 1 + min(self.num_drafts, max_drafts)]
+        drafts = rows[at][1 : 1 + min(self.num_drafts, max_drafts)]
+        return [] if drafts and drafts[0] < 0 else drafts

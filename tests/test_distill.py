@@ -176,13 +176,15 @@ def test_a_trunk_without_tensor_masks_is_refused():
         SelfDistillation(Mamba(d_model=32, n_layers=1), vocab_size=50)
 
 
-@pytest.mark.parametrize("mask_tokens,steps", [((5, 5, 5), 10), ((6, 6, 6), 39), ((5, 5, 6), 13)])
-def test_verify_accepts_every_mask_draft_that_agrees_with_the_model(mask_tokens, steps):
+@pytest.mark.parametrize("mask_tokens,steps,ends_steps", [((5, 5, 5), 10, 10), ((6, 6, 6), 39, 39),
+                                                          ((5, 5, 6), 13, 19)])
+def test_verify_accepts_every_mask_draft_that_agrees_with_the_model(mask_tokens, steps, ends_steps):
     """A network scaled until it copies its last token decodes a constant prompt as that token repeated; with each
     mask embedding set to a token's embedding, that mask drafts the token. Masks of the prompt's token are all kept:
     39 tokens after the prefill's in ceil(39 / 4) = 10 verify steps; masks of another token are all rejected, one
     token a step; two right and one wrong keep two drafts a step, 3 tokens a step. The lean batch-1 loop
-    (`MaskChain`) and the general loop give the same tokens in the same steps."""
+    (`MaskChain`) and the general loop give the same tokens in the same steps. With groups after the ends only, a
+    step that keeps 2 of 3 drafts has none for the next, which gives one token: 4 tokens in 2 steps."""
     torch.manual_seed(0)
     model = SelfDistillation(Transformer(d_model=32, n_layers=2, n_heads=2, max_seq_len=64), vocab_size=50, k=4).eval()
     with torch.no_grad():
@@ -194,6 +196,8 @@ def test_verify_accepts_every_mask_draft_that_agrees_with_the_model(mask_tokens,
     assert model.decode_stats["steps"] == steps
     general, stats = speculative_generate(model, prompt, 40, model.drafters(model.k)["masks"], lean=False)
     assert torch.equal(general, out) and stats["steps"] == steps
+    assert torch.equal(model.generate(prompt, 40, decoding="verify", groups="ends"), out)
+    assert model.decode_stats["steps"] == ends_steps
 
 
 @pytest.mark.parametrize("sampler", [False, True])
@@ -230,3 +234,16 @@ def test_the_lean_step_drafts_from_the_group_after_the_last_accepted_token(sampl
     lean, lean_stats = speculative_generate(model, prompt, 30, drafter)
     general, stats = speculative_generate(model, prompt, 30, drafter, lean=False)
     assert torch.equal(lean, general) and lean_stats == stats
+    # groups after the ends only: the ends' drafts, none where a step stops in between; plain greedy output
+    fed = torch.tensor([greedy[:2] + [(greedy[2] + 1) % 50] * 2])  # one draft kept of three
+    _, features = model.decode_forward(fed, prefilled())
+    ends = MaskChain(model, 3, "ends")
+    rows = ends.forward(fed, prefilled()).tolist()
+    assert rows[1][1:] == [-1] * 3 and ends.drafts(rows, 1, 3) == []
+    for j in (0, 3):
+        fed = torch.tensor([greedy[: j + 1] + [(greedy[j + 1] + 1) % 50 if j < 3 else 0] * (3 - j)])
+        _, features = model.decode_forward(fed, prefilled())
+        assert ends.forward(fed, prefilled())[j, 1:].tolist() == features[0, j].tolist(), j
+    assert torch.equal(model.generate(prompt, 30, decoding="verify", groups="ends"), lean)
+    with pytest.raises(ValueError, match="groups 'ends'.*one row"):
+        model.generate(prompt.expand(2, -1), 4, decoding="verify", groups="ends")
