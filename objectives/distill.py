@@ -49,7 +49,9 @@ with the adapters shut ("teacher_rollout", where the network does not train), or
      network runs without dropout here.
 
 Decoding (`generate(..., decoding=...)`): "verify" (lossless with respect to the model's own next-token path: the
-teacher's where the network stays frozen; through the project's speculative loop, per-row acceptance),
+teacher's where the network stays frozen; through the project's speculative loop, per-row acceptance; one greedy row
+through its lean loop, `MaskChain`, which unembeds only the mask group the next step drafts from and can carry
+groups after a step's two ends only, `groups="ends"`, a departure from the paper's quadratic layout for a CPU),
 "confidence" (ConfAdapt with `tau`), or "greedy" (the next-token path alone).
 """
 from __future__ import annotations
