@@ -96,6 +96,9 @@ def code_rows(args, teacher, retro, mtp, tokenizer) -> list[dict]:
     if args.batch == [1]:  # groups after the ends of a step only: a form of batch-1 decoding
         cases += [(f"retrofit verify k={k}, groups at the ends", retro,
                    case(retro, decoding="verify", k=k, groups="ends")) for k in args.ends_k if k <= retro.k]
+        cases += [(f"retrofit verify k={k}, groups at the ends, lookup first", retro,
+                   case(retro, decoding="verify", k=k, groups="ends", lookup=7)) for k in args.ends_k
+                  if k <= retro.k]
     cases += [(f"retrofit confidence k={retro.k} tau={tau}", retro, case(retro, decoding="confidence", tau=tau))
               for tau in args.tau]
     if mtp is not None:

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from objectives.decoding.drafters import Drafter
+from objectives.decoding.drafters import Drafter, PromptLookup
 from objectives.decoding.greedy import greedy_token, sample_token
 from objectives.decoding.speculative import speculative_generate
 from objectives.training import metrics as M
@@ -498,14 +498,16 @@ class SelfDistillation(CausalObjective):
         logits, drafts, _ = self.step_forward(tokens, n_real, anchors, state, slots)
         return logits, drafts
 
-    def drafters(self, num_drafts: int, groups: str = "every") -> dict:
+    def drafters(self, num_drafts: int, groups: str = "every", lookup: int = 0) -> dict:
         """The base objective's drafters and "masks": a group of masks after every fed token (Samragh et al.'s
         quadratic decoding), or with `groups` "ends" (batch 1, greedy) after the next token and the last draft
-        only (`MaskChain`)."""
+        only; with `lookup` (batch 1, greedy), prompt lookup's drafts first (`MaskChain`)."""
         def masks(tokens, state, features, temperature, top_k, max_drafts):
             return features[:, : max(min(num_drafts, max_drafts), 0)], None
-        return {**super().drafters(num_drafts),
-                "masks": Drafter(masks, reads_tokens=False, chain=lambda tokens: MaskChain(self, num_drafts, groups))}
+
+        def chain(tokens):
+            return MaskChain(self, num_drafts, groups, PromptLookup(tokens) if lookup else None, lookup)
+        return {**super().drafters(num_drafts), "masks": Drafter(masks, reads_tokens=False, chain=chain)}
 
     default_drafter = "masks"
 
@@ -513,7 +515,7 @@ class SelfDistillation(CausalObjective):
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, decoding: str | None = None, tau: float | None = None,
                  k: int | None = None, prompt_lengths: torch.Tensor | None = None, groups: str = "every",
-                 **options) -> torch.Tensor:
+                 lookup: int = 0, **options) -> torch.Tensor:
         """prompt [B, P] (rows right-padded to `prompt_lengths`) -> [B, P + max_new_tokens].
 
         decoding "verify": the masks after every token of a step draft, the next-token path verifies them in the
@@ -527,7 +529,9 @@ class SelfDistillation(CausalObjective):
         fed token, so the next drafts exist whatever is accepted) or "ends" (groups after the next token and the
         last draft only: k + 2(k-1) positions a step instead of k^2; where a step stops in between, the next one
         feeds its one certain token and drafts after it). `self.decode_stats` holds the forwards after the prompt's
-        ("steps") and the new tokens per row ("tokens").
+        ("steps") and the new tokens per row ("tokens"). `lookup` ("verify" at batch 1, greedy): prompt lookup
+        drafts first, up to `lookup` tokens while its match continues, the masks where it finds nothing or beyond
+        a shorter match.
         """
         decoding = decoding or self.hparams.decoding
         if decoding not in self.decodings:
@@ -545,9 +549,9 @@ class SelfDistillation(CausalObjective):
             raise ValueError(f"groups {groups!r}: use one of {MaskChain.groupings}")
         one_row = prompt_ids.shape[0] == 1 and (
             prompt_lengths is None or int(torch.as_tensor(prompt_lengths).reshape(-1)[0]) == prompt_ids.shape[1])
-        if groups != "every" and not (decoding == "verify" and temperature <= 0 and one_row):
-            raise ValueError(f"groups {groups!r} is a form of greedy 'verify' decoding of one row (batch 1, "
-                             f"temperature 0): use groups 'every'")
+        if (groups != "every" or lookup) and not (decoding == "verify" and temperature <= 0 and one_row):
+            raise ValueError(f"groups {groups!r} and lookup {lookup} are forms of greedy 'verify' decoding of one "
+                             f"row (batch 1, temperature 0): use groups 'every' and lookup 0")
         if decoding == "confidence" and temperature > 0:
             raise ValueError("confidence decoding (ConfAdapt) is greedy: use temperature 0, or decoding 'verify' to "
                              "sample")
@@ -556,7 +560,8 @@ class SelfDistillation(CausalObjective):
         with torch.autocast(prompt_ids.device.type, enabled=False):
             if decoding == "verify":
                 ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens,
-                                                              self.drafters(self.k, groups)["masks"], temperature,
+                                                              self.drafters(self.k, groups, lookup)["masks"],
+                                                              temperature,
                                                               top_k,
                                                               prompt_lengths=prompt_lengths)
                 return ids
@@ -625,12 +630,17 @@ class MaskChain:
     (every draft rejected, or every one kept): k + 2(k-1) positions instead of k^2, which on a CPU cost nearly in
     proportion. A step that stops in between has no drafts for the next (its row says -1), which then feeds its
     certain token alone with a group after it.
+
+    With `lookup` (a `PromptLookup` over the decode's tokens), its drafts come first, up to `lookup_drafts`, and the
+    masks' only where it finds nothing or beyond a shorter match (as the MTP heads' "heads+lookup").
     """
 
     groupings = ("every", "ends")
 
-    def __init__(self, model: SelfDistillation, num_drafts: int, groups: str = "every"):
+    def __init__(self, model: SelfDistillation, num_drafts: int, groups: str = "every",
+                 lookup: PromptLookup | None = None, lookup_drafts: int = 0):
         self.model, self.num_drafts, self.groups, self.layouts = model, num_drafts, groups, {}
+        self.lookup, self.lookup_drafts = lookup, lookup_drafts
 
     def layout(self, width: int, anchors: tuple[int, ...], slots: int, cached: int, device) -> Layout:
         """`width` tokens with a group of `slots` masks after each of `anchors`, after `cached` keys."""
@@ -667,4 +677,8 @@ class MaskChain:
 
     def drafts(self, rows: list[list[int]], at: int, max_drafts: int) -> list[int]:
         drafts = rows[at][1 : 1 + min(self.num_drafts, max_drafts)]
-        return [] if drafts and drafts[0] < 0 else drafts
+        drafts = [] if drafts and drafts[0] < 0 else drafts
+        if self.lookup is None:
+            return drafts
+        found = self.lookup(min(self.lookup_drafts, max_drafts))
+        return found + drafts[len(found) :]

@@ -198,6 +198,9 @@ def test_verify_accepts_every_mask_draft_that_agrees_with_the_model(mask_tokens,
     assert torch.equal(general, out) and stats["steps"] == steps
     assert torch.equal(model.generate(prompt, 40, decoding="verify", groups="ends"), out)
     assert model.decode_stats["steps"] == ends_steps
+    # prompt lookup first: the constant prompt repeats, so 7 lookup drafts a step are kept, whatever the masks say
+    assert torch.equal(model.generate(prompt, 40, decoding="verify", groups="ends", lookup=7), out)
+    assert model.decode_stats["steps"] == 5  # ceil(39 / 8)
 
 
 @pytest.mark.parametrize("sampler", [False, True])
@@ -245,5 +248,6 @@ def test_the_lean_step_drafts_from_the_group_after_the_last_accepted_token(sampl
         _, features = model.decode_forward(fed, prefilled())
         assert ends.forward(fed, prefilled())[j, 1:].tolist() == features[0, j].tolist(), j
     assert torch.equal(model.generate(prompt, 30, decoding="verify", groups="ends"), lean)
+    assert torch.equal(model.generate(prompt, 30, decoding="verify", groups="ends", lookup=5), lean)
     with pytest.raises(ValueError, match="groups 'ends'.*one row"):
         model.generate(prompt.expand(2, -1), 4, decoding="verify", groups="ends")
