@@ -115,8 +115,16 @@ class GatedLoRA(nn.Module):
         start = self.gate.open
         if start is None:
             return None
-        delta = F.linear(F.linear(inputs[0][:, start:], self.a.to(output.dtype)), self.b.to(output.dtype))
-        output[:, start:] += delta * self.scale  # the linear's backward does not read its output
+        # added in place by one fused product (the linear's backward does not read its output): on a CPU, separate
+        # products, a scaling and an addition cost about twice as much for a step's few mask rows (per d256 layer
+        # of a quickstart trunk, 1 thread, fp32, AVX2-only AMD EPYC: 17-70 against 90-160 us on top of the layer's
+        # own 110-160)
+        rows, dtype = output[:, start:], output.dtype
+        projected = inputs[0][:, start:].to(dtype) @ self.a.to(dtype).t()  # [B, m, r]
+        if rows.shape[0] == 1:
+            rows[0].addmm_(projected[0], self.b.to(dtype).t(), alpha=self.scale)
+        else:
+            rows.baddbmm_(projected, self.b.to(dtype).t().expand(rows.shape[0], -1, -1), alpha=self.scale)
         return output
 
 

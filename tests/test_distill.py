@@ -66,20 +66,22 @@ def test_gated_adapter_adds_its_low_rank_delta_at_mask_rows_only():
     gate, linear = Gate(), torch.nn.Linear(16, 12)
     adapter = GatedLoRA(linear, rank=4, alpha=8.0, gate=gate)
     torch.nn.init.normal_(adapter.b)
-    x = torch.randn(2, 7, 16, requires_grad=True)
-    plain = linear(x)
-    gate.open = 5
-    adapted = linear(x)
-    gate.open = None
-    merged = torch.nn.functional.linear(x, linear.weight + adapter.scale * adapter.b @ adapter.a, linear.bias)
-    assert torch.equal(adapted[:, :5], plain[:, :5])
-    torch.testing.assert_close(adapted[:, 5:], merged[:, 5:])
-    assert (adapted[:, 5:] - plain[:, 5:]).abs().max() > 0.1
-    weights = torch.randn(2, 7, 12)
-    grads = torch.autograd.grad((adapted * weights).sum(), [x, adapter.b])
-    expected = torch.autograd.grad((torch.cat([plain[:, :5], merged[:, 5:]], 1) * weights).sum(), [x, adapter.b])
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want)
+    for batch in (1, 2):  # one row is added in place as a matrix, several as a batch of them
+        x = torch.randn(batch, 7, 16, requires_grad=True)
+        plain = linear(x)
+        gate.open = 5
+        adapted = linear(x)
+        gate.open = None
+        merged = torch.nn.functional.linear(x, linear.weight + adapter.scale * adapter.b @ adapter.a, linear.bias)
+        assert torch.equal(adapted[:, :5], plain[:, :5])
+        torch.testing.assert_close(adapted[:, 5:], merged[:, 5:])
+        assert (adapted[:, 5:] - plain[:, 5:]).abs().max() > 0.1
+        weights = torch.randn(batch, 7, 12)
+        grads = torch.autograd.grad((adapted * weights).sum(), [x, adapter.a, adapter.b])
+        expected = torch.autograd.grad((torch.cat([plain[:, :5], merged[:, 5:]], 1) * weights).sum(),
+                                       [x, adapter.a, adapter.b])
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want)
 
 
 def test_adapters_get_gradients_only_from_mask_positions(retrofit):
