@@ -71,3 +71,15 @@ def test_the_plain_types_of_hand_built_objectives_load(tmp_path):
     loaded = load_checkpoint(path)["hyper_parameters"]
     assert loaded["optimizer"].func is torch.optim.AdamW and loaded["optimizer"].keywords == {"lr": 1e-3}
     assert loaded["lr_scheduler"] is WarmupCosine
+
+
+def test_last_checkpoint_is_the_final_step_when_it_falls_between_periodic_saves(tmp_path):
+    """Saving every 2 steps, a 3-step run's last.ckpt holds step 3 (Lightning's own keeps step 2)."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from objectives.training.callbacks import ModelCheckpoint
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)
+    trainer = L.Trainer(max_steps=3, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -1,5 +1,6 @@
 """What a training run needs around the objective: the precision the hardware supports, throughput and MFU from
-FLOPs measured on a meta-device copy, and generated samples on TensorBoard's text tab."""
+FLOPs measured on a meta-device copy, generated samples on TensorBoard's text tab, and checkpoints whose `last.ckpt`
+is the run's final state."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,7 @@ from collections import deque
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
 from objectives.training import metrics as M
 
@@ -106,3 +108,16 @@ class GenerationSamples(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
                 logger.experiment.add_text("val/samples", "\n\n".join(lines), trainer.global_step)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that `last.ckpt` (with `save_last`) is always the run's final state.
+
+    Why: Lightning writes `last.ckpt` only beside a periodic save, and at the end of training only where none was
+    ever written, so a run of 400 steps saving every 250 ends with a `last.ckpt` of step 250 (the quickstart's 300
+    steps too). Here the end of training writes it again where its step is not the final one."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_checkpoint_saved and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
