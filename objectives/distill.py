@@ -546,13 +546,6 @@ class SelfDistillation(CausalObjective):
             raise ValueError(f"decoding {decoding!r}: use one of {self.decodings}")
         extra = {"prompt_lengths": prompt_lengths} if prompt_lengths is not None else {}
         options = {name: value for name, value in options.items() if value is not None and value is not False}
-        if decoding == "greedy" or "teacherless" in options:
-            return super().generate(prompt_ids, max_new_tokens, temperature, top_k, **extra, **options)
-        if options:
-            raise ValueError(f"{sorted(options)}: not options of decoding {decoding!r} (they belong to 'greedy')")
-        if k is not None and not 1 <= k <= self.k:
-            raise ValueError(f"k={k}: this model drafts at most {self.k} tokens per forward (k from 1 to {self.k})")
-        self.decode_k = k or self.k
         if groups not in MaskChain.groupings:
             raise ValueError(f"groups {groups!r}: use one of {MaskChain.groupings}")
         one_row = prompt_ids.shape[0] == 1 and (
@@ -560,6 +553,13 @@ class SelfDistillation(CausalObjective):
         if (groups != "every" or lookup) and not (decoding == "verify" and temperature <= 0 and one_row):
             raise ValueError(f"groups {groups!r} and lookup {lookup} are forms of greedy 'verify' decoding of one "
                              f"row (batch 1, temperature 0): use groups 'every' and lookup 0")
+        if decoding == "greedy" or "teacherless" in options:
+            return super().generate(prompt_ids, max_new_tokens, temperature, top_k, **extra, **options)
+        if options:
+            raise ValueError(f"{sorted(options)}: not options of decoding {decoding!r} (they belong to 'greedy')")
+        if k is not None and not 1 <= k <= self.k:
+            raise ValueError(f"k={k}: this model drafts at most {self.k} tokens per forward (k from 1 to {self.k})")
+        self.decode_k = k or self.k
         if decoding == "confidence" and temperature > 0:
             raise ValueError("confidence decoding (ConfAdapt) is greedy: use temperature 0, or decoding 'verify' to "
                              "sample")
@@ -569,9 +569,7 @@ class SelfDistillation(CausalObjective):
             if decoding == "verify":
                 ids, self.decode_stats = speculative_generate(self, prompt_ids, max_new_tokens,
                                                               self.drafters(self.k, groups, lookup)["masks"],
-                                                              temperature,
-                                                              top_k,
-                                                              prompt_lengths=prompt_lengths)
+                                                              temperature, top_k, prompt_lengths=prompt_lengths)
                 return ids
             return self.confidence_generate(prompt_ids, max_new_tokens, self.hparams.tau if tau is None else tau,
                                             prompt_lengths)

@@ -253,3 +253,5 @@ def test_the_lean_step_drafts_from_the_group_after_the_last_accepted_token(sampl
     assert torch.equal(model.generate(prompt, 30, decoding="verify", groups="ends", lookup=5), lean)
     with pytest.raises(ValueError, match="groups 'ends'.*one row"):
         model.generate(prompt.expand(2, -1), 4, decoding="verify", groups="ends")
+    with pytest.raises(ValueError, match="lookup 5.*'verify'"):  # not dropped silently by plain decoding
+        model.generate(prompt, 4, decoding="greedy", lookup=5)
