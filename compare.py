@@ -17,6 +17,7 @@ An experiment file names a shared base and the runs:
       checkpoint_every: 100           # steps between checkpoints (an interrupted run resumes from the last one)
       future_lens: {train_windows: 64, val_windows: 16, epochs: 6}   # or false
       minutes: 30                     # optional: the stated budget, the time estimate until a run here has finished
+      jobs: 2                         # optional: runs trained at a time, cores / jobs threads each (--jobs)
     runs:
       ntp: {model: configs/objectives/ntp.yaml}
       mtp2: {model: configs/objectives/mtp.yaml, args: {model.init_args.n_future: 2}, label: "MTP n=2"}
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a train.py flag for every run, over the experiment file's (the runs' own included; repeatable), e.g. "
                         "--set data.init_args.batch_size=8; the report names it")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="train N runs at a time, each with 1/N of the CPU cores as threads (default: the experiment "
+                        "file's base.jobs, else 1); small models train faster side by side on a CPU")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("--test", action="store_true", help="also score every finished run on the test split (once)")
     args = p.parse_args(argv)
@@ -103,6 +107,10 @@ def one_experiment(p: argparse.ArgumentParser, args, path: str, experiment) -> s
             p.error(f"--set takes KEY=VALUE (a train.py flag without its dashes), got {item!r}")
         experiment.set_args[key] = yaml.safe_load(value)
         experiment.overrides.append(f"--set {item}")
+    if args.jobs is not None:
+        if args.jobs < 1:
+            p.error(f"--jobs takes the number of runs trained at a time, 1 or more, got {args.jobs}")
+        experiment.jobs = args.jobs
     runs_dir = Path(args.runs_dir).resolve()
     report_dir = Path(args.report_dir).resolve() / experiment.name if args.report_dir else None
     if args.dry_run:
@@ -112,13 +120,14 @@ def one_experiment(p: argparse.ArgumentParser, args, path: str, experiment) -> s
                 print(f"# {name} seed{seed}: {status}" + (f" from {last}" if last else ""))
                 if status != "finished":
                     print(" ".join(quote(a) for a in train_command(runs_dir, experiment, name, seed, last)))
-        print(f"# estimate: {estimate(runs_dir, experiment, [(n, s) for n in names for s in seeds])}")
+        pairs = [(n, s) for n in names for s in seeds]
+        print(f"# estimate: {estimate(runs_dir, experiment, pairs, experiment.jobs)}")
         print(f"# then the future lens on each causal run and the report in "
               f"{report_dir or runs_dir / experiment.name / 'report'}")
         return "dry run"
     failed = []
     if not args.report_only:
-        failed = train_all(runs_dir, experiment, names, seeds, args.poll)
+        failed = train_all(runs_dir, experiment, names, seeds, args.poll, experiment.jobs)
         lens_all(runs_dir, experiment, names, seeds)
     if args.test:
         test_all(runs_dir, experiment, names, seeds)

@@ -18,6 +18,7 @@ BASE_KEYS = {"configs": "train.py config files every run starts from", "args": "
              "steps": "optimizer steps per run", "tokens": "stop a run once it has seen this many training tokens",
              "seeds": "seeds every run is trained with", "checkpoint_every": "steps between checkpoints",
              "future_lens": "probe settings for causal runs (train_windows, val_windows, epochs, max_k) or false",
+             "jobs": "runs trained at a time, each with an equal share of the CPU cores (compare.py --jobs)",
              "minutes": "the stated budget: minutes the whole experiment should take alone (compare.py's estimate "
                         "until a run here has finished)"}
 RUN_KEYS = {"model": "an objective config (configs/objectives/*.yaml)", "trunk": "a trunk config (configs/models/)",
@@ -58,6 +59,7 @@ class Experiment:
     checkpoint_every: int
     future_lens: dict | None
     minutes: float | None = None
+    jobs: int = 1
     runs: dict[str, Run] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     set_args: dict = field(default_factory=dict)
@@ -115,6 +117,10 @@ def load_experiment(path: str) -> Experiment:
     minutes = base.get("minutes")
     if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0):
         raise ExperimentError(f"{where}: base.minutes must be a positive number of minutes, got {minutes!r}")
+    jobs = base.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ExperimentError(f"{where}: base.jobs must be a whole number of runs trained at a time (1 or more), "
+                              f"got {jobs!r}")
     lens = base.get("future_lens", {})
     if lens:
         check_keys(f"{where}: base.future_lens", lens, LENS_KEYS)
@@ -126,7 +132,7 @@ def load_experiment(path: str) -> Experiment:
         checkpoint_every=int(base.get("checkpoint_every", max(1, int(base["steps"]) // 4))),
         future_lens=({"train_windows": 64, "val_windows": 16, "epochs": 6, "max_k": 8, **lens}
                      if lens is not False else None),
-        minutes=None if minutes is None else float(minutes))
+        minutes=None if minutes is None else float(minutes), jobs=jobs)
     for name, run in runs.items():
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise ExperimentError(f"{where}: run name {name!r} must be letters, digits, - and _ (it names a folder)")

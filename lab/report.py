@@ -152,6 +152,7 @@ def collect(runs_dir: Path, experiment: Experiment, names: list[str], seeds: lis
             # the data's floors: a context-free model's loss (and bits per byte), a guess's accuracy
             "unigram_entropy": info.get("unigram_entropy"), "unigram_bpb": unigram_bpb(info),
             "chance_accuracy": info.get("chance_accuracy"),
+            "runs_at_once": info.get("runs_at_once", 1), "threads": info.get("threads"),
             "figures": {k: summarise([p["figures"].get(k) for p in per_seed.values()]) for k in keys},
             "curves": {str(s): {t: p["scalars"].get(t, []) for t in (M.VAL_BPB, M.VAL_ACCURACY, TOKENS_SEEN)}
                        for s, p in per_seed.items()},
@@ -215,8 +216,12 @@ def markdown(experiment: Experiment, rows: list[dict], built: str) -> str:
                "future lens k=2", "future lens k=4", "family's figure"]
     reduced = (f"Run with {portable(' '.join(experiment.overrides))} on top of the experiment file (a reduced "
                f"budget)." if experiment.overrides else "")
+    shared = [r for r in rows if (r.get("runs_at_once") or 1) > 1]
+    side_by_side = (f"{len(shared)} of the runs trained {max(r['runs_at_once'] for r in shared)} at a time on this "
+                    f"machine ({shared[0]['threads']} thread(s) each): their tokens/s and wall-clock are those of "
+                    f"runs sharing the CPU." if shared else "")
     lines = [f"# {experiment.name}", "", experiment.description, "", BUILT.format(built), "",
-             *([reduced, ""] if reduced else []),
+             *([reduced, ""] if reduced else []), *([side_by_side, ""] if side_by_side else []),
              "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         f, bound = row["figures"], row["likelihood"] == "bound"

@@ -10,6 +10,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +28,7 @@ TOKENS_SEEN, PEAK_MEMORY, WALL_CLOCK = "perf/tokens_seen", "perf/peak_memory_mib
 FUTURE_LENS = "future_lens/k{}_acc"  # held-out accuracy of the probe h_t -> x_(t+k)
 REPORT_LENS_KS = (2, 4)
 START_UP_S = 15  # a run's process start, imports and data preparation, which its wall_clock_s leaves out
+RUNS_AT_ONCE = "BEYOND_NTP_RUNS_AT_ONCE"  # set by compare.py for its runs' processes: how many train side by side
 
 
 # --- one run: the train.py command, and the callback that records it -----------------------------------------------------
@@ -120,7 +122,9 @@ class RunRecord(L.Callback):
                 "causal": "full" not in pl_module.required_masks,
                 "hparams": {k: v for k, v in pl_module.hparams.items() if isinstance(v, (int, float, str, bool))},
                 "steps": trainer.global_step, "max_steps": trainer.max_steps, "tokens_seen": self.tokens,
-                "wall_clock_s": self.elapsed(), "peak_memory_mib": peak_memory_mib(pl_module.device),
+                "wall_clock_s": self.elapsed(), "threads": torch.get_num_threads(),
+                "runs_at_once": int(os.environ.get(RUNS_AT_ONCE, "1")),
+                "peak_memory_mib": peak_memory_mib(pl_module.device),
                 "finished": finished, **data_floors(trainer.datamodule)}
         (folder / "run.json").write_text(json.dumps(info, indent=1))
 
@@ -203,11 +207,12 @@ def steps_done(last: Path | None) -> int:
     return int(load_checkpoint(last)["global_step"]) if last else 0
 
 
-def estimate(runs_dir: Path, experiment: Experiment, jobs: list[tuple[str, int]]) -> str:
+def estimate(runs_dir: Path, experiment: Experiment, pairs: list[tuple[str, int]], jobs: int = 1) -> str:
     """How long the (run, seed)s still to train should take on this machine, said before training starts: the
     seconds per step of the runs of this experiment that finished here (plus a start-up per run), else the
-    experiment file's stated `minutes` (its share for these steps), else no figure."""
-    states = {(n, s): state(runs_dir, experiment, n, s) for n, s in jobs}
+    experiment file's stated `minutes` (its share for these steps), else no figure. With `jobs` runs at a time the
+    measured pace is divided by `jobs` (the finished runs' own pace was taken the way they were trained)."""
+    states = {(n, s): state(runs_dir, experiment, n, s) for n, s in pairs}
     todo = [(n, last) for (n, _), (status, last) in states.items() if status != "finished"]
     if not todo:
         return "nothing to train"
@@ -218,9 +223,10 @@ def estimate(runs_dir: Path, experiment: Experiment, jobs: list[tuple[str, int]]
                 and info.get("wall_clock_s")]
     if finished:
         per_step = sum(i["wall_clock_s"] for i in finished) / sum(i["steps"] for i in finished)
-        return (f"about {clock(per_step * steps_left + START_UP_S * len(todo))} {what} ({per_step:.2f} s/step, "
-                f"measured on {len(finished)} finished run{'s' * (len(finished) > 1)} here, plus {START_UP_S} s "
-                f"start-up a run)")
+        side = f", {jobs} at a time" if jobs > 1 else ""
+        return (f"about {clock((per_step * steps_left + START_UP_S * len(todo)) / max(1, jobs))} {what} "
+                f"({per_step:.2f} s/step, measured on {len(finished)} finished run{'s' * (len(finished) > 1)} here, "
+                f"plus {START_UP_S} s start-up a run{side})")
     if experiment.minutes:
         budget_steps = sum(map(experiment.run_steps, experiment.runs)) * len(experiment.seeds)
         return (f"about {clock(experiment.minutes * 60 * steps_left / budget_steps)} {what} (the experiment "
@@ -228,52 +234,107 @@ def estimate(runs_dir: Path, experiment: Experiment, jobs: list[tuple[str, int]]
     return "no estimate yet (the first run's progress line gives one)"
 
 
-def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int], poll: float = 5.0) -> list[str]:
-    """Train every (run, seed) that is not finished, one process each; returns the ones that failed."""
-    jobs = [(n, s) for n in names for s in seeds]
-    todo = [(n, s) for n, s in jobs if state(runs_dir, experiment, n, s)[0] != "finished"]
-    for n, s in jobs:
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def run_environment(jobs: int) -> dict[str, str] | None:
+    """The environment of a run's process when `jobs` runs train side by side: each gets an equal share of the
+    cores as its intra-op threads (OMP_NUM_THREADS, which torch reads at start-up), so that they do not
+    oversubscribe the CPU. One run at a time keeps the parent's environment."""
+    if jobs <= 1:
+        return None
+    threads = str(max(1, cpu_cores() // jobs))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, RUNS_AT_ONCE: str(jobs)}
+
+
+@dataclass
+class Job:
+    """A (run, seed) whose train.py process is running."""
+    name: str
+    seed: int
+    index: int
+    out: Path
+    process: subprocess.Popen
+    log: object
+    started: float
+    start_step: int
+    step: int = 0
+
+
+def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int], poll: float = 5.0,
+              jobs: int = 1) -> list[str]:
+    """Train every (run, seed) that is not finished, one process each and up to `jobs` processes at a time
+    (`run_environment`); returns the ones that failed.
+
+    Why several at a time: the recall and reasoning experiments train models of a few hundred thousand
+    parameters, whose operations are too small to keep two threads busy; on 2 CPU cores a run at one thread took
+    1.06-1.19x as long as at two (zoo_recall's runs, BENCHMARKS.md), so two runs side by side finish the
+    experiment sooner. Each run's wall_clock_s is then that of a run sharing the machine."""
+    pairs = [(n, s) for n in names for s in seeds]
+    todo = [(n, s) for n, s in pairs if state(runs_dir, experiment, n, s)[0] != "finished"]
+    for n, s in pairs:
         if (n, s) not in todo:
             print(f"[{experiment.name}] {n} seed{s}: finished, skipped", flush=True)
-    print(f"[{experiment.name}] estimate: {estimate(runs_dir, experiment, jobs)}", flush=True)
-    done_steps, busy, failed = 0, 0.0, []
-    for i, (name, seed) in enumerate(todo):
-        status, last = state(runs_dir, experiment, name, seed)
-        out = run_dir(runs_dir, experiment, name, seed)
-        out.mkdir(parents=True, exist_ok=True)
-        if status == "new":  # an attempt that died before its first checkpoint starts over, without its old events
-            for stale in glob.glob(str(out / "events.out.tfevents.*")):
-                os.remove(stale)
-        start_step = steps_done(last)
-        print(f"[{experiment.name} {i + 1}/{len(todo)}] {name} seed{seed}: "
-              f"{'resuming from ' + str(last) + f' (step {start_step})' if last else 'training'}", flush=True)
-        (out / "progress.json").unlink(missing_ok=True)
-        started = time.perf_counter()
-        with open(out / "train.log", "a") as log:
-            process = subprocess.Popen(train_command(runs_dir, experiment, name, seed, last), cwd=ROOT,
-                                       stdout=log, stderr=subprocess.STDOUT)
-            step = start_step
-            while process.poll() is None:
-                time.sleep(poll)
-                step = (read_json(out / "progress.json") or {}).get("step", step)
-                run_seconds = time.perf_counter() - started
-                trained = done_steps + step - start_step  # steps trained by this invocation so far
-                rate = (busy + run_seconds) / trained if trained > 0 else None
-                remaining = experiment.run_steps(name) - step + sum(experiment.run_steps(n) for n, _ in todo[i + 1:])
-                eta = clock(rate * remaining) if rate else "--"
-                print(f"[{experiment.name} {i + 1}/{len(todo)}] {name} seed{seed}: step {step}/"
-                      f"{experiment.run_steps(name)}, {clock(run_seconds)} in this run, experiment ETA {eta}",
-                      flush=True)
-        busy += time.perf_counter() - started
-        done_steps += experiment.run_steps(name) - start_step
-        if process.returncode != 0 or state(runs_dir, experiment, name, seed)[0] != "finished":
-            tail = (out / "train.log").read_text(errors="replace").splitlines()[-5:]
-            print(f"[{experiment.name}] {name} seed{seed} FAILED (exit {process.returncode}); "
-                  f"log {out / 'train.log'}:\n  " + "\n  ".join(tail), flush=True)
-            failed.append(f"{name} seed{seed}")
-        else:  # probe it now, so that an experiment stopped later still has this run's figures
-            lens_all(runs_dir, experiment, [name], [seed])
+    print(f"[{experiment.name}] estimate: {estimate(runs_dir, experiment, pairs, jobs)}", flush=True)
+    if jobs > 1:
+        print(f"[{experiment.name}] {jobs} runs at a time, {max(1, cpu_cores() // jobs)} thread(s) each", flush=True)
+    env = run_environment(jobs)
+    queue, running, failed = list(enumerate(todo)), [], []
+    began, trained = time.perf_counter(), 0  # steps trained by this invocation, in finished runs
+    while queue or running:
+        while queue and len(running) < max(1, jobs):
+            i, (name, seed) = queue.pop(0)
+            running.append(start_job(runs_dir, experiment, name, seed, i, len(todo), env))
+        time.sleep(poll)
+        for job in list(running):
+            job.step = (read_json(job.out / "progress.json") or {}).get("step", job.step)
+            if job.process.poll() is None:
+                continue
+            running.remove(job)
+            job.log.close()
+            trained += experiment.run_steps(job.name) - job.start_step
+            if job.process.returncode != 0 or state(runs_dir, experiment, job.name, job.seed)[0] != "finished":
+                tail = (job.out / "train.log").read_text(errors="replace").splitlines()[-5:]
+                print(f"[{experiment.name}] {job.name} seed{job.seed} FAILED (exit {job.process.returncode}); "
+                      f"log {job.out / 'train.log'}:\n  " + "\n  ".join(tail), flush=True)
+                failed.append(f"{job.name} seed{job.seed}")
+            elif jobs <= 1:  # probe it now, so that an experiment stopped later still has this run's figures
+                # (runs side by side are probed after them all: a probe here would hold the next run back)
+                lens_all(runs_dir, experiment, [job.name], [job.seed])
+        steps_now = trained + sum(job.step - job.start_step for job in running)
+        rate = (time.perf_counter() - began) / steps_now if steps_now > 0 else None
+        remaining = sum(experiment.run_steps(j.name) - j.step for j in running) + \
+            sum(experiment.run_steps(n) for _, (n, _) in queue)
+        eta = clock(rate * remaining) if rate else "--"
+        for job in running:
+            print(f"[{experiment.name} {job.index + 1}/{len(todo)}] {job.name} seed{job.seed}: step {job.step}/"
+                  f"{experiment.run_steps(job.name)}, {clock(time.perf_counter() - job.started)} in this run, "
+                  f"experiment ETA {eta}", flush=True)
     return failed
+
+
+def start_job(runs_dir: Path, experiment: Experiment, name: str, seed: int, index: int, count: int,
+              env: dict[str, str] | None) -> Job:
+    """Start (or resume) one run's train.py process, its output appended to the run's train.log."""
+    status, last = state(runs_dir, experiment, name, seed)
+    out = run_dir(runs_dir, experiment, name, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if status == "new":  # an attempt that died before its first checkpoint starts over, without its old events
+        for stale in glob.glob(str(out / "events.out.tfevents.*")):
+            os.remove(stale)
+    start_step = steps_done(last)
+    print(f"[{experiment.name} {index + 1}/{count}] {name} seed{seed}: "
+          f"{'resuming from ' + str(last) + f' (step {start_step})' if last else 'training'}", flush=True)
+    (out / "progress.json").unlink(missing_ok=True)
+    log = open(out / "train.log", "a")
+    process = subprocess.Popen(train_command(runs_dir, experiment, name, seed, last), cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
+    return Job(name, seed, index, out, process, log, time.perf_counter(), start_step, start_step)
 
 
 def test_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: list[int]) -> None:

@@ -268,6 +268,54 @@ def test_a_runs_own_steps_replace_the_base_budget_and_scale_with_steps(tmp_path,
         compare.load_experiment(str(path))
 
 
+FAKE_RUN = """
+import json, os, sys, time
+out, name = sys.argv[1], sys.argv[2]
+start = time.time()
+time.sleep(0.6)
+json.dump({"start": start, "end": time.time(), "threads": os.environ.get("OMP_NUM_THREADS"),
+           "runs_at_once": os.environ.get("BEYOND_NTP_RUNS_AT_ONCE"), "finished": name != "bad"},
+          open(os.path.join(out, "run.json"), "w"))
+sys.exit(3 if name == "bad" else 0)
+"""
+
+
+def test_jobs_train_runs_side_by_side_each_with_its_share_of_the_cores(tmp_path, monkeypatch):
+    """`jobs` runs at a time (here 2 on 4 cores): two overlap, the third waits for a free slot, each process gets
+    2 threads, and a failed run is reported while the others finish; with 1 they follow each other in the
+    parent's environment. train.py is replaced by a script that records when it ran and with what."""
+    from lab import runner
+    path = tmp_path / "side.yaml"
+    spec = {"name": "side", "base": {"steps": 3, "future_lens": False, "jobs": 2},
+            "runs": {n: {"model": "configs/objectives/ntp.yaml"} for n in ("a", "b", "bad")}}
+    path.write_text(yaml.safe_dump(spec))
+    experiment = compare.load_experiment(str(path))
+    assert experiment.jobs == 2
+    monkeypatch.setattr(runner, "train_command", lambda runs_dir, exp, name, seed, resume=None: [
+        sys.executable, "-c", FAKE_RUN, str(runner.run_dir(runs_dir, exp, name, seed)), name])
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 4)
+
+    def train(jobs: int) -> tuple[list[str], dict]:
+        runs_dir = tmp_path / f"runs{jobs}"
+        failed = runner.train_all(runs_dir, experiment, ["a", "b", "bad"], [0], poll=0.02, jobs=jobs)
+        return failed, {n: json.loads((runner.run_dir(runs_dir, experiment, n, 0) / "run.json").read_text())
+                        for n in ("a", "b", "bad")}
+
+    failed, runs = train(2)
+    assert failed == ["bad seed0"]
+    assert {r["threads"] for r in runs.values()} == {"2"} and {r["runs_at_once"] for r in runs.values()} == {"2"}
+    assert runs["a"]["start"] < runs["b"]["end"] and runs["b"]["start"] < runs["a"]["end"]  # side by side
+    assert runs["bad"]["start"] >= min(runs["a"]["end"], runs["b"]["end"])  # never three at once
+    failed, runs = train(1)
+    assert failed == ["bad seed0"]
+    assert runs["a"]["end"] <= runs["b"]["start"] and runs["b"]["end"] <= runs["bad"]["start"]
+    assert {r["threads"] for r in runs.values()} == {os.environ.get("OMP_NUM_THREADS")}
+    spec["base"]["jobs"] = 0
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(compare.ExperimentError, match="base.jobs must be a whole number"):
+        compare.load_experiment(str(path))
+
+
 def test_future_lens_recovers_a_planted_future_token():
     """A toy trunk whose hidden state at t is the embedding of x[t+2]: the k=2 probe reads it off, the others
     see noise."""
@@ -413,6 +461,13 @@ def test_report_shows_each_figure_beside_its_floor(fake_runs, tmp_path):
     assert "Chance val/accuracy (a guess among the answers a question allows): 0.500." in report
     rows = json.loads((runs_dir / "fake" / "report" / "report.json").read_text())["rows"]
     assert {row["chance_accuracy"] for row in rows} == {0.5}
+    assert "at a time" not in report
+    # a run trained beside another (compare.py --jobs 2) is named as such: its speed is a shared machine's
+    info_path = runs_dir / "fake" / "mtp" / "seed0" / "run.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "runs_at_once": 2, "threads": 1}))
+    assert run_compare(str(spec), "--runs-dir", str(runs_dir), "--report-only")[0] == 0
+    report = (runs_dir / "fake" / "report" / "report.md").read_text()
+    assert "1 of the runs trained 2 at a time on this machine (1 thread(s) each)" in report
 
 
 def test_data_floors_come_from_the_datamodule():
