@@ -177,10 +177,11 @@ def causal_conv(x: torch.Tensor, conv1d: nn.Conv1d, before: torch.Tensor | None 
     T, d_conv = x.shape[1], conv1d.kernel_size[0]
     x = F.pad(x, (0, 0, d_conv - 1, 0)) if before is None else torch.cat([before.to(x.dtype), x], dim=1)
     w = conv1d.weight[:, 0, :].to(x.dtype)  # (d, d_conv)
-    out = x[:, 0:T] * w[:, 0]
+    # the bias starts the sum (one pass over the output less than adding it after)
+    out = x[:, 0:T] * w[:, 0] if conv1d.bias is None else torch.addcmul(conv1d.bias.to(x.dtype), x[:, 0:T], w[:, 0])
     for j in range(1, d_conv):
         out = torch.addcmul(out, x[:, j:j + T], w[:, j])
-    return out if conv1d.bias is None else out + conv1d.bias.to(out.dtype)
+    return out
 
 
 class MambaBlock(nn.Module):

@@ -515,8 +515,13 @@ class Mamba2Block(nn.Module):
         y, last = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, D=self.D,
                            dt_bias=self.dt_bias, dt_softplus=True, initial_states=state, return_final_states=True,
                            reuse=reuse)
-        raw = xBC_raw if before is None else torch.cat([before.to(xBC_raw.dtype), xBC_raw], 1)
-        return self.out_proj(self.norm(y.flatten(-2), z)), raw[:, -(self.d_conv - 1):], last
+        # the next piece's conv inputs before it, copied: the checkpoint of the next piece keeps it, and a view
+        # would keep this piece's whole projection alive with it
+        tail = xBC_raw[:, -(self.d_conv - 1):]
+        if before is not None and tail.shape[1] < self.d_conv - 1:  # a piece shorter than the window
+            tail = torch.cat([before.to(xBC_raw.dtype), xBC_raw], 1)[:, -(self.d_conv - 1):]
+        tail = tail.clone(memory_format=torch.contiguous_format)
+        return self.out_proj(self.norm(y.flatten(-2), z)), tail, last
 
     def step(self, u: torch.Tensor, cache: Mamba2Cache, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding step, u (b, 1, d_model), O(1) in the length: h = exp(dt A) h + dt x B^T, y = h C + D x

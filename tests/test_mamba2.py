@@ -212,3 +212,20 @@ def test_pieces_equal_one_pass_in_outputs_and_gradients(piece_tokens):
     assert rel_err(outs[1], outs[0]) < 1e-5
     for a, b in zip(*grads):
         assert rel_err(a, b) < 1e-5
+
+
+def test_the_conv_inputs_passed_between_pieces_are_a_copy_of_the_last_ones():
+    """A piece hands the next its last d_conv - 1 raw conv inputs, which the next piece's checkpoint keeps until the
+    backward: they must own their memory (a view would keep the piece's whole projection alive, conv_dim + d_inner
+    + nheads numbers a position), and a piece shorter than the window takes the rest from the inputs before it."""
+    block = tiny_trunk(recompute=True).train().blocks[0].mixer
+    w = block.d_conv - 1
+    u = torch.randn(1, 24, 32, requires_grad=True)
+    raw = torch.split(block.in_proj(u), [block.d_inner, block.conv_dim, block.nheads], dim=-1)[1]
+    _, tail, _ = block._piece(u, None, None, None)
+    assert tail.untyped_storage().nbytes() == tail.numel() * tail.element_size()
+    assert torch.equal(tail, raw[:, -w:])
+    short = torch.randn(1, w - 1, 32)
+    _, tail2, _ = block._piece(short, tail, None, None)
+    raw2 = torch.split(block.in_proj(short), [block.d_inner, block.conv_dim, block.nheads], dim=-1)[1]
+    assert torch.equal(tail2, torch.cat([tail[:, -1:], raw2], 1))
