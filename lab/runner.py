@@ -272,9 +272,10 @@ def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: l
     (`run_environment`); returns the ones that failed.
 
     Why several at a time: the recall and reasoning experiments train models of a few hundred thousand
-    parameters, whose operations are too small to keep two threads busy; on 2 CPU cores a run at one thread took
-    1.06-1.19x as long as at two (zoo_recall's runs, BENCHMARKS.md), so two runs side by side finish the
-    experiment sooner. Each run's wall_clock_s is then that of a run sharing the machine."""
+    parameters, whose operations are too small to keep two threads busy; on 2 CPU cores a zoo_recall step at one
+    thread took 1.1-1.7x as long as at two (BENCHMARKS.md, "zoo_recall in fp32"), so two runs side by side get
+    through more steps than one run with both cores. Each run's wall_clock_s is then that of a run sharing the
+    machine."""
     pairs = [(n, s) for n in names for s in seeds]
     todo = [(n, s) for n, s in pairs if state(runs_dir, experiment, n, s)[0] != "finished"]
     for n, s in pairs:
