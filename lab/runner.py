@@ -282,9 +282,9 @@ def train_all(runs_dir: Path, experiment: Experiment, names: list[str], seeds: l
         if (n, s) not in todo:
             print(f"[{experiment.name}] {n} seed{s}: finished, skipped", flush=True)
     print(f"[{experiment.name}] estimate: {estimate(runs_dir, experiment, pairs, jobs)}", flush=True)
-    if jobs > 1:
-        print(f"[{experiment.name}] {jobs} runs at a time, {max(1, cpu_cores() // jobs)} thread(s) each", flush=True)
     env = run_environment(jobs)
+    if env is not None:
+        print(f"[{experiment.name}] {jobs} runs at a time, {env['OMP_NUM_THREADS']} thread(s) each", flush=True)
     queue, running, failed = list(enumerate(todo)), [], []
     began, trained = time.perf_counter(), 0  # steps trained by this invocation, in finished runs
     while queue or running:
